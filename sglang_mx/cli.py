@@ -1,0 +1,61 @@
+"""The `sglang-mx` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from sglang_mx.errors import MxError
+
+
+def _add_server(sub) -> None:
+    p = sub.add_parser("server", help="run the metadata server (ModelExpress P2pService)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=8001, help="port (default 8001; 0 picks a free one)")
+    p.add_argument("--heartbeat-timeout", type=float, default=90.0, metavar="S",
+                   help="a READY/INITIALIZING record silent this long becomes STALE (default 90)")
+    p.add_argument("--reaper-interval", type=float, default=30.0, metavar="S",
+                   help="how often the reaper scans (default 30)")
+    p.add_argument("--gc-timeout", type=float, default=3600.0, metavar="S",
+                   help="STALE records older than this are deleted (default 3600)")
+    p.add_argument("--max-message-mb", type=int, default=256, help="largest gRPC message (default 256)")
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="server + seed + target on this machine, without SGLang")
+    p.add_argument("--size-gb", type=float, default=1.0, help="checkpoint size (default 1.0)")
+    p.add_argument("--protocol", default="tcp", help="Mooncake protocol (default tcp)")
+    p.add_argument("--host", default="127.0.0.1", help="address the processes advertise (default 127.0.0.1)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sglang-mx", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_server(sub)
+    _add_demo(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "server":
+            from sglang_mx.server import ServerOptions, serve_forever
+
+            serve_forever(ServerOptions(
+                host=args.host, port=args.port, heartbeat_timeout_s=args.heartbeat_timeout,
+                reaper_interval_s=args.reaper_interval, gc_timeout_s=args.gc_timeout,
+                max_message_mb=args.max_message_mb,
+            ))
+            return 0
+        if args.command == "demo":
+            from sglang_mx.demo import run_demo
+
+            return run_demo(args.size_gb, args.protocol, args.host)
+    except MxError as e:
+        print(f"sglang-mx: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""A typed client for the metadata server's four RPCs.
+
+Every call has a deadline; UNAVAILABLE and DEADLINE_EXCEEDED are retried a
+bounded number of times with exponential backoff, every other failure is raised
+at once. Errors name the server and the RPC.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, TypeVar
+
+import grpc
+
+from sglang_mx import wire
+from sglang_mx.errors import RequestRejectedError, ServerError, ServerUnavailableError
+from sglang_mx.types import SourceIdentity, SourceRef, SourceStatus, StoredWorker, WorkerRecord
+
+log = logging.getLogger(__name__)
+pb = wire.messages
+T = TypeVar("T")
+
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def normalize_url(url: str) -> str:
+    """'grpc://host:port', 'http://host:port' or 'host:port' -> 'host:port'."""
+    for scheme in ("grpc://", "http://", "dns:///"):
+        if url.startswith(scheme):
+            url = url[len(scheme):]
+    return url.rstrip("/")
+
+
+class MetadataClient:
+    """Client of a P2pService. Close it (or use `with`) to release the channel."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = 10.0,
+        retries: int = 3,
+        backoff_s: float = 0.2,
+        max_message_mb: int = 256,
+    ) -> None:
+        self.url = normalize_url(url)
+        self._timeout_s = timeout_s
+        self._retries = retries
+        self._backoff_s = backoff_s
+        limit = max_message_mb * 1024 * 1024
+        self._channel = grpc.insecure_channel(
+            self.url,
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+        )
+        self._stub = wire.P2pServiceStub(self._channel)
+
+    # --- RPCs -------------------------------------------------------------
+
+    def publish(self, identity: SourceIdentity, worker: WorkerRecord, worker_id: str) -> str:
+        """Publish one worker's record; return its mx_source_id."""
+        request = pb.PublishMetadataRequest(
+            identity=wire.identity_to_pb(identity), worker=wire.worker_to_pb(worker), worker_id=worker_id
+        )
+        response = self._call("PublishMetadata", self._stub.PublishMetadata, request)
+        if not response.success:
+            raise RequestRejectedError(response.message, url=self.url, rpc="PublishMetadata")
+        return response.mx_source_id
+
+    def list_sources(
+        self,
+        identity: SourceIdentity | None = None,
+        *,
+        status: SourceStatus | None = None,
+        worker_rank: int | None = None,
+        model_name: str | None = None,
+        limit: int | None = None,
+    ) -> list[SourceRef]:
+        """Workers matching the filters, newest first. READY means heartbeating now."""
+        request = pb.ListSourcesRequest()
+        if identity is not None:
+            request.identity.CopyFrom(wire.identity_to_pb(identity))
+        if status is not None:
+            request.status_filter = int(status)
+        if worker_rank is not None:
+            request.worker_rank_filter = worker_rank
+        if model_name is not None:
+            request.model_name_filter = model_name
+        if limit is not None:
+            request.limit = limit
+        response = self._call("ListSources", self._stub.ListSources, request)
+        return [wire.ref_from_pb(r, status or SourceStatus.UNKNOWN) for r in response.instances]
+
+    def get_metadata(self, mx_source_id: str, worker_id: str) -> StoredWorker | None:
+        """The worker's whole record, or None when the server does not know it."""
+        request = pb.GetMetadataRequest(mx_source_id=mx_source_id, worker_id=worker_id)
+        response = self._call("GetMetadata", self._stub.GetMetadata, request)
+        if not response.found:
+            return None
+        return StoredWorker(
+            mx_source_id=response.mx_source_id or mx_source_id,
+            worker_id=response.worker_id or worker_id,
+            identity=wire.identity_from_pb(response.identity),
+            worker=wire.worker_from_pb(response.worker),
+        )
+
+    def update_status(self, mx_source_id: str, worker_id: str, worker_rank: int, status: SourceStatus) -> bool:
+        """Set a worker's status. False when the server does not know the worker."""
+        request = pb.UpdateStatusRequest(
+            mx_source_id=mx_source_id, worker_id=worker_id, worker_rank=worker_rank, status=int(status)
+        )
+        response = self._call("UpdateStatus", self._stub.UpdateStatus, request)
+        if not response.success:
+            log.debug("UpdateStatus %s on %s: %s", status.name, self.url, response.message)
+        return response.success
+
+    # --- plumbing ---------------------------------------------------------
+
+    def _call(self, rpc: str, method: Callable[..., T], request) -> T:
+        delay = self._backoff_s
+        for attempt in range(self._retries + 1):
+            try:
+                return method(request, timeout=self._timeout_s)
+            except grpc.RpcError as e:
+                code = e.code()
+                if code not in _RETRYABLE:
+                    raise ServerError(e.details() or str(code), url=self.url, rpc=rpc, code=code.name) from e
+                if attempt == self._retries:
+                    raise ServerUnavailableError(
+                        f"{e.details() or code.name} after {attempt + 1} attempt(s)",
+                        url=self.url, rpc=rpc, code=code.name,
+                    ) from e
+                log.debug("%s to %s: %s, retrying in %.2f s", rpc, self.url, code.name, delay)
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "MetadataClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,113 @@
+"""Typed errors. Every error sglang-mx raises on purpose derives from MxError."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+
+class MxError(Exception):
+    """Root of all sglang-mx errors."""
+
+
+class ConfigError(MxError, ValueError):
+    """A configuration key or value is wrong; the message names it and what is allowed."""
+
+
+class ServerError(MxError):
+    """The metadata server could not be reached or refused a call."""
+
+    def __init__(self, message: str, *, url: str, rpc: str, code: str = "") -> None:
+        super().__init__(f"{rpc} to metadata server {url} failed: {message}" + (f" [{code}]" if code else ""))
+        self.url = url
+        self.rpc = rpc
+        self.code = code
+
+
+class ServerUnavailableError(ServerError):
+    """The server did not answer (after the client's retries)."""
+
+
+class RequestRejectedError(ServerError):
+    """The server answered, but refused the request (success=false)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SizeMismatch:
+    name: str
+    local_bytes: int
+    remote_bytes: int
+
+
+class LayoutMismatchError(MxError):
+    """A seed's tensors do not match ours; lists every difference at once."""
+
+    def __init__(
+        self,
+        *,
+        seed: str,
+        missing: Sequence[str] = (),
+        unexpected: Sequence[str] = (),
+        mismatched: Sequence[SizeMismatch] = (),
+        invalid: Sequence[str] = (),
+    ) -> None:
+        self.seed = seed
+        self.missing = tuple(missing)
+        self.unexpected = tuple(unexpected)
+        self.mismatched = tuple(mismatched)
+        self.invalid = tuple(invalid)
+        parts = []
+        if self.missing:
+            parts.append(f"{len(self.missing)} tensor(s) missing on the seed: {_names(self.missing)}")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} tensor(s) only on the seed: {_names(self.unexpected)}")
+        if self.mismatched:
+            shown = ", ".join(
+                f"{m.name} (local {m.local_bytes} B, seed {m.remote_bytes} B)" for m in self.mismatched[:10]
+            )
+            more = f" and {len(self.mismatched) - 10} more" if len(self.mismatched) > 10 else ""
+            parts.append(f"{len(self.mismatched)} size mismatch(es): {shown}{more}")
+        if self.invalid:
+            parts.append(f"invalid descriptor(s): {_names(self.invalid)}")
+        super().__init__(f"layout of seed {seed} does not match this instance: " + "; ".join(parts))
+
+
+class TransferError(MxError):
+    """Mooncake failed to move the bytes."""
+
+    def __init__(self, message: str, *, seed: str = "", code: int | None = None, nbytes: int = 0) -> None:
+        detail = message
+        if seed:
+            detail += f" (seed {seed}"
+            detail += f", {nbytes} bytes" if nbytes else ""
+            detail += f", Mooncake return code {code})" if code is not None else ")"
+        super().__init__(detail)
+        self.seed = seed
+        self.code = code
+        self.nbytes = nbytes
+
+
+@dataclasses.dataclass(frozen=True)
+class CandidateFailure:
+    """Why one seed could not be used."""
+
+    seed: str
+    reason: str
+
+
+class NoSourceError(MxError):
+    """No READY seed could provide our weights; lists every candidate tried."""
+
+    def __init__(self, message: str, *, attempts: Sequence[CandidateFailure] = ()) -> None:
+        self.attempts = tuple(attempts)
+        if self.attempts:
+            tried = "; ".join(f"{a.seed}: {a.reason}" for a in self.attempts)
+            message = f"{message}. Tried {len(self.attempts)} candidate(s): {tried}"
+        super().__init__(message)
+
+
+def _names(names: Sequence[str], shown: int = 10) -> str:
+    text = ", ".join(names[:shown])
+    if len(names) > shown:
+        text += f" and {len(names) - shown} more"
+    return text

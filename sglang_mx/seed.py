@@ -1,0 +1,155 @@
+"""Seed side: publish one rank's weights and keep them advertised.
+
+Lifecycle: register memory -> publish INITIALIZING -> mark READY -> heartbeat
+(status only) -> mark STALE and unregister on close. `close` runs on normal
+exit and on SIGTERM when `close_on_exit` is used.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import signal
+import threading
+import uuid
+from typing import Sequence
+
+from sglang_mx.client import MetadataClient
+from sglang_mx.errors import MxError, ServerError
+from sglang_mx.transfer.engine import MooncakeEngine
+from sglang_mx.types import SourceIdentity, SourceStatus, TensorDescriptor, WorkerRecord
+
+log = logging.getLogger(__name__)
+
+
+class SeedPublisher:
+    """Advertises one rank's tensors on the metadata server."""
+
+    def __init__(
+        self,
+        client: MetadataClient,
+        engine: MooncakeEngine,
+        identity: SourceIdentity,
+        *,
+        worker_rank: int,
+        tensors: Sequence[TensorDescriptor],
+        worker_id: str | None = None,
+        heartbeat_interval_s: float = 30.0,
+        accelerator: str = "",
+    ) -> None:
+        if heartbeat_interval_s <= 0:
+            raise MxError(f"heartbeat_interval_s={heartbeat_interval_s} must be > 0")
+        self._client = client
+        self._engine = engine
+        self.identity = identity
+        self.worker_rank = worker_rank
+        self.worker_id = worker_id or str(uuid.uuid4())
+        self._tensors = tuple(tensors)
+        self._heartbeat_interval_s = heartbeat_interval_s
+        self._accelerator = accelerator
+        self.mx_source_id = ""
+        self._regions: list[tuple[int, int]] = []
+        self._status = SourceStatus.UNKNOWN
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+        self._closed = False
+        self._close_lock = threading.Lock()
+
+    # --- lifecycle ---------------------------------------------------------
+
+    def start(self) -> "SeedPublisher":
+        """Register the tensors' memory and publish them as INITIALIZING."""
+        try:
+            self._regions = self._engine.register((t.addr, t.size) for t in self._tensors)
+            self._status = SourceStatus.INITIALIZING
+            self._publish()
+        except BaseException:
+            self.close()
+            raise
+        log.info(
+            "seed rank %d published %d tensors (%d bytes) as %s worker %s, session %s",
+            self.worker_rank, len(self._tensors), sum(t.size for t in self._tensors),
+            self.mx_source_id, self.worker_id, self._engine.session_id,
+        )
+        return self
+
+    def mark_ready(self) -> None:
+        """Advertise READY and start heartbeating."""
+        self._set_status(SourceStatus.READY)
+        if self._heartbeat is None:
+            self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="mx-heartbeat", daemon=True)
+            self._heartbeat.start()
+
+    def close(self) -> None:
+        """Stop heartbeating, mark STALE (best effort), release the memory."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stop.set()
+        if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
+            self._heartbeat.join(timeout=5)
+        if self.mx_source_id:
+            try:
+                self._client.update_status(self.mx_source_id, self.worker_id, self.worker_rank, SourceStatus.STALE)
+                log.info("seed rank %d worker %s marked STALE", self.worker_rank, self.worker_id)
+            except ServerError as e:
+                log.warning("could not mark worker %s STALE: %s", self.worker_id, e)
+        self._engine.unregister(self._regions)
+        self._regions = []
+
+    def __enter__(self) -> "SeedPublisher":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- internals ---------------------------------------------------------
+
+    def _record(self) -> WorkerRecord:
+        return WorkerRecord(
+            worker_rank=self.worker_rank,
+            transfer_engine_session_id=self._engine.session_id,
+            tensors=self._tensors,
+            status=self._status,
+            accelerator=self._accelerator,
+        )
+
+    def _publish(self) -> None:
+        self.mx_source_id = self._client.publish(self.identity, self._record(), self.worker_id)
+
+    def _set_status(self, status: SourceStatus) -> None:
+        self._status = status
+        if not self._client.update_status(self.mx_source_id, self.worker_id, self.worker_rank, status):
+            # The server forgot us (restarted, or reaped us during a partition).
+            log.warning("metadata server %s did not know worker %s; publishing again", self._client.url, self.worker_id)
+            self._publish()
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self._heartbeat_interval_s):
+            try:
+                self._set_status(SourceStatus.READY)
+            except ServerError as e:
+                log.warning("heartbeat of worker %s failed, will retry: %s", self.worker_id, e)
+
+
+def close_on_exit(publisher: SeedPublisher) -> None:
+    """Close `publisher` at interpreter exit and on SIGTERM.
+
+    The SIGTERM handler chains to the one it replaces (or exits with 143 where
+    there was none); it can only be installed from the main thread.
+    """
+    atexit.register(publisher.close)
+    if threading.current_thread() is not threading.main_thread():
+        log.debug("not in the main thread: worker %s closes at exit only", publisher.worker_id)
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def _on_sigterm(signum, frame):
+        publisher.close()
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _on_sigterm)

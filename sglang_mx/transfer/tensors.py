@@ -1,0 +1,37 @@
+"""Describe torch tensors as TensorDescriptors (names, addresses, byte sizes)."""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import torch
+
+from sglang_mx.errors import MxError
+from sglang_mx.types import TensorDescriptor
+
+
+def describe(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> list[TensorDescriptor]:
+    """One descriptor per named tensor, in the given order.
+
+    Tensors must be contiguous: a strided view's bytes are not one range.
+    Aliases (tied weights) keep their own names and share an address.
+    """
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    out = []
+    for name, t in items:
+        if not t.is_contiguous():
+            raise MxError(
+                f"tensor {name!r} is not contiguous (shape {tuple(t.shape)}, stride {t.stride()}); "
+                "only contiguous tensors can be transferred as one byte range"
+            )
+        size = t.numel() * t.element_size()
+        out.append(
+            TensorDescriptor(
+                name=name,
+                addr=t.data_ptr() if size else 0,
+                size=size,
+                dtype=str(t.dtype).removeprefix("torch."),
+                device_id=t.device.index or 0,
+            )
+        )
+    return out

@@ -1,0 +1,134 @@
+"""Plain types shared by every module. No protobuf, no torch, no SGLang."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Mapping
+
+
+class SourceStatus(enum.IntEnum):
+    """Lifecycle of a published worker (values equal the wire enum)."""
+
+    UNKNOWN = 0
+    INITIALIZING = 1
+    READY = 2
+    STALE = 3
+
+
+class BackendFramework(enum.IntEnum):
+    UNKNOWN = 0
+    VLLM = 1
+    SGLANG = 2
+    TRT_LLM = 3
+
+
+class SourceType(enum.IntEnum):
+    """What a source holds; only WEIGHTS is served by sglang-mx."""
+
+    WEIGHTS = 0
+    LORA = 1
+    CUDA_GRAPH = 2
+    TORCH_COMPILE_CACHE = 3
+    TRITON_CACHE = 4
+    DEEP_GEMM_CACHE = 5
+    TILELANG_CACHE = 6
+    CUTE_DSL_CACHE = 7
+    FLASHINFER_CACHE = 8
+    TVM_FFI_CACHE = 9
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SourceIdentity:
+    """Everything that changes the bytes or layout of a source's tensors.
+
+    Two instances may exchange weights only when their identities are equal;
+    `sglang_mx.identity.mx_source_id` hashes one into the id the server keys on.
+    """
+
+    model_name: str
+    mx_version: str = ""
+    mx_source_type: SourceType = SourceType.WEIGHTS
+    backend_framework: BackendFramework = BackendFramework.UNKNOWN
+    tensor_parallel_size: int = 0
+    pipeline_parallel_size: int = 0
+    expert_parallel_size: int = 0
+    dtype: str = ""
+    quantization: str = ""
+    extra_parameters: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    revision: str = ""
+    backend_framework_version: str = ""
+    torch_version: str = ""
+    cuda_version: str = ""
+    triton_version: str = ""
+    gpu_arch: str = ""
+    compile_config_digest: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorDescriptor:
+    """Where one tensor's bytes live in a worker's memory."""
+
+    name: str
+    addr: int
+    size: int  # bytes
+    dtype: str = ""
+    device_id: int = 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WorkerRecord:
+    """One published worker (one rank of one instance) as the server stores it."""
+
+    worker_rank: int
+    transfer_engine_session_id: str = ""
+    nixl_metadata: bytes = b""
+    tensors: tuple[TensorDescriptor, ...] = ()
+    status: SourceStatus = SourceStatus.UNKNOWN
+    updated_at_ms: int = 0
+    metadata_endpoint: str = ""
+    agent_name: str = ""
+    worker_grpc_endpoint: str = ""
+    accelerator: str = ""
+    topology: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.size for t in self.tensors)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StoredWorker:
+    """A worker record with the keys and identity it was published under."""
+
+    mx_source_id: str
+    worker_id: str
+    identity: SourceIdentity
+    worker: WorkerRecord  # status and updated_at_ms are the current ones
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SourceRef:
+    """One entry of a listing: enough to choose a worker and fetch its record."""
+
+    mx_source_id: str
+    worker_id: str
+    model_name: str
+    worker_rank: int
+    status: SourceStatus
+    updated_at_ms: int
+    accelerator: str = ""
+    topology: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    source_load: float | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SourceQuery:
+    """A listing request; None means "no filter"."""
+
+    mx_source_id: str | None = None
+    status: SourceStatus | None = None
+    model_name: str | None = None
+    worker_rank: int | None = None
+    min_updated_at_ms: int | None = None
+    limit: int | None = None

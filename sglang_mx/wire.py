@@ -1,0 +1,193 @@
+"""The wire: the only module that touches generated protobuf types.
+
+Everything else speaks the plain types of `sglang_mx.types`; this module
+converts in both directions and exposes the generated service stubs.
+"""
+
+from __future__ import annotations
+
+from sglang_mx._proto import p2p_pb2 as pb
+from sglang_mx._proto import p2p_pb2_grpc as pb_grpc
+from sglang_mx.types import (
+    BackendFramework,
+    SourceIdentity,
+    SourceQuery,
+    SourceRef,
+    SourceStatus,
+    SourceType,
+    TensorDescriptor,
+    WorkerRecord,
+)
+
+SERVICE_NAME = "model_express.p2p.P2pService"
+
+# Re-exported so that the client and server never import _proto themselves.
+P2pServiceStub = pb_grpc.P2pServiceStub
+P2pServiceServicer = pb_grpc.P2pServiceServicer
+add_servicer_to_server = pb_grpc.add_P2pServiceServicer_to_server
+messages = pb
+
+
+class WireError(ValueError):
+    """A message holds a value our plain types cannot represent."""
+
+
+def _enum(enum_type, value: int, field: str):
+    try:
+        return enum_type(value)
+    except ValueError:
+        allowed = ", ".join(f"{m.value} ({m.name})" for m in enum_type)
+        raise WireError(f"{field}={value} is not a known value; allowed: {allowed}") from None
+
+
+# --- SourceIdentity -------------------------------------------------------
+
+def identity_to_pb(identity: SourceIdentity) -> pb.SourceIdentity:
+    return pb.SourceIdentity(
+        mx_version=identity.mx_version,
+        mx_source_type=int(identity.mx_source_type),
+        model_name=identity.model_name,
+        backend_framework=int(identity.backend_framework),
+        tensor_parallel_size=identity.tensor_parallel_size,
+        pipeline_parallel_size=identity.pipeline_parallel_size,
+        expert_parallel_size=identity.expert_parallel_size,
+        dtype=identity.dtype,
+        quantization=identity.quantization,
+        extra_parameters=dict(identity.extra_parameters),
+        revision=identity.revision,
+        backend_framework_version=identity.backend_framework_version,
+        torch_version=identity.torch_version,
+        cuda_version=identity.cuda_version,
+        triton_version=identity.triton_version,
+        gpu_arch=identity.gpu_arch,
+        compile_config_digest=identity.compile_config_digest,
+    )
+
+
+def identity_from_pb(msg: pb.SourceIdentity) -> SourceIdentity:
+    return SourceIdentity(
+        mx_version=msg.mx_version,
+        mx_source_type=_enum(SourceType, msg.mx_source_type, "identity.mx_source_type"),
+        model_name=msg.model_name,
+        backend_framework=_enum(BackendFramework, msg.backend_framework, "identity.backend_framework"),
+        tensor_parallel_size=msg.tensor_parallel_size,
+        pipeline_parallel_size=msg.pipeline_parallel_size,
+        expert_parallel_size=msg.expert_parallel_size,
+        dtype=msg.dtype,
+        quantization=msg.quantization,
+        extra_parameters=dict(msg.extra_parameters),
+        revision=msg.revision,
+        backend_framework_version=msg.backend_framework_version,
+        torch_version=msg.torch_version,
+        cuda_version=msg.cuda_version,
+        triton_version=msg.triton_version,
+        gpu_arch=msg.gpu_arch,
+        compile_config_digest=msg.compile_config_digest,
+    )
+
+
+# --- WorkerMetadata -------------------------------------------------------
+
+def _tensor_to_pb(t: TensorDescriptor) -> pb.TensorDescriptor:
+    return pb.TensorDescriptor(name=t.name, addr=t.addr, size=t.size, device_id=t.device_id, dtype=t.dtype)
+
+
+def _tensor_from_pb(t: pb.TensorDescriptor) -> TensorDescriptor:
+    return TensorDescriptor(name=t.name, addr=t.addr, size=t.size, dtype=t.dtype, device_id=t.device_id)
+
+
+def worker_to_pb(worker: WorkerRecord) -> pb.WorkerMetadata:
+    msg = pb.WorkerMetadata(
+        worker_rank=worker.worker_rank,
+        status=int(worker.status),
+        updated_at=worker.updated_at_ms,
+        metadata_endpoint=worker.metadata_endpoint,
+        agent_name=worker.agent_name,
+        worker_grpc_endpoint=worker.worker_grpc_endpoint,
+        accelerator=worker.accelerator,
+        topology=dict(worker.topology),
+        tensor_source=pb.TensorSourceMetadata(tensors=[_tensor_to_pb(t) for t in worker.tensors]),
+    )
+    if worker.transfer_engine_session_id:
+        msg.transfer_engine_session_id = worker.transfer_engine_session_id
+    elif worker.nixl_metadata:
+        msg.nixl_metadata = worker.nixl_metadata
+    return msg
+
+
+def worker_from_pb(msg: pb.WorkerMetadata) -> WorkerRecord:
+    # tensor_source supersedes the deprecated top-level `tensors`; read either.
+    tensors = msg.tensor_source.tensors if msg.HasField("tensor_source") else msg.tensors
+    return WorkerRecord(
+        worker_rank=msg.worker_rank,
+        transfer_engine_session_id=msg.transfer_engine_session_id,
+        nixl_metadata=msg.nixl_metadata,
+        tensors=tuple(_tensor_from_pb(t) for t in tensors),
+        status=_enum(SourceStatus, msg.status, "worker.status"),
+        updated_at_ms=msg.updated_at,
+        metadata_endpoint=msg.metadata_endpoint,
+        agent_name=msg.agent_name,
+        worker_grpc_endpoint=msg.worker_grpc_endpoint,
+        accelerator=msg.accelerator,
+        topology=dict(msg.topology),
+    )
+
+
+def encode_worker(worker: WorkerRecord) -> bytes:
+    """Serialize a record for a store that keeps bytes (the Redis store)."""
+    return worker_to_pb(worker).SerializeToString()
+
+
+def decode_worker(data: bytes) -> WorkerRecord:
+    return worker_from_pb(pb.WorkerMetadata.FromString(data))
+
+
+def encode_identity(identity: SourceIdentity) -> bytes:
+    return identity_to_pb(identity).SerializeToString()
+
+
+def decode_identity(data: bytes) -> SourceIdentity:
+    return identity_from_pb(pb.SourceIdentity.FromString(data))
+
+
+# --- Listing --------------------------------------------------------------
+
+def ref_to_pb(ref: SourceRef) -> pb.SourceInstanceRef:
+    msg = pb.SourceInstanceRef(
+        mx_source_id=ref.mx_source_id,
+        worker_id=ref.worker_id,
+        model_name=ref.model_name,
+        worker_rank=ref.worker_rank,
+        accelerator=ref.accelerator,
+        updated_at=ref.updated_at_ms,
+        topology=dict(ref.topology),
+    )
+    if ref.source_load is not None:
+        msg.source_load = ref.source_load
+    return msg
+
+
+def ref_from_pb(msg: pb.SourceInstanceRef, status: SourceStatus) -> SourceRef:
+    """The wire ref carries no status: the caller knows what it filtered on."""
+    return SourceRef(
+        mx_source_id=msg.mx_source_id,
+        worker_id=msg.worker_id,
+        model_name=msg.model_name,
+        worker_rank=msg.worker_rank,
+        status=status,
+        updated_at_ms=msg.updated_at,
+        accelerator=msg.accelerator,
+        topology=dict(msg.topology),
+        source_load=msg.source_load if msg.HasField("source_load") else None,
+    )
+
+
+def query_from_pb(msg: pb.ListSourcesRequest, mx_source_id: str | None) -> SourceQuery:
+    return SourceQuery(
+        mx_source_id=mx_source_id,
+        status=_enum(SourceStatus, msg.status_filter, "status_filter") if msg.HasField("status_filter") else None,
+        model_name=msg.model_name_filter if msg.HasField("model_name_filter") else None,
+        worker_rank=msg.worker_rank_filter if msg.HasField("worker_rank_filter") else None,
+        min_updated_at_ms=msg.min_updated_at if msg.HasField("min_updated_at") else None,
+        limit=msg.limit if msg.HasField("limit") else None,
+    )
