@@ -52,7 +52,13 @@ class MetadataServer:
         limit = options.max_message_mb * 1024 * 1024
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="mx-rpc"),
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                # gRPC sets SO_REUSEPORT by default: a second server on a busy port would
+                # then start too and silently take half the calls (each with its own store).
+                ("grpc.so_reuseport", 0),
+            ],
         )
         wire.add_servicer_to_server(
             P2pServicer(self._store, heartbeat_timeout_s=options.heartbeat_timeout_s), self._grpc
@@ -96,8 +102,10 @@ class MetadataServer:
         self._reaper.close()
         self._grpc.stop(grace_s).wait()
         self._store.close()
-        self._stopped.set()
+        # Log before waking wait(): serve_forever returns then and the process may
+        # exit before this daemon thread gets to log.
         log.info("metadata server stopped")
+        self._stopped.set()
 
     def wait(self) -> None:
         self._stopped.wait()

@@ -1,0 +1,126 @@
+"""The target puller against real seed processes: waiting, failover, bounded failure."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from sglang_mx.client import MetadataClient
+from sglang_mx.errors import NoSourceError
+from sglang_mx.server import MetadataServer, ServerOptions
+from sglang_mx.target import PullOptions, pull_weights
+from sglang_mx.transfer.engine import MooncakeEngine
+from sglang_mx.transfer.tensors import describe
+from sglang_mx.types import SourceIdentity
+from tests.procs import SeedProcess, weights
+
+IDENTITY = SourceIdentity(model_name="test/model", tensor_parallel_size=1, dtype="mixed")
+SIZE_MB = 8
+
+
+@pytest.fixture
+def meta():
+    with MetadataServer(ServerOptions(host="127.0.0.1", port=0)) as server, \
+            MetadataClient(server.address, timeout_s=5) as client:
+        yield server, client
+
+
+@pytest.fixture
+def engine():
+    with MooncakeEngine.create("127.0.0.1", protocol="tcp") as e:
+        yield e
+
+
+@pytest.fixture
+def seeds():
+    started: list[SeedProcess] = []
+    yield started
+    for seed in started:
+        seed.kill()
+
+
+def _assert_exact(local):
+    for name, tensor in weights.build(SIZE_MB).items():
+        assert torch.equal(weights.as_bytes(local[name]), weights.as_bytes(tensor)), name
+
+
+def test_fails_over_from_a_killed_seed_to_a_live_one(meta, engine, seeds):
+    server, client = meta
+    seeds.append(SeedProcess(server.address, size_mb=SIZE_MB))
+    seeds.append(SeedProcess(server.address, size_mb=SIZE_MB))
+    live, dead = seeds
+    dead.kill()  # the newest READY record: tried first, now gone without a word
+    local = weights.build(SIZE_MB, filled=False)
+    report = pull_weights(client, engine, IDENTITY, worker_rank=0, tensors=describe(local),
+                          options=PullOptions(wait_timeout_s=5))
+    assert report.seed_worker_id == live.worker_id
+    assert [f.seed for f in report.failures] == [f"worker {dead.worker_id} (rank 0)"]
+    assert "Mooncake return code" in report.failures[0].reason
+    _assert_exact(local)
+
+
+def test_only_seed_killed_fails_clearly_within_bounded_time(meta, engine, seeds):
+    server, client = meta
+    seeds.append(SeedProcess(server.address, size_mb=SIZE_MB))
+    seeds[0].kill()
+    local = weights.build(SIZE_MB, filled=False)
+    start = time.monotonic()
+    with pytest.raises(NoSourceError) as info:
+        pull_weights(client, engine, IDENTITY, worker_rank=0, tensors=describe(local),
+                     options=PullOptions(wait_timeout_s=2, poll_interval_s=0.2))
+    assert time.monotonic() - start < 20
+    text = str(info.value)
+    assert "no READY seed could serve 'test/model'" in text
+    assert server.address in text
+    assert seeds[0].worker_id in text and "batch_transfer_sync_read" in text
+    assert len(info.value.attempts) == 1
+
+
+def test_waits_for_a_seed_that_starts_later(meta, engine, seeds):
+    server, client = meta
+    local = weights.build(SIZE_MB, filled=False)
+    result = {}
+
+    def pull():
+        try:
+            result["report"] = pull_weights(client, engine, IDENTITY, worker_rank=0, tensors=describe(local),
+                                            options=PullOptions(wait_timeout_s=60, poll_interval_s=0.2))
+        except Exception as e:  # surfaced by the assertion below
+            result["error"] = e
+
+    puller = threading.Thread(target=pull)
+    puller.start()
+    time.sleep(1.0)
+    assert puller.is_alive(), result  # still waiting: no seed yet
+    seeds.append(SeedProcess(server.address, size_mb=SIZE_MB))
+    puller.join(timeout=60)
+    assert "error" not in result, result.get("error")
+    assert result["report"].seed_worker_id == seeds[0].worker_id
+    _assert_exact(local)
+
+
+def test_never_pairs_another_rank_or_identity(meta, engine, seeds):
+    server, client = meta
+    seeds.append(SeedProcess(server.address, size_mb=SIZE_MB, rank=1, tp=2))
+    seeds.append(SeedProcess(server.address, size_mb=SIZE_MB, model="test/other"))
+    local = weights.build(SIZE_MB, filled=False)
+    rank0_tp2 = SourceIdentity(model_name="test/model", tensor_parallel_size=2, dtype="mixed")
+    for identity in (rank0_tp2, IDENTITY):
+        with pytest.raises(NoSourceError, match="no READY seed"):
+            pull_weights(client, engine, identity, worker_rank=0, tensors=describe(local),
+                         options=PullOptions(wait_timeout_s=0.5, poll_interval_s=0.1))
+    assert not any(weights.as_bytes(t).any() for t in local.values())
+
+
+def test_stops_after_max_candidates(meta, engine, seeds):
+    server, client = meta
+    for _ in range(2):
+        seeds.append(SeedProcess(server.address, size_mb=SIZE_MB))
+    for seed in seeds:
+        seed.kill()
+    local = weights.build(SIZE_MB, filled=False)
+    with pytest.raises(NoSourceError, match="all 1 candidate seed") as info:
+        pull_weights(client, engine, IDENTITY, worker_rank=0, tensors=describe(local),
+                     options=PullOptions(wait_timeout_s=30, max_candidates=1))
+    assert len(info.value.attempts) == 1
