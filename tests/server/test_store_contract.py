@@ -1,0 +1,308 @@
+"""The one contract every SourceStore backend must honour (see sglang_mx/server/store.py).
+
+A backend gets the whole suite by subclassing `StoreContract` and implementing
+`make_store()`. The suite only uses the public SourceStore interface, and passes
+every time explicitly, so it never sleeps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import pytest
+
+from sglang_mx.server import MemoryStore, ReapStats, SourceStore
+from sglang_mx.types import (
+    SourceIdentity,
+    SourceQuery,
+    SourceStatus,
+    StoredWorker,
+    TensorDescriptor,
+    WorkerRecord,
+)
+
+SRC_A = "aaaaaaaaaaaaaaaa"
+SRC_B = "bbbbbbbbbbbbbbbb"
+ID_A = SourceIdentity(model_name="org/model-a", tensor_parallel_size=2, dtype="bfloat16")
+ID_B = SourceIdentity(model_name="org/model-b", tensor_parallel_size=1, dtype="float16")
+T0 = 1_700_000_000_000  # a fixed "now" in unix ms
+HB = 90_000  # heartbeat timeout, ms
+GC = 3_600_000  # STALE -> deleted, ms
+
+
+def _tensors(prefix: str, n: int, size: int = 256) -> tuple[TensorDescriptor, ...]:
+    return tuple(TensorDescriptor(name=f"{prefix}.{i}", addr=0x1000 + i * size, size=size, dtype="u8")
+                 for i in range(n))
+
+
+def _worker(rank: int = 0, *, status: SourceStatus = SourceStatus.READY, at: int = T0, prefix: str = "t",
+            n: int = 3, session: str = "127.0.0.1:1", **kw) -> WorkerRecord:
+    return WorkerRecord(worker_rank=rank, transfer_engine_session_id=session, tensors=_tensors(prefix, n),
+                        status=status, updated_at_ms=at, **kw)
+
+
+class StoreContract:
+    """Subclass with `make_store()` returning a fresh, empty store."""
+
+    def make_store(self) -> SourceStore:
+        raise NotImplementedError
+
+    @pytest.fixture
+    def store(self):
+        store = self.make_store()
+        assert isinstance(store, SourceStore)
+        yield store
+        store.close()
+
+    # --- publish / get ------------------------------------------------------------------------------
+
+    def test_publish_then_get_returns_the_record(self, store):
+        worker = _worker(rank=1, accelerator="h100", topology={"node": "n1"}, metadata_endpoint="m:1")
+        store.publish(SRC_A, "w1", ID_A, worker)
+        assert store.get(SRC_A, "w1") == StoredWorker(mx_source_id=SRC_A, worker_id="w1", identity=ID_A, worker=worker)
+
+    def test_get_unknown_is_none(self, store):
+        store.publish(SRC_A, "w1", ID_A, _worker())
+        assert store.get(SRC_A, "nope") is None
+        assert store.get(SRC_B, "w1") is None
+
+    def test_publish_stores_status_and_time_as_given(self, store):
+        store.publish(SRC_A, "w1", ID_A, _worker(status=SourceStatus.INITIALIZING, at=T0 - 5))
+        got = store.get(SRC_A, "w1").worker
+        assert (got.status, got.updated_at_ms) == (SourceStatus.INITIALIZING, T0 - 5)
+
+    def test_publish_replaces_the_whole_record(self, store):
+        store.publish(SRC_A, "w1", ID_A, _worker(prefix="old", n=5, session="h:1", accelerator="a100",
+                                                  topology={"x": "1"}))
+        new = _worker(prefix="new", n=2, session="h:2", status=SourceStatus.INITIALIZING, at=T0 + 1)
+        store.publish(SRC_A, "w1", ID_A, new)
+        assert store.get(SRC_A, "w1").worker == new
+
+    def test_publish_keeps_other_workers(self, store):
+        store.publish(SRC_A, "w1", ID_A, _worker(rank=0, prefix="one"))
+        store.publish(SRC_A, "w2", ID_A, _worker(rank=1, prefix="two"))
+        store.publish(SRC_A, "w1", ID_A, _worker(rank=0, prefix="uno"))
+        assert store.get(SRC_A, "w2").worker.tensors[0].name == "two.0"
+
+    # --- update_status ------------------------------------------------------------------------------
+
+    def test_update_status_by_worker_id(self, store):
+        worker = _worker(rank=1, status=SourceStatus.INITIALIZING, at=T0)
+        store.publish(SRC_A, "w1", ID_A, worker)
+        store.publish(SRC_A, "w2", ID_A, _worker(rank=1, status=SourceStatus.INITIALIZING, at=T0))
+        assert store.update_status(SRC_A, "w1", 1, SourceStatus.READY, T0 + 10) == 1
+        got = store.get(SRC_A, "w1").worker
+        assert got == dataclasses.replace(worker, status=SourceStatus.READY, updated_at_ms=T0 + 10)
+        other = store.get(SRC_A, "w2").worker
+        assert (other.status, other.updated_at_ms) == (SourceStatus.INITIALIZING, T0)
+
+    def test_update_status_rank_mismatch_changes_nothing(self, store):
+        store.publish(SRC_A, "w1", ID_A, _worker(rank=1, status=SourceStatus.INITIALIZING))
+        assert store.update_status(SRC_A, "w1", 0, SourceStatus.READY, T0 + 10) == 0
+        got = store.get(SRC_A, "w1").worker
+        assert (got.status, got.updated_at_ms) == (SourceStatus.INITIALIZING, T0)
+
+    def test_update_status_without_worker_id_updates_every_worker_of_that_rank(self, store):
+        store.publish(SRC_A, "w1", ID_A, _worker(rank=0, status=SourceStatus.INITIALIZING))
+        store.publish(SRC_A, "w2", ID_A, _worker(rank=0, status=SourceStatus.INITIALIZING))
+        store.publish(SRC_A, "w3", ID_A, _worker(rank=1, status=SourceStatus.INITIALIZING))
+        store.publish(SRC_B, "w4", ID_B, _worker(rank=0, status=SourceStatus.INITIALIZING))
+        assert store.update_status(SRC_A, "", 0, SourceStatus.READY, T0 + 1) == 2
+        statuses = {w: store.get(s, w).worker.status for s, w in [(SRC_A, "w1"), (SRC_A, "w2"), (SRC_A, "w3"),
+                                                                    (SRC_B, "w4")]}
+        assert statuses == {"w1": SourceStatus.READY, "w2": SourceStatus.READY,
+                            "w3": SourceStatus.INITIALIZING, "w4": SourceStatus.INITIALIZING}
+
+    def test_update_status_never_creates(self, store):
+        assert store.update_status(SRC_A, "w1", 0, SourceStatus.READY, T0) == 0
+        assert store.update_status(SRC_A, "", 0, SourceStatus.READY, T0) == 0
+        store.publish(SRC_A, "w1", ID_A, _worker(rank=0))
+        assert store.update_status(SRC_A, "w9", 0, SourceStatus.READY, T0) == 0
+        assert store.update_status(SRC_B, "w1", 0, SourceStatus.READY, T0) == 0
+        assert store.get(SRC_A, "w9") is None and store.get(SRC_B, "w1") is None
+        assert [r.worker_id for r in store.list(SourceQuery())] == ["w1"]
+
+    def test_update_status_keeps_tensors_and_session(self, store):
+        worker = _worker(rank=0, prefix="keep", n=50, session="10.0.0.1:7")
+        store.publish(SRC_A, "w1", ID_A, worker)
+        store.update_status(SRC_A, "w1", 0, SourceStatus.STALE, T0 + 1)
+        got = store.get(SRC_A, "w1")
+        assert got.worker.tensors == worker.tensors
+        assert got.worker.transfer_engine_session_id == "10.0.0.1:7"
+        assert got.identity == ID_A
+
+    def test_update_status_records_source_load(self, store):
+        store.publish(SRC_A, "w1", ID_A, _worker(rank=0))
+        store.update_status(SRC_A, "w1", 0, SourceStatus.READY, T0 + 1, source_load=0.25)
+        [ref] = store.list(SourceQuery(mx_source_id=SRC_A))
+        assert ref.source_load == pytest.approx(0.25)
+
+    # --- list ---------------------------------------------------------------------------------------
+
+    @pytest.fixture
+    def populated(self, store):
+        rows = [  # (source, worker_id, identity, rank, status, updated_at)
+            (SRC_A, "a0", ID_A, 0, SourceStatus.READY, T0 + 50),
+            (SRC_A, "a1", ID_A, 1, SourceStatus.READY, T0 + 40),
+            (SRC_A, "a2", ID_A, 0, SourceStatus.INITIALIZING, T0 + 30),
+            (SRC_B, "b0", ID_B, 0, SourceStatus.READY, T0 + 60),
+            (SRC_B, "b1", ID_B, 1, SourceStatus.STALE, T0 + 10),
+        ]
+        for source, wid, identity, rank, status, at in rows:
+            store.publish(source, wid, identity, _worker(rank=rank, status=status, at=at, accelerator=f"acc-{wid}",
+                                                          topology={"wid": wid}))
+        return store
+
+    @staticmethod
+    def _ids(refs) -> list[str]:
+        return [r.worker_id for r in refs]
+
+    def test_list_everything_newest_first(self, populated):
+        assert self._ids(populated.list(SourceQuery())) == ["b0", "a0", "a1", "a2", "b1"]
+
+    def test_list_ref_fields(self, populated):
+        [ref] = [r for r in populated.list(SourceQuery()) if r.worker_id == "a1"]
+        assert (ref.mx_source_id, ref.model_name, ref.worker_rank, ref.status, ref.updated_at_ms, ref.accelerator,
+                dict(ref.topology)) == (SRC_A, "org/model-a", 1, SourceStatus.READY, T0 + 40, "acc-a1", {"wid": "a1"})
+
+    def test_list_by_source(self, populated):
+        assert self._ids(populated.list(SourceQuery(mx_source_id=SRC_A))) == ["a0", "a1", "a2"]
+        assert populated.list(SourceQuery(mx_source_id="cccccccccccccccc")) == []
+
+    def test_list_by_status(self, populated):
+        assert self._ids(populated.list(SourceQuery(status=SourceStatus.READY))) == ["b0", "a0", "a1"]
+        assert self._ids(populated.list(SourceQuery(status=SourceStatus.STALE))) == ["b1"]
+        assert populated.list(SourceQuery(status=SourceStatus.UNKNOWN)) == []
+
+    def test_list_by_model_name(self, populated):
+        assert self._ids(populated.list(SourceQuery(model_name="org/model-b"))) == ["b0", "b1"]
+        assert populated.list(SourceQuery(model_name="org/other")) == []
+
+    def test_list_by_worker_rank(self, populated):
+        assert self._ids(populated.list(SourceQuery(worker_rank=1))) == ["a1", "b1"]
+        assert self._ids(populated.list(SourceQuery(mx_source_id=SRC_A, worker_rank=0))) == ["a0", "a2"]
+
+    def test_list_min_updated_at_is_inclusive(self, populated):
+        assert self._ids(populated.list(SourceQuery(min_updated_at_ms=T0 + 40))) == ["b0", "a0", "a1"]
+
+    def test_list_limit_applies_after_sorting(self, populated):
+        assert self._ids(populated.list(SourceQuery(limit=2))) == ["b0", "a0"]
+        assert self._ids(populated.list(SourceQuery(status=SourceStatus.READY, mx_source_id=SRC_A, limit=1))) == ["a0"]
+        assert populated.list(SourceQuery(limit=0)) == []
+
+    def test_list_sees_status_updates(self, populated):
+        populated.update_status(SRC_A, "a2", 0, SourceStatus.READY, T0 + 100)
+        assert self._ids(populated.list(SourceQuery(status=SourceStatus.READY)))[0] == "a2"
+
+    def test_list_on_empty_store(self, store):
+        assert store.list(SourceQuery()) == []
+
+    # --- reap ---------------------------------------------------------------------------------------
+
+    @pytest.mark.parametrize("status", [SourceStatus.UNKNOWN, SourceStatus.INITIALIZING, SourceStatus.READY])
+    def test_reap_marks_silent_records_stale(self, store, status):
+        old = T0 - HB - 1
+        store.publish(SRC_A, "old", ID_A, _worker(status=status, at=old))
+        store.publish(SRC_A, "edge", ID_A, _worker(status=status, at=T0 - HB))  # exactly at the limit: kept
+        store.publish(SRC_A, "fresh", ID_A, _worker(status=status, at=T0))
+        stats = store.reap(T0, HB, GC)
+        assert stats == ReapStats(marked_stale=1, deleted=0)
+        got = store.get(SRC_A, "old").worker
+        assert (got.status, got.updated_at_ms) == (SourceStatus.STALE, old), "updated_at must not change"
+        assert store.get(SRC_A, "edge").worker.status == status
+        assert store.get(SRC_A, "fresh").worker.status == status
+        assert store.get(SRC_A, "old").worker.tensors == _tensors("t", 3)
+
+    def test_reap_deletes_old_stale_records(self, store):
+        store.publish(SRC_A, "gone", ID_A, _worker(status=SourceStatus.STALE, at=T0 - GC - 1))
+        store.publish(SRC_A, "kept", ID_A, _worker(status=SourceStatus.STALE, at=T0 - GC))
+        store.publish(SRC_B, "gone2", ID_B, _worker(status=SourceStatus.STALE, at=T0 - GC - 5))
+        stats = store.reap(T0, HB, GC)
+        assert stats == ReapStats(marked_stale=0, deleted=2)
+        assert store.get(SRC_A, "gone") is None and store.get(SRC_B, "gone2") is None
+        assert store.get(SRC_A, "kept").worker.status == SourceStatus.STALE
+        assert self._ids(store.list(SourceQuery())) == ["kept"]
+        assert store.list(SourceQuery(mx_source_id=SRC_B)) == []
+
+    def test_reap_removes_a_long_silent_ready_record_within_two_passes(self, store):
+        store.publish(SRC_A, "w", ID_A, _worker(status=SourceStatus.READY, at=T0 - GC - 1))
+        store.reap(T0, HB, GC)
+        store.reap(T0, HB, GC)
+        assert store.get(SRC_A, "w") is None
+
+    def test_reap_leaves_fresh_records_alone(self, store):
+        for i, status in enumerate(SourceStatus):
+            store.publish(SRC_A, f"w{i}", ID_A, _worker(rank=i, status=status, at=T0 - 1))
+        before = store.list(SourceQuery())
+        assert store.reap(T0, HB, GC) == ReapStats(0, 0)
+        assert store.list(SourceQuery()) == before
+
+    def test_reap_twice_is_idempotent(self, store):
+        store.publish(SRC_A, "a", ID_A, _worker(status=SourceStatus.READY, at=T0 - HB - 1))
+        store.publish(SRC_A, "b", ID_A, _worker(status=SourceStatus.STALE, at=T0 - GC - 1))
+        store.publish(SRC_A, "c", ID_A, _worker(status=SourceStatus.READY, at=T0))
+        first = store.reap(T0, HB, GC)
+        after_first = store.list(SourceQuery())
+        assert first == ReapStats(marked_stale=1, deleted=1)
+        assert store.reap(T0, HB, GC) == ReapStats(0, 0)
+        assert store.list(SourceQuery()) == after_first
+
+    def test_heartbeat_after_stale_revives(self, store):
+        store.publish(SRC_A, "w", ID_A, _worker(status=SourceStatus.READY, at=T0 - HB - 1))
+        store.reap(T0, HB, GC)
+        assert store.update_status(SRC_A, "w", 0, SourceStatus.READY, T0) == 1
+        assert store.reap(T0, HB, GC) == ReapStats(0, 0)
+        assert store.get(SRC_A, "w").worker.status == SourceStatus.READY
+
+    # --- concurrency --------------------------------------------------------------------------------
+
+    def test_concurrent_publish_and_read_never_mix_records(self, store):
+        version_a = _worker(rank=0, prefix="alpha", n=40, session="10.0.0.1:1111", accelerator="A")
+        version_b = _worker(rank=0, prefix="beta", n=7, session="10.0.0.2:2222", accelerator="B")
+        expected = {v.transfer_engine_session_id: v for v in (version_a, version_b)}
+        store.publish(SRC_A, "w", ID_A, version_a)
+        writes, reads_per_reader = 300, 300
+        errors: list[str] = []
+        start = threading.Barrier(5)
+
+        def writer(first: WorkerRecord, second: WorkerRecord) -> None:
+            start.wait()
+            for i in range(writes):
+                store.publish(SRC_A, "w", ID_A, first if i % 2 else second)
+
+        def heartbeater() -> None:
+            start.wait()
+            for i in range(writes):
+                store.update_status(SRC_A, "w", 0, SourceStatus.READY, T0 + i)
+
+        def reader() -> None:
+            start.wait()
+            for _ in range(reads_per_reader):
+                got = store.get(SRC_A, "w")
+                if got is None:
+                    errors.append("record vanished")
+                    return
+                want = expected.get(got.worker.transfer_engine_session_id)
+                if want is None or got.worker.tensors != want.tensors or got.worker.accelerator != want.accelerator:
+                    errors.append(f"mixed record: session {got.worker.transfer_engine_session_id} with "
+                                  f"{len(got.worker.tensors)} tensors ({got.worker.tensors[:1]})")
+                    return
+
+        threads = [threading.Thread(target=writer, args=(version_a, version_b)),
+                   threading.Thread(target=writer, args=(version_b, version_a)),
+                   threading.Thread(target=heartbeater),
+                   threading.Thread(target=reader), threading.Thread(target=reader)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert not any(t.is_alive() for t in threads), "a thread hung"
+        assert not errors, errors[0]
+        final = store.get(SRC_A, "w").worker
+        assert final.tensors in (version_a.tensors, version_b.tensors)
+
+
+class TestMemoryStore(StoreContract):
+    def make_store(self) -> SourceStore:
+        return MemoryStore()
