@@ -20,6 +20,13 @@ def _add_server(sub) -> None:
     p.add_argument("--gc-timeout", type=float, default=3600.0, metavar="S",
                    help="STALE records older than this are deleted (default 3600)")
     p.add_argument("--max-message-mb", type=int, default=256, help="largest gRPC message (default 256)")
+    p.add_argument("--store", choices=("memory", "redis"), default="memory",
+                   help="where records live: memory (this process, the default) or redis (shared by replicas, "
+                        "survives restarts)")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", metavar="URL",
+                   help="Redis for --store redis (default redis://127.0.0.1:6379/0; rediss:// for TLS)")
+    p.add_argument("--redis-prefix", default="mx:", metavar="PREFIX",
+                   help="prefix of every Redis key (default 'mx:'); servers sharing records use the same one")
 
 
 def _add_demo(sub) -> None:
@@ -44,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             serve_forever(ServerOptions(
                 host=args.host, port=args.port, heartbeat_timeout_s=args.heartbeat_timeout,
                 reaper_interval_s=args.reaper_interval, gc_timeout_s=args.gc_timeout,
-                max_message_mb=args.max_message_mb,
+                max_message_mb=args.max_message_mb, store=args.store, redis_url=args.redis_url,
+                redis_prefix=args.redis_prefix,
             ))
             return 0
         if args.command == "demo":

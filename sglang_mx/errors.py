@@ -32,6 +32,17 @@ class RequestRejectedError(ServerError):
     """The server answered, but refused the request (success=false)."""
 
 
+class StoreUnavailableError(MxError):
+    """The metadata server's store backend (Redis) cannot be reached.
+
+    The servicer answers such RPCs with gRPC UNAVAILABLE, which clients retry.
+    """
+
+    def __init__(self, message: str, *, url: str) -> None:
+        super().__init__(f"store at {url} is unavailable: {message}")
+        self.url = url
+
+
 @dataclasses.dataclass(frozen=True)
 class SizeMismatch:
     name: str

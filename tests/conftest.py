@@ -5,6 +5,7 @@ Kept generic on purpose; subpackages (tests/transfer/) add their own conftest.py
 
 from __future__ import annotations
 
+import itertools
 import socket
 import time
 from typing import Callable, Iterator
@@ -137,3 +138,50 @@ def wait_for() -> Callable[..., object]:
 @pytest.fixture
 def unused_port() -> int:
     return free_port()
+
+
+# --- Redis ------------------------------------------------------------------------------------------
+
+_prefixes = itertools.count()
+
+
+def _require_redis_server() -> None:
+    from tests.procs.redis_server import REDIS_SERVER
+
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server); the Redis store tests need it")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """One real redis-server (no persistence) for the whole session; tests isolate by key prefix."""
+    _require_redis_server()
+    from tests.procs.redis_server import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    """A key prefix no other test uses: an empty store on the shared redis-server."""
+    return f"test{next(_prefixes)}:"
+
+
+@pytest.fixture
+def make_redis_server(tmp_path):
+    """Factory: make_redis_server(appendonly=False) -> a started redis-server of this test's own."""
+    _require_redis_server()
+    from tests.procs.redis_server import RedisServer
+
+    started = []
+
+    def _make(**options):
+        server = RedisServer(tmp_path / f"redis{len(started)}", **options).start()
+        started.append(server)
+        return server
+
+    yield _make
+    for server in started:
+        server.stop()

@@ -13,7 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from sglang_mx import wire
 from sglang_mx.errors import ConfigError
-from sglang_mx.server.memory_store import MemoryStore
+from sglang_mx.server.factory import DEFAULT_REDIS_PREFIX, DEFAULT_REDIS_URL, STORE_KINDS, make_store
 from sglang_mx.server.reaper import Reaper
 from sglang_mx.server.service import P2pServicer, now_ms
 from sglang_mx.server.store import SourceStore
@@ -32,6 +32,9 @@ class ServerOptions:
     gc_timeout_s: float = 3600.0
     max_message_mb: int = 256
     workers: int = 16
+    store: str = "memory"  # one of factory.STORE_KINDS
+    redis_url: str = DEFAULT_REDIS_URL
+    redis_prefix: str = DEFAULT_REDIS_PREFIX
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -41,14 +44,35 @@ class ServerOptions:
                 raise ConfigError(f"{name}={getattr(self, name)} must be > 0 seconds")
         if self.max_message_mb < 1:
             raise ConfigError(f"max_message_mb={self.max_message_mb} must be >= 1")
+        if self.store not in STORE_KINDS:
+            raise ConfigError(f"store={self.store!r} is not a store; allowed: {', '.join(STORE_KINDS)}")
+
+    @property
+    def record_ttl_s(self) -> float:
+        """Redis TTL safety net: twice the time the reaper needs to delete a silent record."""
+        return 2 * (self.heartbeat_timeout_s + self.gc_timeout_s + self.reaper_interval_s)
 
 
 class MetadataServer:
-    """A running metadata server; a context manager that stops it on exit."""
+    """A running metadata server; a context manager that stops it on exit.
+
+    Without `store`, it makes the one `options.store` names. The server owns its
+    store: `stop()` closes it, and so does a constructor that fails.
+    """
 
     def __init__(self, options: ServerOptions = ServerOptions(), store: SourceStore | None = None) -> None:
         self.options = options
-        self._store = store if store is not None else MemoryStore()
+        if store is None:
+            store = make_store(options.store, redis_url=options.redis_url, redis_prefix=options.redis_prefix,
+                               record_ttl_s=options.record_ttl_s)
+        self._store = store
+        try:
+            self._build(options)
+        except BaseException:
+            store.close()
+            raise
+
+    def _build(self, options: ServerOptions) -> None:
         limit = options.max_message_mb * 1024 * 1024
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="mx-rpc"),
@@ -90,7 +114,8 @@ class MetadataServer:
         for service in ("", wire.SERVICE_NAME):
             self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._reaper.start()
-        log.info("metadata server listening on %s:%d", self.options.host, self.port)
+        log.info("metadata server listening on %s:%d (%s)", self.options.host, self.port,
+                 type(self._store).__name__)
         return self
 
     def stop(self, grace_s: float = 2.0) -> None:

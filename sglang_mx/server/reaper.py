@@ -6,6 +6,7 @@ import logging
 import threading
 from typing import Callable
 
+from sglang_mx.errors import StoreUnavailableError
 from sglang_mx.server.store import SourceStore
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ class Reaper:
         while not self._stop.wait(self._interval_s):
             try:
                 self.reap_once()
+            except StoreUnavailableError as e:
+                log.warning("reaper pass skipped, retrying in %.1f s: %s", self._interval_s, e)
             except Exception:  # a store outage must not kill the reaper for good
                 log.exception("reaper pass failed; retrying in %.1f s", self._interval_s)
 

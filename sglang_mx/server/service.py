@@ -8,6 +8,7 @@ clients keep working; nothing invalid reaches the store.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from typing import Callable
@@ -15,6 +16,7 @@ from typing import Callable
 import grpc
 
 from sglang_mx import wire
+from sglang_mx.errors import StoreUnavailableError
 from sglang_mx.identity import mx_source_id
 from sglang_mx.server.store import SourceStore
 from sglang_mx.types import SourceStatus, WorkerRecord
@@ -31,6 +33,20 @@ class InvalidRequest(ValueError):
     """A request the server refuses; the message is sent back to the client."""
 
 
+def _store_outage_is_unavailable(rpc: Callable) -> Callable:
+    """A store outage answers gRPC UNAVAILABLE (clients retry it) instead of crashing the call."""
+
+    @functools.wraps(rpc)
+    def wrapper(self, request, context):
+        try:
+            return rpc(self, request, context)
+        except StoreUnavailableError as e:
+            log.warning("%s failed: %s", rpc.__name__, e)
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"{rpc.__name__}: {e}")
+
+    return wrapper
+
+
 class P2pServicer(wire.P2pServiceServicer):
     def __init__(
         self,
@@ -43,6 +59,7 @@ class P2pServicer(wire.P2pServiceServicer):
         self._heartbeat_timeout_ms = int(heartbeat_timeout_s * 1000)
         self._clock_ms = clock_ms
 
+    @_store_outage_is_unavailable
     def PublishMetadata(self, request, context):
         try:
             identity, worker, source_id = _validate_publish(request)
@@ -59,6 +76,7 @@ class P2pServicer(wire.P2pServiceServicer):
             success=True, message="published", mx_source_id=source_id, worker_id=request.worker_id
         )
 
+    @_store_outage_is_unavailable
     def ListSources(self, request, context):
         try:
             source_id = None
@@ -77,6 +95,7 @@ class P2pServicer(wire.P2pServiceServicer):
         refs = self._store.list(query)
         return pb.ListSourcesResponse(instances=[wire.ref_to_pb(r) for r in refs])
 
+    @_store_outage_is_unavailable
     def GetMetadata(self, request, context):
         if not request.mx_source_id or not request.worker_id:
             return pb.GetMetadataResponse(found=False)
@@ -91,6 +110,7 @@ class P2pServicer(wire.P2pServiceServicer):
             identity=wire.identity_to_pb(stored.identity),
         )
 
+    @_store_outage_is_unavailable
     def UpdateStatus(self, request, context):
         if not request.mx_source_id:
             return pb.UpdateStatusResponse(success=False, message="UpdateStatus rejected: mx_source_id is empty")

@@ -306,3 +306,16 @@ class StoreContract:
 class TestMemoryStore(StoreContract):
     def make_store(self) -> SourceStore:
         return MemoryStore()
+
+
+class TestRedisStore(StoreContract):
+    """The same contract against a real redis-server (each test under a fresh key prefix)."""
+
+    @pytest.fixture(autouse=True)
+    def _redis(self, redis_server, redis_prefix):
+        self.redis_url, self.redis_prefix = redis_server.url, redis_prefix
+
+    def make_store(self) -> SourceStore:
+        from sglang_mx.server.redis_store import RedisStore
+
+        return RedisStore(self.redis_url, prefix=self.redis_prefix, record_ttl_s=3600)

@@ -1,0 +1,323 @@
+"""The Redis store: records shared by every server replica, surviving restarts.
+
+Layout, under a configurable key prefix P (default "mx:"):
+
+- `P rec:<len(src)>:<src>:<worker_id>`: HASH, one per worker. `identity` and
+  `worker` hold the protobuf bytes of `wire.encode_identity` / `encode_worker`
+  (the tensor list: the only big field); `status`, `updated_at`, `rank`,
+  `model`, `accelerator`, `topology` (JSON), `load` are small fields. The
+  length prefix keeps ids containing ':' from colliding.
+- `P src:<src>`: ZSET worker_id -> updated_at (ms): the per-source index;
+  listing and reaping read it, never SCAN/KEYS.
+- `P sources`: SET of source ids that have workers.
+
+Publish writes a record and both indexes in one MULTI/EXEC transaction, so a
+reader never sees half a record. Heartbeats and the reaper run Lua scripts
+that touch only the small fields and the index: atomic per record, O(1) in the
+number of tensors, and harmless when several replicas run them at once.
+Every write also (re)sets a TTL on the record when `record_ttl_s` is given, a
+safety net for when no server runs the reaper; an index entry whose record
+expired is skipped by readers and removed by the next reap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import threading
+import urllib.parse
+from typing import Callable, Iterable, TypeVar
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from sglang_mx import wire
+from sglang_mx.errors import ConfigError, StoreUnavailableError
+from sglang_mx.server.factory import DEFAULT_REDIS_PREFIX, DEFAULT_REDIS_URL
+from sglang_mx.server.store import ReapStats, SourceStore
+from sglang_mx.types import SourceIdentity, SourceQuery, SourceRef, SourceStatus, StoredWorker, WorkerRecord
+
+DEFAULT_URL = DEFAULT_REDIS_URL
+DEFAULT_PREFIX = DEFAULT_REDIS_PREFIX
+
+T = TypeVar("T")
+
+# Errors that mean "Redis is not there right now" (BusyLoadingError, a Redis
+# still loading its AOF after a restart, is a ConnectionError; ReadOnlyError is
+# a replica that was primary before a failover).
+_UNAVAILABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ReadOnlyError)
+
+_SMALL_FIELDS = ("status", "updated_at", "rank", "model", "accelerator", "topology", "load")
+_STALE = str(int(SourceStatus.STALE))
+
+# KEYS: record, index. ARGV: worker_id, rank, status, now_ms, load ('' = keep), ttl_ms ('0' = none).
+_UPDATE_ONE = """
+if redis.call('HGET', KEYS[1], 'rank') ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[3], 'updated_at', ARGV[4])
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'load', ARGV[5]) end
+if ARGV[6] ~= '0' then redis.call('PEXPIRE', KEYS[1], ARGV[6]) end
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+return 1
+"""
+
+# KEYS: index. ARGV: record key prefix, rank, status, now_ms, load, ttl_ms. Every worker of that rank.
+_UPDATE_RANK = """
+local n = 0
+for _, wid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local key = ARGV[1] .. wid
+  if redis.call('HGET', key, 'rank') == ARGV[2] then
+    redis.call('HSET', key, 'status', ARGV[3], 'updated_at', ARGV[4])
+    if ARGV[5] ~= '' then redis.call('HSET', key, 'load', ARGV[5]) end
+    if ARGV[6] ~= '0' then redis.call('PEXPIRE', key, ARGV[6]) end
+    redis.call('ZADD', KEYS[1], ARGV[4], wid)
+    n = n + 1
+  end
+end
+return n
+"""
+
+# KEYS: record, index, sources. ARGV: worker_id, source_id, stale_before, delete_before, STALE value.
+# Decides from the record as it is now, so a second reaper finds nothing left to do.
+_REAP_ONE = """
+local f = redis.call('HMGET', KEYS[1], 'status', 'updated_at')
+local marked, deleted = 0, 0
+if not f[1] then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+else
+  local status, at = f[1], tonumber(f[2])
+  if status ~= ARGV[5] and at < tonumber(ARGV[3]) then
+    redis.call('HSET', KEYS[1], 'status', ARGV[5])
+    status = ARGV[5]
+    marked = 1
+  end
+  if status == ARGV[5] and at < tonumber(ARGV[4]) then
+    redis.call('DEL', KEYS[1])
+    redis.call('ZREM', KEYS[2], ARGV[1])
+    deleted = 1
+  end
+end
+if redis.call('ZCARD', KEYS[2]) == 0 then redis.call('SREM', KEYS[3], ARGV[2]) end
+return {marked, deleted}
+"""
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password (if any) replaced by '***', for messages and logs."""
+    parts = urllib.parse.urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def _guarded(method: Callable[..., T]) -> Callable[..., T]:
+    """Turn "Redis is unreachable" into StoreUnavailableError naming the URL."""
+
+    @functools.wraps(method)
+    def wrapper(self: "RedisStore", *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except _UNAVAILABLE as e:
+            raise StoreUnavailableError(f"Redis: {e}", url=self.url) from e
+
+    return wrapper
+
+
+class RedisStore(SourceStore):
+    """A SourceStore in one Redis (standalone, or the primary of a replicated set).
+
+    Connects and PINGs in the constructor: an unreachable Redis raises
+    StoreUnavailableError naming the URL (password redacted). Later outages
+    raise StoreUnavailableError from the failing call; the connection pool
+    reconnects by itself once Redis is back. Redis must not evict keys
+    (`maxmemory-policy noeviction`), or records vanish early.
+    """
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        record_ttl_s: float | None = None,
+        connect_timeout_s: float = 2.0,
+        timeout_s: float = 5.0,
+    ) -> None:
+        self.url = redact_url(url)
+        if record_ttl_s is not None and record_ttl_s <= 0:
+            raise ConfigError(f"record_ttl_s={record_ttl_s} must be > 0 seconds (or None for no TTL)")
+        self.prefix = prefix
+        self._ttl_ms = "0" if record_ttl_s is None else str(int(record_ttl_s * 1000))
+        try:
+            self._r = redis.Redis.from_url(
+                url,
+                socket_connect_timeout=connect_timeout_s,
+                socket_timeout=timeout_s,
+                retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=1),
+                health_check_interval=30,
+            )
+        except ValueError as e:
+            raise ConfigError(f"redis_url={self.url!r} is not a Redis URL ({e}); "
+                              "expected redis://[:password@]host:port/db, rediss://... or unix://...") from e
+        self._update_one = self._r.register_script(_UPDATE_ONE)
+        self._update_rank = self._r.register_script(_UPDATE_RANK)
+        self._reap_one = self._r.register_script(_REAP_ONE)
+        self._closed = threading.Event()
+        try:
+            self._r.ping()
+        except _UNAVAILABLE as e:
+            self._r.close()
+            raise StoreUnavailableError(f"cannot reach Redis ({e})", url=self.url) from e
+
+    # --- keys ---------------------------------------------------------------------------------------
+
+    def _sources_key(self) -> str:
+        return f"{self.prefix}sources"
+
+    def _index_key(self, mx_source_id: str) -> str:
+        return f"{self.prefix}src:{mx_source_id}"
+
+    def _record_prefix(self, mx_source_id: str) -> str:
+        return f"{self.prefix}rec:{len(mx_source_id.encode())}:{mx_source_id}:"
+
+    def _record_key(self, mx_source_id: str, worker_id: str) -> str:
+        return self._record_prefix(mx_source_id) + worker_id
+
+    # --- SourceStore --------------------------------------------------------------------------------
+
+    @_guarded
+    def publish(self, mx_source_id: str, worker_id: str, identity: SourceIdentity, worker: WorkerRecord) -> None:
+        key = self._record_key(mx_source_id, worker_id)
+        fields = {
+            "identity": wire.encode_identity(identity),
+            "worker": wire.encode_worker(worker),
+            "status": int(worker.status),
+            "updated_at": worker.updated_at_ms,
+            "rank": worker.worker_rank,
+            "model": identity.model_name,
+            "accelerator": worker.accelerator,
+            "topology": json.dumps(dict(worker.topology), sort_keys=True),
+        }
+        pipe = self._r.pipeline(transaction=True)  # MULTI/EXEC: all of it or nothing, seen at once
+        pipe.delete(key)  # a fresh record: no stale `load` from the previous one
+        pipe.hset(key, mapping=fields)
+        if self._ttl_ms != "0":
+            pipe.pexpire(key, int(self._ttl_ms))
+        pipe.zadd(self._index_key(mx_source_id), {worker_id: worker.updated_at_ms})
+        pipe.sadd(self._sources_key(), mx_source_id)
+        pipe.execute()
+
+    @_guarded
+    def update_status(
+        self,
+        mx_source_id: str,
+        worker_id: str,
+        worker_rank: int,
+        status: SourceStatus,
+        now_ms: int,
+        source_load: float | None = None,
+    ) -> int:
+        load = "" if source_load is None else repr(float(source_load))
+        common = [str(worker_rank), str(int(status)), str(now_ms), load, self._ttl_ms]
+        index = self._index_key(mx_source_id)
+        if worker_id:
+            key = self._record_key(mx_source_id, worker_id)
+            return int(self._update_one(keys=[key, index], args=[worker_id, *common]))
+        return int(self._update_rank(keys=[index], args=[self._record_prefix(mx_source_id), *common]))
+
+    @_guarded
+    def get(self, mx_source_id: str, worker_id: str) -> StoredWorker | None:
+        identity, worker, status, updated_at = self._r.hmget(
+            self._record_key(mx_source_id, worker_id), ["identity", "worker", "status", "updated_at"]
+        )
+        if worker is None or identity is None:
+            return None
+        record = dataclasses.replace(
+            wire.decode_worker(worker), status=SourceStatus(int(status)), updated_at_ms=int(updated_at)
+        )
+        return StoredWorker(mx_source_id=mx_source_id, worker_id=worker_id,
+                            identity=wire.decode_identity(identity), worker=record)
+
+    @_guarded
+    def list(self, query: SourceQuery) -> list[SourceRef]:
+        if query.limit is not None and query.limit <= 0:
+            return []
+        if query.mx_source_id is not None:
+            sources = [query.mx_source_id]
+        else:
+            sources = sorted(s.decode() for s in self._r.smembers(self._sources_key()))
+        low = "-inf" if query.min_updated_at_ms is None else query.min_updated_at_ms
+        pipe = self._r.pipeline(transaction=False)
+        for source_id in sources:
+            pipe.zrangebyscore(self._index_key(source_id), low, "+inf")
+        pairs = [(s, w.decode()) for s, members in zip(sources, pipe.execute()) for w in members]
+        pipe = self._r.pipeline(transaction=False)
+        for source_id, worker_id in pairs:
+            pipe.hmget(self._record_key(source_id, worker_id), _SMALL_FIELDS)  # never the tensor blob
+        refs = [
+            ref for (source_id, worker_id), row in zip(pairs, pipe.execute())
+            if (ref := _ref(source_id, worker_id, row)) is not None and _matches(ref, query)
+        ]
+        refs.sort(key=lambda r: (r.updated_at_ms, r.mx_source_id, r.worker_id), reverse=True)
+        return refs[: query.limit] if query.limit is not None else refs
+
+    @_guarded
+    def reap(self, now_ms: int, heartbeat_timeout_ms: int, gc_timeout_ms: int) -> ReapStats:
+        stale_before = now_ms - heartbeat_timeout_ms
+        delete_before = now_ms - gc_timeout_ms
+        sources = [s.decode() for s in self._r.smembers(self._sources_key())]
+        pipe = self._r.pipeline(transaction=False)
+        for source_id in sources:  # only records old enough to need work: the index is sorted by time
+            pipe.zrangebyscore(self._index_key(source_id), "-inf", f"({max(stale_before, delete_before)}")
+        marked = deleted = 0
+        for source_id, members in zip(sources, pipe.execute()):
+            for chunk in _chunks([m.decode() for m in members], 500):
+                pipe = self._r.pipeline(transaction=False)
+                for worker_id in chunk:
+                    self._reap_one(
+                        keys=[self._record_key(source_id, worker_id), self._index_key(source_id),
+                              self._sources_key()],
+                        args=[worker_id, source_id, stale_before, delete_before, _STALE],
+                        client=pipe,
+                    )
+                for m, d in pipe.execute():
+                    marked += int(m)
+                    deleted += int(d)
+        return ReapStats(marked_stale=marked, deleted=deleted)
+
+    def close(self) -> None:
+        if not self._closed.is_set():
+            self._closed.set()
+            self._r.close()
+
+
+def _ref(source_id: str, worker_id: str, row: list[bytes | None]) -> SourceRef | None:
+    status, updated_at, rank, model, accelerator, topology, load = row
+    if status is None:  # the record expired or was reaped since the index was read
+        return None
+    return SourceRef(
+        mx_source_id=source_id,
+        worker_id=worker_id,
+        model_name=model.decode(),
+        worker_rank=int(rank),
+        status=SourceStatus(int(status)),
+        updated_at_ms=int(updated_at),
+        accelerator=accelerator.decode(),
+        topology=json.loads(topology),
+        source_load=None if load is None else float(load),
+    )
+
+
+def _matches(ref: SourceRef, q: SourceQuery) -> bool:
+    return (
+        (q.status is None or ref.status == q.status)
+        and (q.model_name is None or ref.model_name == q.model_name)
+        and (q.worker_rank is None or ref.worker_rank == q.worker_rank)
+        and (q.min_updated_at_ms is None or ref.updated_at_ms >= q.min_updated_at_ms)
+    )
+
+
+def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
