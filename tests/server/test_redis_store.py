@@ -1,0 +1,244 @@
+"""What the Redis store promises beyond the contract suite, checked on a real redis-server:
+heartbeats never touch the tensor blob, listing never scans the keyspace, concurrent reapers
+agree, the TTL safety net, outages and start-up errors that name the URL."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from sglang_mx.errors import ConfigError, StoreUnavailableError
+from sglang_mx.server import ReapStats, make_store
+from sglang_mx.types import SourceIdentity, SourceQuery, SourceStatus, TensorDescriptor, WorkerRecord
+
+pytest.importorskip("redis")
+from sglang_mx.server.redis_store import RedisStore  # noqa: E402
+
+SRC = "5a5f555570065064"
+IDENTITY = SourceIdentity(model_name="org/model", tensor_parallel_size=1)
+T0 = 1_700_000_000_000
+HB, GC = 90_000, 3_600_000
+
+
+def _worker(n_tensors: int, *, rank: int = 0, status: SourceStatus = SourceStatus.READY, at: int = T0) -> WorkerRecord:
+    tensors = tuple(TensorDescriptor(name=f"model.layers.{i}.weight", addr=0x7F00_0000_0000 + i * 4096, size=4096,
+                                     dtype="bfloat16") for i in range(n_tensors))
+    return WorkerRecord(worker_rank=rank, transfer_engine_session_id="127.0.0.1:15000", tensors=tensors,
+                        status=status, updated_at_ms=at)
+
+
+@pytest.fixture
+def store(redis_server, redis_prefix):
+    with_store = RedisStore(redis_server.url, prefix=redis_prefix, record_ttl_s=3600)
+    yield with_store
+    with_store.close()
+
+
+@pytest.fixture
+def rclient(redis_server):
+    with redis_server.client() as c:
+        yield c
+
+
+def _monitored(rclient, action) -> list[str]:
+    """Every command Redis executes while `action()` runs (Lua's inner calls included), via MONITOR."""
+    marker = f"end-of-capture-{time.monotonic_ns()}"
+    seen: list[str] = []
+    ready = threading.Event()
+
+    def watch():
+        with rclient.monitor() as m:
+            ready.set()
+            while True:
+                command = m.next_command()["command"]
+                if marker in command:
+                    return
+                seen.append(command)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    ready.wait(5)
+    time.sleep(0.1)  # MONITOR is registered once its reply is read
+    action()
+    rclient.echo(marker)
+    watcher.join(10)
+    assert not watcher.is_alive(), "MONITOR capture did not end"
+    # a new pooled connection's handshake, and loading a Lua script the first time it runs
+    return [c for c in seen if c.split(" ", 1)[0].lower() not in _HOUSEKEEPING]
+
+
+_HOUSEKEEPING = {"hello", "client", "select", "ping", "script"}
+
+
+def _record_key(store: RedisStore, worker_id: str) -> str:
+    return store._record_key(SRC, worker_id)
+
+
+# --- heartbeats -----------------------------------------------------------------------------------
+
+def test_heartbeat_never_rewrites_the_tensor_blob(store, rclient):
+    store.publish(SRC, "big", IDENTITY, _worker(5000))
+    store.publish(SRC, "small", IDENTITY, _worker(1))
+    key = _record_key(store, "big")
+    blob = rclient.hget(key, "worker")
+    assert len(blob) > 200_000
+
+    def beats(worker_id):
+        return lambda: [store.update_status(SRC, worker_id, 0, SourceStatus.READY, T0 + i, source_load=0.5)
+                        for i in range(1, 11)]
+
+    beats("small")()  # warm up: the first call loads the script (NOSCRIPT, SCRIPT LOAD, EVALSHA)
+    big = _monitored(rclient, beats("big"))
+    small = _monitored(rclient, beats("small"))
+
+    assert rclient.hget(key, "worker") == blob
+    assert store.get(SRC, "big").worker.updated_at_ms == T0 + 10
+    names = [c.split(" ", 1)[0].lower() for c in big]
+    assert names.count("evalsha") == 10 and names.count("hset") == 20, names  # status+time, then load
+    assert set(names) <= {"evalsha", "hget", "hset", "pexpire", "zadd"}, names
+    assert not [c for c in big if " worker" in c or " identity" in c], "a heartbeat named the blob fields"
+    assert sum(map(len, big)) < 5_000, "heartbeat traffic grew with the tensor count"
+    # the same commands, of the same size apart from the key, whatever the tensor count
+    assert names == [c.split(" ", 1)[0].lower() for c in small]
+    assert sum(map(len, big)) - sum(map(len, small)) <= len(big) * 2
+
+
+def test_heartbeat_by_rank_touches_small_fields_only(store, rclient):
+    for i in range(3):
+        store.publish(SRC, f"w{i}", IDENTITY, _worker(2000, rank=0))
+    commands = _monitored(rclient, lambda: store.update_status(SRC, "", 0, SourceStatus.READY, T0 + 1))
+    assert not [c for c in commands if " worker" in c or " identity" in c]
+    assert sum(map(len, commands)) < 5_000
+
+
+# --- listing --------------------------------------------------------------------------------------
+
+def test_listing_and_reaping_never_scan_the_keyspace_nor_read_blobs(store, rclient):
+    for i in range(20):
+        store.publish(f"{i:016x}", f"w{i}", IDENTITY, _worker(500, at=T0 - i * 60_000))
+    rclient.config_resetstat()
+
+    def work():
+        store.list(SourceQuery())
+        store.list(SourceQuery(mx_source_id=f"{3:016x}", status=SourceStatus.READY))
+        store.list(SourceQuery(min_updated_at_ms=T0 - 5 * 60_000, limit=3))
+        store.reap(T0, HB, GC)
+
+    commands = _monitored(rclient, work)
+    # small fields of 20 + 1 + 6 listed records, and of the 18 older than the heartbeat timeout (reap)
+    assert len([c for c in commands if c.lower().startswith("hmget")]) == 20 + 1 + 6 + 18, commands
+    stats = rclient.info("commandstats")
+    assert not {"cmdstat_scan", "cmdstat_keys", "cmdstat_hgetall"} & set(stats), sorted(stats)
+    assert not [c for c in commands if c.lower().startswith(("scan", "keys"))]
+    assert not [c for c in commands if " worker" in c or " identity" in c], "listing read a tensor blob"
+    assert len(store.list(SourceQuery())) == 20
+
+
+def test_ids_with_colons_do_not_collide(store):
+    store.publish("a:b", "c", IDENTITY, _worker(1, rank=1))
+    store.publish("a", "b:c", IDENTITY, _worker(1, rank=2))
+    assert store.get("a:b", "c").worker.worker_rank == 1
+    assert store.get("a", "b:c").worker.worker_rank == 2
+    assert [r.worker_id for r in store.list(SourceQuery(mx_source_id="a"))] == ["b:c"]
+
+
+# --- reaping --------------------------------------------------------------------------------------
+
+def test_concurrent_reapers_count_each_change_once(redis_server, redis_prefix):
+    stores = [RedisStore(redis_server.url, prefix=redis_prefix) for _ in range(4)]
+    try:
+        for i in range(100):
+            stores[0].publish(SRC, f"silent{i}", IDENTITY, _worker(3, at=T0 - HB - 1 - i))  # -> STALE
+            stores[0].publish(SRC, f"stale{i}", IDENTITY, _worker(3, status=SourceStatus.STALE, at=T0 - GC - 1))
+            stores[0].publish(SRC, f"fresh{i}", IDENTITY, _worker(3, at=T0 - i))
+        for i in range(50):  # silent for longer than GC: marked and deleted in the same pass
+            stores[0].publish(f"{i:016x}", "ancient", IDENTITY, _worker(3, at=T0 - GC - 1))
+        results: list[ReapStats] = []
+        start = threading.Barrier(len(stores))
+
+        def reap(store):
+            start.wait()
+            for _ in range(3):
+                results.append(store.reap(T0, HB, GC))
+
+        threads = [threading.Thread(target=reap, args=(s,)) for s in stores]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert sum(r.marked_stale for r in results) == 150
+        assert sum(r.deleted for r in results) == 150
+        left = stores[1].list(SourceQuery())
+        assert sorted(r.worker_id for r in left) == sorted([f"silent{i}" for i in range(100)]
+                                                          + [f"fresh{i}" for i in range(100)])
+        assert {r.status for r in left if r.worker_id.startswith("silent")} == {SourceStatus.STALE}
+        assert stores[2].reap(T0, HB, GC) == ReapStats(0, 0)
+        with redis_server.client() as c:
+            assert c.smembers(f"{redis_prefix}sources") == {SRC.encode()}
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_ttl_safety_net_expires_silent_records_and_reap_cleans_the_index(redis_server, redis_prefix, rclient):
+    store = RedisStore(redis_server.url, prefix=redis_prefix, record_ttl_s=0.5)
+    try:
+        store.publish(SRC, "silent", IDENTITY, _worker(3))
+        store.publish(SRC, "beating", IDENTITY, _worker(3))
+        for i in range(10):  # every heartbeat renews the TTL
+            time.sleep(0.1)
+            store.update_status(SRC, "beating", 0, SourceStatus.READY, T0 + i)
+        assert store.get(SRC, "silent") is None
+        assert [r.worker_id for r in store.list(SourceQuery())] == ["beating"]
+        assert rclient.zcard(f"{redis_prefix}src:{SRC}") == 2  # the expired record's index entry ...
+        # ... goes at the next reap that looks at it: one past the heartbeat timeout (a real TTL is
+        # longer than heartbeat timeout + GC timeout, so every expired record is that old)
+        later = T0 + HB + 100
+        assert store.reap(later, HB, GC) == ReapStats(marked_stale=1, deleted=0)  # only "beating" was there
+        assert rclient.zcard(f"{redis_prefix}src:{SRC}") == 1
+        time.sleep(0.7)
+        assert store.reap(later, HB, GC) == ReapStats(0, 0)
+        assert rclient.exists(f"{redis_prefix}src:{SRC}", f"{redis_prefix}sources") == 0
+    finally:
+        store.close()
+
+
+# --- outages and configuration ----------------------------------------------------------------------
+
+def test_outage_raises_store_unavailable_then_recovers(make_redis_server):
+    redis_server = make_redis_server()
+    store = RedisStore(redis_server.url)
+    try:
+        store.publish(SRC, "w", IDENTITY, _worker(3))
+        redis_server.kill()
+        for call in (lambda: store.get(SRC, "w"), lambda: store.list(SourceQuery()),
+                     lambda: store.update_status(SRC, "w", 0, SourceStatus.READY, T0),
+                     lambda: store.publish(SRC, "w", IDENTITY, _worker(3)), lambda: store.reap(T0, HB, GC)):
+            with pytest.raises(StoreUnavailableError, match=f"store at {redis_server.url} is unavailable: Redis"):
+                call()
+        redis_server.start()  # no persistence: empty, but usable again without a new store
+        assert store.get(SRC, "w") is None
+        store.publish(SRC, "w", IDENTITY, _worker(3))
+        assert store.update_status(SRC, "w", 0, SourceStatus.READY, T0 + 1) == 1
+    finally:
+        store.close()
+
+
+def test_unreachable_at_startup_names_the_url_without_its_password(unused_port):
+    with pytest.raises(StoreUnavailableError) as e:
+        RedisStore(f"redis://:hunter2@127.0.0.1:{unused_port}/0")
+    assert f"store at redis://:***@127.0.0.1:{unused_port}/0 is unavailable: cannot reach Redis" in str(e.value)
+    assert "hunter2" not in str(e.value)
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    (dict(kind="mongo"), "store='mongo' is not a store; allowed: memory, redis"),
+    (dict(kind="redis", redis_url="http://127.0.0.1:1"), "redis_url='http://127.0.0.1:1' is not a Redis URL"),
+    (dict(kind="redis", redis_prefix=""), "redis_prefix is empty"),
+    (dict(kind="redis", record_ttl_s=0), "record_ttl_s=0 must be > 0"),
+])
+def test_bad_configuration_is_refused(kwargs, named):
+    with pytest.raises(ConfigError, match=named.replace("(", r"\(")):
+        make_store(**kwargs)
