@@ -1,5 +1,5 @@
 """The REAL ModelExpress 0.7.0 client (`modelexpress.client.MxClient`) as a peer of our server,
-in both directions: it publishes and we read, we publish and it reads.
+in both directions: it publishes and we read, we publish and it reads; once per store backend.
 
 The ModelExpress side runs in a subprocess (tests/compat/mx_peer.py): its generated
 p2p_pb2 and ours both register "p2p.proto" in protobuf's default pool.
@@ -58,12 +58,15 @@ OUR_WORKERS = {
 }
 
 
-@pytest.fixture(scope="module")
-def session():
-    """Our server; our records published; then one run of the ModelExpress peer against it."""
+@pytest.fixture(scope="module", params=["memory", "redis"])
+def session(request):
+    """Our server over each store; our records published; then one run of the ModelExpress peer against it."""
     if importlib.util.find_spec("modelexpress") is None:
         pytest.skip("modelexpress is not installed (pip install --no-deps modelexpress==0.7.0)")
-    with MetadataServer(ServerOptions(host="127.0.0.1", port=0)) as server:
+    store = {"store": request.param}
+    if request.param == "redis":
+        store.update(redis_url=request.getfixturevalue("redis_server").url, redis_prefix="compat-modelexpress:")
+    with MetadataServer(ServerOptions(host="127.0.0.1", port=0, **store)) as server:
         with MetadataClient(server.address, timeout_s=5) as client:
             our_source = {client.publish(OUR_IDENTITY, w, wid) for wid, w in OUR_WORKERS.items()}.pop()
             spec = {
