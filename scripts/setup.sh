@@ -21,7 +21,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # torch==2.13.0 is the CPU build; an unpinned torch would pull a multi-GB CUDA build.
 stamp=.venv/.sglang-mx-setup
-want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+want="$(cat pyproject.toml scripts/setup.sh scripts/sglang-*.txt | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing Python packages into .venv"
   .venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
@@ -30,6 +30,14 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # The real ModelExpress client, for the compatibility tests (its own deps are GPU-sized).
   .venv/bin/pip install -q --disable-pip-version-check --no-deps "modelexpress==0.7.0" 2>&1 \
     | grep -v "^WARNING: Location" || true
-  .venv/bin/python -c "import torch, mooncake.engine, grpc, sglang_mx, modelexpress.client"
+  # SGLang 0.5.23 for the integration tests and the demo: --no-deps (its declared
+  # dependencies are GPU-sized), then the runtime subset it needs on CPU.
+  .venv/bin/pip install -q --disable-pip-version-check -c scripts/sglang-constraints.txt --no-deps \
+    "$(grep '^sglang==' scripts/sglang-runtime.txt)" 2>&1 | grep -v "^WARNING: Location" || true
+  grep -v -e '^sglang==' -e '^#' scripts/sglang-runtime.txt > .venv/sglang-runtime-deps.txt
+  .venv/bin/pip install -q --disable-pip-version-check -c scripts/sglang-constraints.txt \
+    -r .venv/sglang-runtime-deps.txt 2>&1 | grep -v -e "^WARNING: Location" -e "^ERROR: pip's dependency resolver" \
+    -e "requires .*, but you have" -e "which is not installed" || true
+  .venv/bin/python -c "import torch, mooncake.engine, grpc, sglang_mx, modelexpress.client, sglang"
   echo "$want" > "$stamp"
 fi

@@ -87,12 +87,12 @@ def pull_weights(
             if len(tried) >= options.max_candidates:
                 raise NoSourceError(
                     f"all {len(tried)} candidate seed(s) allowed (max_candidates) failed for "
-                    f"{identity.model_name!r} ({source_id}) rank {worker_rank} on {client.url}",
+                    f"{describe_identity(identity)} ({source_id}) rank {worker_rank} on {client.url}",
                     attempts=failures,
                 )
             if clock() >= deadline:
                 raise NoSourceError(
-                    f"no READY seed could serve {identity.model_name!r} ({source_id}) rank {worker_rank} "
+                    f"no READY seed could serve {describe_identity(identity)} ({source_id}) rank {worker_rank} "
                     f"on metadata server {client.url} within {options.wait_timeout_s:g} s",
                     attempts=failures,
                 )
@@ -132,6 +132,23 @@ def _pull_from(
         reads=len(plan.reads),
         seconds=seconds,
     )
+
+
+def describe_identity(identity: SourceIdentity) -> str:
+    """A one-line summary for error messages: what a seed must match."""
+    parts = [
+        repr(identity.model_name),
+        f"TP {identity.tensor_parallel_size} PP {identity.pipeline_parallel_size} EP {identity.expert_parallel_size}",
+        f"dtype {identity.dtype or '-'}",
+    ]
+    if identity.quantization:
+        parts.append(f"quantization {identity.quantization}")
+    if identity.revision:
+        parts.append(f"revision {identity.revision}")
+    if identity.backend_framework_version:
+        parts.append(f"{identity.backend_framework.name.lower()} {identity.backend_framework_version}")
+    parts += [f"{k}={v}" for k, v in sorted(identity.extra_parameters.items())]
+    return ", ".join(parts)
 
 
 def _label(ref: SourceRef) -> str:

@@ -1,0 +1,101 @@
+"""`--modelexpress-config`: one JSON object, parsed and validated once.
+
+Unknown keys and bad values are rejected with a message that names the key and
+what is allowed. Environment variables are read here only, as documented
+defaults (MODEL_EXPRESS_URL).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+from sglang_mx.errors import ConfigError
+
+DEFAULT_URL = "localhost:8001"
+TRANSPORTS = ("transfer_engine",)
+FALLBACKS = ("fail", "disk")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MxConfig:
+    """The modelexpress backend's settings (README: "--modelexpress-config keys")."""
+
+    url: str = DEFAULT_URL
+    # Publish this instance's weights after loading. None: yes for an instance
+    # that loaded through modelexpress, no for one that loaded from disk.
+    source: bool | None = None
+    model_name: str | None = None  # None: SGLang's --model-path
+    revision: str = ""
+    transport: str = "transfer_engine"
+    wait_timeout_s: float = 60.0  # how long a target waits for a READY seed
+    fallback: str = "fail"  # no usable seed: "fail" the start-up, or load from "disk"
+    max_candidates: int = 5
+    heartbeat_interval_s: float = 30.0
+    timeout_s: float = 10.0  # per-RPC deadline
+
+    def __post_init__(self) -> None:
+        if not self.url:
+            raise ConfigError("url is empty; expected host:port of the metadata server, e.g. localhost:8001")
+        if self.transport == "nixl":
+            raise ConfigError(
+                "transport 'nixl' is not supported by sglang-mx; allowed: 'transfer_engine' (Mooncake)"
+            )
+        if self.transport not in TRANSPORTS:
+            raise ConfigError(f"transport {self.transport!r} is not supported; allowed: 'transfer_engine'")
+        if self.fallback not in FALLBACKS:
+            raise ConfigError(f"fallback {self.fallback!r} is not allowed; allowed: 'fail', 'disk'")
+        if self.model_name is not None and not self.model_name.strip():
+            raise ConfigError("model_name is empty; leave it out to use --model-path")
+        for key in ("wait_timeout_s", "heartbeat_interval_s", "timeout_s"):
+            if getattr(self, key) < 0 or (key != "wait_timeout_s" and getattr(self, key) == 0):
+                raise ConfigError(f"{key}={getattr(self, key)} is out of range; allowed: a positive number of seconds")
+        if self.max_candidates < 1:
+            raise ConfigError(f"max_candidates={self.max_candidates} is out of range; allowed: an integer >= 1")
+
+
+_NUMBER = ((int, float), "a number")
+_STRING = ((str,), "a string")
+_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "url": _STRING,
+    "source": ((bool,), "true or false"),
+    "model_name": _STRING,
+    "revision": _STRING,
+    "transport": _STRING,
+    "wait_timeout_s": _NUMBER,
+    "fallback": _STRING,
+    "max_candidates": ((int,), "an integer"),
+    "heartbeat_interval_s": _NUMBER,
+    "timeout_s": _NUMBER,
+}
+
+
+def parse_config(raw: str | Mapping[str, Any] | None, env: Mapping[str, str] | None = None) -> MxConfig:
+    """Parse `--modelexpress-config` (a JSON object string, a dict, or None)."""
+    env = os.environ if env is None else env
+    if raw is None or raw == "":
+        values: dict[str, Any] = {}
+    elif isinstance(raw, Mapping):
+        values = dict(raw)
+    else:
+        try:
+            values = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--modelexpress-config is not valid JSON ({e.msg} at character {e.pos}): {raw!r}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"--modelexpress-config must be a JSON object, got {type(values).__name__}: {raw!r}")
+    unknown = sorted(set(values) - set(_TYPES))
+    if unknown:
+        raise ConfigError(
+            f"unknown --modelexpress-config key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(_TYPES)}"
+        )
+    for key, value in values.items():
+        allowed, label = _TYPES[key]
+        # bool is an int in Python: reject true/false where a number is expected.
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            raise ConfigError(f"--modelexpress-config key {key!r} must be {label}, got {json.dumps(value)}")
+    if "url" not in values and env.get("MODEL_EXPRESS_URL"):
+        values["url"] = env["MODEL_EXPRESS_URL"]
+    return MxConfig(**values)
