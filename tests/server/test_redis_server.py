@@ -132,14 +132,15 @@ def test_cli_unknown_store_is_refused():
 # --- restarts under a heartbeating seed -----------------------------------------------------------
 
 class _ServerProcess:
-    """`sglang-mx server --store redis` as a real process."""
+    """`sglang-mx server --store redis` as a real process (heartbeat timeout 10 s: longer than the
+    restart takes on a busy machine, so the new process's reaper does not mark the seed STALE first)."""
 
     def __init__(self, port: int, redis_url: str, prefix: str, log_path) -> None:
         self.address = f"127.0.0.1:{port}"
         with open(log_path, "a") as log:
             self.proc = subprocess.Popen(
                 _server_cmd("--port", str(port), "--store", "redis", "--redis-url", redis_url, "--redis-prefix",
-                            prefix, "--heartbeat-timeout", "2", "--reaper-interval", "0.2"),
+                            prefix, "--heartbeat-timeout", "10", "--reaper-interval", "0.2"),
                 stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 15
         with grpc.insecure_channel(self.address) as channel:
