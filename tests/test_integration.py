@@ -1,0 +1,44 @@
+"""SGLang facts -> SourceIdentity: anything that changes bytes must change the id."""
+
+import dataclasses
+
+import pytest
+
+from sglang_mx.config import MxConfig
+from sglang_mx.identity import mx_source_id
+from sglang_mx.integration import RankInfo, identity_for
+from sglang_mx.types import BackendFramework
+
+INFO = RankInfo(model_path="/models/llama", tp_size=2, tp_rank=1, pp_size=2, pp_rank=1, ep_size=1,
+                dtype="bfloat16", device="cuda", framework_version="0.5.23",
+                layout={"attn_tp_size": "2", "moe_ep_size": "1"})
+
+
+def test_identity_fields():
+    identity = identity_for(INFO, MxConfig())
+    assert identity.backend_framework == BackendFramework.SGLANG
+    assert identity.model_name == "/models/llama"
+    assert (identity.tensor_parallel_size, identity.pipeline_parallel_size, identity.expert_parallel_size) == (2, 2, 1)
+    assert identity.dtype == "bfloat16" and identity.backend_framework_version == "0.5.23"
+    assert identity.extra_parameters == {"device": "cuda", "attn_tp_size": "2", "moe_ep_size": "1"}
+    assert INFO.worker_rank == 3  # pp_rank * tp_size + tp_rank
+
+
+def test_config_model_name_and_revision_win():
+    identity = identity_for(dataclasses.replace(INFO, revision="main"), MxConfig(model_name="meta/llama", revision="abc"))
+    assert (identity.model_name, identity.revision) == ("meta/llama", "abc")
+
+
+def test_ranks_of_one_instance_share_the_id():
+    assert mx_source_id(identity_for(INFO, MxConfig())) == mx_source_id(
+        identity_for(dataclasses.replace(INFO, tp_rank=0, pp_rank=0), MxConfig()))
+
+
+@pytest.mark.parametrize("change", [
+    {"tp_size": 4}, {"pp_size": 1}, {"ep_size": 2}, {"dtype": "float16"}, {"quantization": "fp8"},
+    {"revision": "v2"}, {"device": "cpu"}, {"framework_version": "0.5.24"}, {"layout": {"attn_tp_size": "1"}},
+    {"model_path": "/models/other"},
+])
+def test_anything_that_changes_layout_changes_the_id(change):
+    base = mx_source_id(identity_for(INFO, MxConfig()))
+    assert mx_source_id(identity_for(dataclasses.replace(INFO, **change), MxConfig())) != base
