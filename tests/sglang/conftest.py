@@ -1,0 +1,41 @@
+import importlib.util
+
+import pytest
+
+from sglang_mx.client import MetadataClient
+from sglang_mx.server import MetadataServer, ServerOptions
+from tests.sglang.harness import make_tiny_llama
+
+if importlib.util.find_spec("sglang") is None:  # scripts/setup.sh installs it; plain installs may not
+    pytest.skip("SGLang is not installed (bash scripts/setup.sh installs 0.5.23)", allow_module_level=True)
+
+HEARTBEAT_TIMEOUT_S = 4.0
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture
+def mx_server():
+    """A metadata server with a short heartbeat timeout, so dead seeds drop fast."""
+    options = ServerOptions(host="127.0.0.1", port=0, heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S,
+                            reaper_interval_s=1.0, gc_timeout_s=600)
+    with MetadataServer(options) as server:
+        yield server
+
+
+@pytest.fixture
+def mx_client(mx_server):
+    with MetadataClient(mx_server.address, timeout_s=5) as client:
+        yield client
+
+
+@pytest.fixture
+def servers():
+    """Every SGLang server a test starts; all stopped at teardown."""
+    started = []
+    yield started
+    for server in started:
+        server.stop()
