@@ -27,6 +27,15 @@ def _add_server(sub) -> None:
                    help="Redis for --store redis (default redis://127.0.0.1:6379/0; rediss:// for TLS)")
     p.add_argument("--redis-prefix", default="mx:", metavar="PREFIX",
                    help="prefix of every Redis key (default 'mx:'); servers sharing records use the same one")
+    p.add_argument("--max-tensors", type=int, default=1_000_000, metavar="N",
+                   help="most tensor descriptors one worker may publish (default 1000000)")
+    p.add_argument("--auth-token-file", metavar="FILE",
+                   help="require 'authorization: Bearer <token>' on every P2pService call, the token being "
+                        "this file's content (health stays open)")
+    p.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain: serve TLS (with --tls-key)")
+    p.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (off by default)")
 
 
 def _add_demo(sub) -> None:
@@ -52,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                 host=args.host, port=args.port, heartbeat_timeout_s=args.heartbeat_timeout,
                 reaper_interval_s=args.reaper_interval, gc_timeout_s=args.gc_timeout,
                 max_message_mb=args.max_message_mb, store=args.store, redis_url=args.redis_url,
-                redis_prefix=args.redis_prefix,
+                redis_prefix=args.redis_prefix, max_tensors=args.max_tensors, auth_token_file=args.auth_token_file,
+                tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, metrics_port=args.metrics_port,
             ))
             return 0
         if args.command == "demo":

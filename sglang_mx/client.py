@@ -14,6 +14,7 @@ from typing import Callable, TypeVar
 import grpc
 
 from sglang_mx import wire
+from sglang_mx.auth import bearer_metadata, read_pem_file
 from sglang_mx.errors import RequestRejectedError, ServerError, ServerUnavailableError
 from sglang_mx.types import SourceIdentity, SourceRef, SourceStatus, StoredWorker, WorkerRecord
 
@@ -33,7 +34,12 @@ def normalize_url(url: str) -> str:
 
 
 class MetadataClient:
-    """Client of a P2pService. Close it (or use `with`) to release the channel."""
+    """Client of a P2pService. Close it (or use `with`) to release the channel.
+
+    `auth_token`: sent as `authorization: Bearer <token>` on every call.
+    `tls_ca_file`: a PEM CA bundle; the channel then uses TLS and checks the
+    server's certificate against it (plaintext without it).
+    """
 
     def __init__(
         self,
@@ -43,16 +49,22 @@ class MetadataClient:
         retries: int = 3,
         backoff_s: float = 0.2,
         max_message_mb: int = 256,
+        auth_token: str | None = None,
+        tls_ca_file: str | None = None,
     ) -> None:
         self.url = normalize_url(url)
         self._timeout_s = timeout_s
         self._retries = retries
         self._backoff_s = backoff_s
+        self._metadata = bearer_metadata(auth_token)
         limit = max_message_mb * 1024 * 1024
-        self._channel = grpc.insecure_channel(
-            self.url,
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
-        )
+        options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+        if tls_ca_file is not None:
+            ca = read_pem_file(tls_ca_file, what="TLS CA file")
+            self._channel = grpc.secure_channel(self.url, grpc.ssl_channel_credentials(root_certificates=ca),
+                                                options=options)
+        else:
+            self._channel = grpc.insecure_channel(self.url, options=options)
         self._stub = wire.P2pServiceStub(self._channel)
 
     # --- RPCs -------------------------------------------------------------
@@ -120,7 +132,7 @@ class MetadataClient:
         delay = self._backoff_s
         for attempt in range(self._retries + 1):
             try:
-                return method(request, timeout=self._timeout_s)
+                return method(request, timeout=self._timeout_s, metadata=self._metadata)
             except grpc.RpcError as e:
                 code = e.code()
                 if code not in _RETRYABLE:

@@ -2,7 +2,7 @@
 
 Unknown keys and bad values are rejected with a message that names the key and
 what is allowed. Environment variables are read here only, as documented
-defaults (MODEL_EXPRESS_URL).
+defaults (MODEL_EXPRESS_URL, MX_AUTH_TOKEN_PATH).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import json
 import os
 from typing import Any, Mapping
 
+from sglang_mx.auth import MX_TOKEN_PATH_ENV, read_pem_file, read_token_file
 from sglang_mx.errors import ConfigError
 
 DEFAULT_URL = "localhost:8001"
@@ -35,6 +36,11 @@ class MxConfig:
     max_candidates: int = 5
     heartbeat_interval_s: float = 30.0
     timeout_s: float = 10.0  # per-RPC deadline
+    # A file holding the metadata server's bearer token; read (and checked) here, once.
+    auth_token_file: str | None = None
+    tls_ca_file: str | None = None  # PEM CA bundle: talk TLS to the server, checking its certificate
+    # Not a key: the token read from auth_token_file (kept out of repr and logs).
+    auth_token: str | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.url:
@@ -54,6 +60,10 @@ class MxConfig:
                 raise ConfigError(f"{key}={getattr(self, key)} is out of range; allowed: a positive number of seconds")
         if self.max_candidates < 1:
             raise ConfigError(f"max_candidates={self.max_candidates} is out of range; allowed: an integer >= 1")
+        if self.auth_token_file is not None and self.auth_token is None:
+            object.__setattr__(self, "auth_token", read_token_file(self.auth_token_file, what="auth_token_file"))
+        if self.tls_ca_file is not None:
+            read_pem_file(self.tls_ca_file, what="tls_ca_file")
 
 
 _NUMBER = ((int, float), "a number")
@@ -69,6 +79,8 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "max_candidates": ((int,), "an integer"),
     "heartbeat_interval_s": _NUMBER,
     "timeout_s": _NUMBER,
+    "auth_token_file": _STRING,
+    "tls_ca_file": _STRING,
 }
 
 
@@ -98,4 +110,7 @@ def parse_config(raw: str | Mapping[str, Any] | None, env: Mapping[str, str] | N
             raise ConfigError(f"--modelexpress-config key {key!r} must be {label}, got {json.dumps(value)}")
     if "url" not in values and env.get("MODEL_EXPRESS_URL"):
         values["url"] = env["MODEL_EXPRESS_URL"]
+    # ModelExpress's own clients find their token file here: one setting for both.
+    if "auth_token_file" not in values and env.get(MX_TOKEN_PATH_ENV):
+        values["auth_token_file"] = env[MX_TOKEN_PATH_ENV]
     return MxConfig(**values)

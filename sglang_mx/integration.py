@@ -67,6 +67,12 @@ def identity_for(info: RankInfo, config: MxConfig) -> SourceIdentity:
     )
 
 
+def metadata_client(config: MxConfig) -> MetadataClient:
+    """A client of the configured server, with its deadline, token and TLS CA."""
+    return MetadataClient(config.url, timeout_s=config.timeout_s, auth_token=config.auth_token,
+                          tls_ca_file=config.tls_ca_file)
+
+
 def dtype_name(dtype: torch.dtype | str) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -80,7 +86,7 @@ def pull_into(
         "modelexpress: loading %d tensors of %r (rank %d) from a peer via %s",
         len(tensors), identity.model_name, info.worker_rank, config.url,
     )
-    with MetadataClient(config.url, timeout_s=config.timeout_s) as client:
+    with metadata_client(config) as client:
         report = pull_weights(
             client,
             engine,
@@ -111,7 +117,7 @@ def start_seed(
     """
     identity = identity_for(info, config)
     worker_id = f"{instance_id or uuid.uuid4()}-rank{info.worker_rank}"
-    client = MetadataClient(config.url, timeout_s=config.timeout_s)
+    client = metadata_client(config)
     publisher = SeedPublisher(
         client, engine, identity, worker_rank=info.worker_rank, tensors=describe(tensors),
         worker_id=worker_id, heartbeat_interval_s=config.heartbeat_interval_s, accelerator=info.device,

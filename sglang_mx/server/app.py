@@ -12,10 +12,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from sglang_mx import wire
+from sglang_mx.auth import read_pem_file, read_token_file
 from sglang_mx.errors import ConfigError
 from sglang_mx.server.factory import DEFAULT_REDIS_PREFIX, DEFAULT_REDIS_URL, STORE_KINDS, make_store
+from sglang_mx.server.auth import BearerTokenInterceptor
 from sglang_mx.server.reaper import Reaper
-from sglang_mx.server.service import P2pServicer, now_ms
+from sglang_mx.server.service import DEFAULT_MAX_TENSORS, P2pServicer, now_ms
 from sglang_mx.server.store import SourceStore
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,13 @@ class ServerOptions:
     store: str = "memory"  # one of factory.STORE_KINDS
     redis_url: str = DEFAULT_REDIS_URL
     redis_prefix: str = DEFAULT_REDIS_PREFIX
+    max_tensors: int = DEFAULT_MAX_TENSORS  # per published worker
+    # A file holding the shared bearer token: every P2pService call must carry it.
+    auth_token_file: str | None = None
+    # PEM certificate chain and private key: serve TLS instead of plaintext.
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    metrics_port: int | None = None  # Prometheus /metrics on this port of `host` (0: a free one)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -44,6 +53,13 @@ class ServerOptions:
                 raise ConfigError(f"{name}={getattr(self, name)} must be > 0 seconds")
         if self.max_message_mb < 1:
             raise ConfigError(f"max_message_mb={self.max_message_mb} must be >= 1")
+        if self.max_tensors < 1:
+            raise ConfigError(f"max_tensors={self.max_tensors} must be >= 1")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigError("tls_cert_file and tls_key_file go together: give both (TLS) or neither (plaintext)")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port={self.metrics_port} is out of range; allowed: 0-65535 "
+                              "(0 picks a free port)")
         if self.store not in STORE_KINDS:
             raise ConfigError(f"store={self.store!r} is not a store; allowed: {', '.join(STORE_KINDS)}")
 
@@ -66,16 +82,36 @@ class MetadataServer:
             store = make_store(options.store, redis_url=options.redis_url, redis_prefix=options.redis_prefix,
                                record_ttl_s=options.record_ttl_s)
         self._store = store
+        self.metrics = None
         try:
             self._build(options)
         except BaseException:
+            if self.metrics is not None:
+                self.metrics.close()
+            if getattr(self, "_grpc", None) is not None:
+                self._grpc.stop(None)  # releases a port it bound
             store.close()
             raise
 
     def _build(self, options: ServerOptions) -> None:
         limit = options.max_message_mb * 1024 * 1024
+        credentials = None
+        if options.tls_cert_file is not None:
+            credentials = grpc.ssl_server_credentials([(
+                read_pem_file(options.tls_key_file, what="TLS key file"),
+                read_pem_file(options.tls_cert_file, what="TLS certificate file"),
+            )])
+        interceptors = []
+        if options.metrics_port is not None:
+            from sglang_mx.server.metrics import ServerMetrics
+
+            self.metrics = ServerMetrics(self._store)
+            interceptors.append(self.metrics.interceptor)  # first: it also counts refused calls
+        if options.auth_token_file is not None:
+            interceptors.append(BearerTokenInterceptor(read_token_file(options.auth_token_file)))
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="mx-rpc"),
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -85,15 +121,23 @@ class MetadataServer:
             ],
         )
         wire.add_servicer_to_server(
-            P2pServicer(self._store, heartbeat_timeout_s=options.heartbeat_timeout_s), self._grpc
+            P2pServicer(self._store, heartbeat_timeout_s=options.heartbeat_timeout_s,
+                        max_tensors=options.max_tensors),
+            self._grpc,
         )
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         address = f"{options.host}:{options.port}"
         try:
-            self.port = self._grpc.add_insecure_port(address)
+            if credentials is None:
+                self.port = self._grpc.add_insecure_port(address)
+            else:
+                self.port = self._grpc.add_secure_port(address, credentials)
         except RuntimeError as e:
             raise ConfigError(f"cannot listen on {address}: {e}") from e
+        self.metrics_port = None
+        if self.metrics is not None:
+            self.metrics_port = self.metrics.serve(options.host, options.metrics_port)
         self._reaper = Reaper(
             self._store,
             interval_s=options.reaper_interval_s,
@@ -114,8 +158,11 @@ class MetadataServer:
         for service in ("", wire.SERVICE_NAME):
             self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._reaper.start()
-        log.info("metadata server listening on %s:%d (%s)", self.options.host, self.port,
-                 type(self._store).__name__)
+        log.info("metadata server listening on %s:%d (%s%s%s)", self.options.host, self.port,
+                 type(self._store).__name__, ", TLS" if self.options.tls_cert_file else "",
+                 ", bearer token required" if self.options.auth_token_file else "")
+        if self.metrics_port is not None:
+            log.info("Prometheus metrics on http://%s:%d/metrics", self.options.host, self.metrics_port)
         return self
 
     def stop(self, grace_s: float = 2.0) -> None:
@@ -126,6 +173,8 @@ class MetadataServer:
         self._health.enter_graceful_shutdown()
         self._reaper.close()
         self._grpc.stop(grace_s).wait()
+        if self.metrics is not None:
+            self.metrics.close()
         self._store.close()
         # Log before waking wait(): serve_forever returns then and the process may
         # exit before this daemon thread gets to log.

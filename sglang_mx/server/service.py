@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import logging
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import grpc
 
@@ -19,10 +19,16 @@ from sglang_mx import wire
 from sglang_mx.errors import StoreUnavailableError
 from sglang_mx.identity import mx_source_id
 from sglang_mx.server.store import SourceStore
-from sglang_mx.types import SourceStatus, WorkerRecord
+from sglang_mx.types import SourceStatus, TensorDescriptor, WorkerRecord
 
 log = logging.getLogger(__name__)
 pb = wire.messages
+
+# Limits on what one request may claim: far above any real deployment, low enough
+# that a buggy or hostile client cannot make the server store absurd records.
+MAX_WORKER_RANK = 1_000_000
+MAX_ID_CHARS = 1024  # model_name, worker_id, mx_source_id
+DEFAULT_MAX_TENSORS = 1_000_000  # per worker; ServerOptions.max_tensors
 
 
 def now_ms() -> int:
@@ -53,16 +59,18 @@ class P2pServicer(wire.P2pServiceServicer):
         store: SourceStore,
         *,
         heartbeat_timeout_s: float,
+        max_tensors: int = DEFAULT_MAX_TENSORS,
         clock_ms: Callable[[], int] = now_ms,
     ) -> None:
         self._store = store
+        self._max_tensors = max_tensors
         self._heartbeat_timeout_ms = int(heartbeat_timeout_s * 1000)
         self._clock_ms = clock_ms
 
     @_store_outage_is_unavailable
     def PublishMetadata(self, request, context):
         try:
-            identity, worker, source_id = _validate_publish(request)
+            identity, worker, source_id = _validate_publish(request, self._max_tensors)
         except (InvalidRequest, wire.WireError) as e:
             return pb.PublishMetadataResponse(success=False, message=f"PublishMetadata rejected: {e}")
         worker = dataclasses.replace(worker, updated_at_ms=self._clock_ms())
@@ -99,6 +107,8 @@ class P2pServicer(wire.P2pServiceServicer):
     def GetMetadata(self, request, context):
         if not request.mx_source_id or not request.worker_id:
             return pb.GetMetadataResponse(found=False)
+        if len(request.mx_source_id) > MAX_ID_CHARS or len(request.worker_id) > MAX_ID_CHARS:
+            return pb.GetMetadataResponse(found=False)  # publish never stores such ids
         stored = self._store.get(request.mx_source_id, request.worker_id)
         if stored is None:
             return pb.GetMetadataResponse(found=False, mx_source_id=request.mx_source_id, worker_id=request.worker_id)
@@ -114,6 +124,11 @@ class P2pServicer(wire.P2pServiceServicer):
     def UpdateStatus(self, request, context):
         if not request.mx_source_id:
             return pb.UpdateStatusResponse(success=False, message="UpdateStatus rejected: mx_source_id is empty")
+        for field in ("mx_source_id", "worker_id"):
+            if len(getattr(request, field)) > MAX_ID_CHARS:
+                return pb.UpdateStatusResponse(
+                    success=False, message=f"UpdateStatus rejected: {field} is {len(getattr(request, field))} "
+                    f"characters long; allowed: at most {MAX_ID_CHARS}")
         try:
             status = SourceStatus(request.status)
         except ValueError:
@@ -138,15 +153,22 @@ class P2pServicer(wire.P2pServiceServicer):
         return pb.UpdateStatusResponse(success=True, message=f"{status.name} ({changed} worker(s))")
 
 
-def _validate_publish(request) -> tuple:
+def _validate_publish(request, max_tensors: int) -> tuple:
     if not request.HasField("identity"):
         raise InvalidRequest("identity is missing")
     if not request.identity.model_name.strip():
         raise InvalidRequest("identity.model_name is empty")
+    _check_length("identity.model_name", request.identity.model_name)
     if not request.worker_id.strip():
         raise InvalidRequest("worker_id is empty")
+    _check_length("worker_id", request.worker_id)
     if not request.HasField("worker"):
         raise InvalidRequest("worker is missing")
+    if request.worker.worker_rank > MAX_WORKER_RANK:
+        raise InvalidRequest(f"worker.worker_rank={request.worker.worker_rank} is absurd; allowed: 0-{MAX_WORKER_RANK}")
+    count = len(request.worker.tensor_source.tensors) + len(request.worker.tensors)
+    if count > max_tensors:
+        raise InvalidRequest(f"{count} tensor descriptors is over this server's limit of {max_tensors} per worker")
     identity = wire.identity_from_pb(request.identity)
     worker: WorkerRecord = wire.worker_from_pb(request.worker)
     seen: set[str] = set()
@@ -158,4 +180,34 @@ def _validate_publish(request) -> tuple:
         seen.add(t.name)
         if t.size > 0 and t.addr == 0:
             raise InvalidRequest(f"tensor {t.name!r} has {t.size} bytes at address 0")
+        if t.addr + t.size > 2**64:
+            raise InvalidRequest(f"tensor {t.name!r} ({t.size} bytes at {t.addr:#x}) ends past the 64-bit address space")
+    _check_overlaps(worker.tensors)
     return identity, worker, mx_source_id(identity)
+
+
+def _check_length(field: str, value: str) -> None:
+    if len(value) > MAX_ID_CHARS:
+        raise InvalidRequest(f"{field} is {len(value)} characters long; allowed: at most {MAX_ID_CHARS}")
+
+
+def _check_overlaps(tensors: Sequence[TensorDescriptor]) -> None:
+    """Reject two tensors whose byte ranges on one device overlap without being the same range.
+
+    The same (addr, size) twice is allowed: tied weights publish one alias per name
+    sharing storage. Zero-size tensors hold no bytes and never overlap.
+    """
+    ranges: dict[tuple[int, int, int], str] = {}  # (device, addr, size) -> first name
+    for t in tensors:
+        if t.size > 0:
+            ranges.setdefault((t.device_id, t.addr, t.size), t.name)
+    end = -1
+    device = owner = None
+    for (dev, addr, size), name in sorted(ranges.items()):
+        if dev == device and addr < end:
+            raise InvalidRequest(
+                f"tensors {owner!r} and {name!r} overlap on device {dev}: {name!r} starts at {addr:#x}, "
+                f"before {owner!r} ends at {end:#x}; only identical (addr, size) aliases may share bytes"
+            )
+        if dev != device or addr + size > end:
+            device, end, owner = dev, addr + size, name

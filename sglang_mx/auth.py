@@ -1,0 +1,50 @@
+"""The shared bearer token and TLS files, read once and checked, for the server and its clients.
+
+On the wire a token travels as the gRPC metadata `authorization: Bearer <token>`,
+the header ModelExpress's own client sends when its token file is present
+(`MX_AUTH_TOKEN_PATH`, default /var/run/secrets/tokens/modelexpress).
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+from sglang_mx.errors import ConfigError
+
+AUTH_METADATA_KEY = "authorization"  # gRPC metadata keys are lowercase
+MX_TOKEN_PATH_ENV = "MX_AUTH_TOKEN_PATH"  # what ModelExpress's client reads
+
+
+def read_token_file(path: str, *, what: str = "auth token file") -> str:
+    """The token in `path`, surrounding whitespace stripped; ConfigError if unreadable or empty."""
+    try:
+        token = pathlib.Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what} {path!r} cannot be read: {e}") from None
+    if not token:
+        raise ConfigError(f"{what} {path!r} is empty; put the shared token in it")
+    return check_token(token, what=f"{what} {path!r}")
+
+
+def check_token(token: str, *, what: str = "auth token") -> str:
+    """`token` if a gRPC header can carry it (printable ASCII, no spaces inside); else ConfigError."""
+    if not token or not all("!" <= c <= "~" for c in token):
+        raise ConfigError(f"{what} holds characters a gRPC header cannot carry (spaces, line breaks, "
+                          "control or non-ASCII characters); expected one token of printable ASCII")
+    return token
+
+
+def read_pem_file(path: str, *, what: str) -> bytes:
+    """The bytes of a PEM file (certificate, key or CA bundle); ConfigError if unreadable or not PEM."""
+    try:
+        data = pathlib.Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{what} {path!r} cannot be read: {e}") from None
+    if b"-----BEGIN " not in data:
+        raise ConfigError(f"{what} {path!r} is not a PEM file (no '-----BEGIN' line)")
+    return data
+
+
+def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The call metadata that carries `token` (none without one)."""
+    return ((AUTH_METADATA_KEY, f"Bearer {check_token(token)}"),) if token is not None else ()
