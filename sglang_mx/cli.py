@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from sglang_mx.errors import MxError
+from sglang_mx.errors import ConfigError, MxError
 
 
 def _add_server(sub) -> None:
@@ -38,6 +38,18 @@ def _add_server(sub) -> None:
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (off by default)")
 
 
+def _add_sources(sub) -> None:
+    p = sub.add_parser("sources", help="list every published worker of a metadata server (the fleet view)")
+    p.add_argument("--url", default="localhost:8001", help="metadata server (default localhost:8001)")
+    p.add_argument("--model", metavar="NAME", help="only workers of this model")
+    p.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
+    p.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
+                   help="print again every SECONDS (default 2) until Ctrl-C")
+    p.add_argument("--auth-token-file", metavar="FILE", help="file holding the server's bearer token")
+    p.add_argument("--tls-ca-file", metavar="FILE", help="PEM CA bundle: connect with TLS")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="S", help="per-call deadline (default 10)")
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="server + seed + target on this machine, without SGLang")
     p.add_argument("--size-gb", type=float, default=1.0, help="checkpoint size (default 1.0)")
@@ -45,11 +57,28 @@ def _add_demo(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address the processes advertise (default 127.0.0.1)")
 
 
+def _sources(args) -> int:
+    from sglang_mx import fleet
+    from sglang_mx.auth import read_token_file
+    from sglang_mx.client import MetadataClient
+
+    if args.watch is not None and args.watch <= 0:
+        raise ConfigError(f"--watch {args.watch:g} must be a positive number of seconds")
+    token = read_token_file(args.auth_token_file, what="--auth-token-file") if args.auth_token_file else None
+    with MetadataClient(args.url, timeout_s=args.timeout, auth_token=token, tls_ca_file=args.tls_ca_file) as client:
+        if args.watch is None:
+            fleet.show(client, sys.stdout, model_name=args.model, as_json=args.json)
+        else:
+            fleet.watch(client, sys.stdout, interval_s=args.watch, model_name=args.model, as_json=args.json)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sglang-mx", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_server(sub)
+    _add_sources(sub)
     _add_demo(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -65,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                 tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, metrics_port=args.metrics_port,
             ))
             return 0
+        if args.command == "sources":
+            return _sources(args)
         if args.command == "demo":
             from sglang_mx.demo import run_demo
 

@@ -1,0 +1,181 @@
+"""The fleet view: pure formatting, collection from a live server, and `sglang-mx sources` end to end."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sglang_mx import fleet
+from sglang_mx.client import MetadataClient
+from sglang_mx.fleet import FleetRow, format_age, format_bytes, render_json, render_table
+from sglang_mx.types import SourceStatus
+
+NOW = 1_800_000_000_000
+
+
+@pytest.mark.parametrize("age_ms, text", [
+    (0, "0s"), (999, "0s"), (3_400, "3s"), (59_999, "59s"), (60_000, "1m"), (150_000, "2m"),
+    (3_599_999, "59m"), (3_600_000, "1h"), (5 * 3_600_000 + 1, "5h"), (86_400_000, "1d"), (3 * 86_400_000, "3d"),
+    (-5_000, "0s"),
+])
+def test_format_age(age_ms, text):
+    assert format_age(age_ms) == text
+
+
+@pytest.mark.parametrize("n, text", [
+    (0, "0 B"), (999, "999 B"), (1000, "1.00 KB"), (4096, "4.10 KB"), (12_288, "12.29 KB"), (512_000_000, "512 MB"),
+    (1_033_000_000, "1.03 GB"), (681 * 10**9, "681 GB"), (2 * 10**12, "2.00 TB"), (5 * 10**18, "5000 PB"),
+])
+def test_format_bytes(n, text):
+    assert format_bytes(n) == text
+
+
+def _row(**overrides) -> FleetRow:
+    fields = dict(model_name="Qwen/Qwen3-8B", mx_source_id="8b7aa4b533b72278", worker_id="pod-a-rank0",
+                  worker_rank=0, status=SourceStatus.READY, updated_at_ms=NOW - 3_000, tensors=291,
+                  total_bytes=8_190_000_000)
+    fields.update(overrides)
+    return FleetRow(**fields)
+
+
+def test_render_table_aligns_columns():
+    rows = [_row(), _row(worker_id="pod-b-rank1", worker_rank=1, status=SourceStatus.STALE,
+                         updated_at_ms=NOW - 150_000, tensors=7, total_bytes=4096),
+            _row(worker_id="new", worker_rank=12, status=SourceStatus.INITIALIZING, updated_at_ms=0, tensors=0,
+                 total_bytes=0)]
+    assert render_table(rows, NOW) == (
+        "MODEL          MX_SOURCE_ID      WORKER_ID    RANK  STATUS        AGE  TENSORS    BYTES\n"
+        "Qwen/Qwen3-8B  8b7aa4b533b72278  pod-a-rank0     0  READY          3s      291  8.19 GB\n"
+        "Qwen/Qwen3-8B  8b7aa4b533b72278  pod-b-rank1     1  STALE          2m        7  4.10 KB\n"
+        "Qwen/Qwen3-8B  8b7aa4b533b72278  new            12  INITIALIZING    -        0      0 B\n"
+    )
+    assert render_table([], NOW) == "no workers\n"
+
+
+def test_render_json():
+    data = json.loads(render_json([_row(), _row(worker_id="x", updated_at_ms=0)], NOW))
+    assert data[0] == {"model_name": "Qwen/Qwen3-8B", "mx_source_id": "8b7aa4b533b72278",
+                       "worker_id": "pod-a-rank0", "worker_rank": 0, "status": "READY", "updated_at_ms": NOW - 3000,
+                       "age_s": 3.0, "tensors": 291, "total_bytes": 8_190_000_000}
+    assert data[1]["age_s"] is None
+    assert render_json([], NOW) == "[]\n"
+
+
+# --- against a live server ------------------------------------------------------------------------------
+
+@pytest.fixture
+def fleet_server(server, make_identity, make_worker):
+    """Two models: Qwen with a READY rank 0 and an INITIALIZING rank 1, another model STALE."""
+    with MetadataClient(server.address, timeout_s=5) as client:
+        qwen = make_identity()
+        client.publish(qwen, make_worker(worker_rank=1, n_tensors=5, status=SourceStatus.INITIALIZING), "q-rank1")
+        client.publish(qwen, make_worker(worker_rank=0, n_tensors=3, status=SourceStatus.READY), "q-rank0")
+        client.publish(make_identity(model_name="org/other", tensor_parallel_size=1),
+                       make_worker(worker_rank=0, n_tensors=1, status=SourceStatus.STALE), "o-rank0")
+    return server
+
+
+def test_collect_reads_status_and_sizes_per_worker(fleet_server):
+    with MetadataClient(fleet_server.address, timeout_s=5) as client:
+        rows = fleet.collect(client)
+        assert [(r.model_name, r.worker_id, r.worker_rank, r.status, r.tensors, r.total_bytes) for r in rows] == [
+            ("Qwen/Qwen3-8B", "q-rank0", 0, SourceStatus.READY, 3, 3 * 4096),
+            ("Qwen/Qwen3-8B", "q-rank1", 1, SourceStatus.INITIALIZING, 5, 5 * 4096),
+            ("org/other", "o-rank0", 0, SourceStatus.STALE, 1, 4096),
+        ]
+        assert all(r.updated_at_ms > 0 for r in rows)
+        assert [r.worker_id for r in fleet.collect(client, model_name="org/other")] == ["o-rank0"]
+
+
+def test_collect_skips_a_worker_that_vanishes_after_the_listing(fleet_server):
+    with MetadataClient(fleet_server.address, timeout_s=5) as client:
+        real_get = client.get_metadata
+        client.get_metadata = lambda source, wid: None if wid == "q-rank1" else real_get(source, wid)
+        assert [r.worker_id for r in fleet.collect(client)] == ["q-rank0", "o-rank0"]
+
+
+def _sources(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sglang_mx.cli", "sources", *args], capture_output=True, text=True,
+                          timeout=60, **kwargs)
+
+
+def test_cli_table_and_json(fleet_server):
+    done = _sources("--url", fleet_server.address)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == ["MODEL", "MX_SOURCE_ID", "WORKER_ID", "RANK", "STATUS", "AGE", "TENSORS", "BYTES"]
+    assert [line.split()[2:5] for line in lines[1:]] == [
+        ["q-rank0", "0", "READY"], ["q-rank1", "1", "INITIALIZING"], ["o-rank0", "0", "STALE"]]
+    assert lines[1].split()[-3:] == ["3", "12.29", "KB"]
+    assert lines[1].split()[5].endswith("s")
+
+    done = _sources("--url", f"grpc://{fleet_server.address}", "--model", "Qwen/Qwen3-8B", "--json")
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert [(d["worker_id"], d["status"], d["tensors"], d["total_bytes"]) for d in data] == [
+        ("q-rank0", "READY", 3, 12288), ("q-rank1", "INITIALIZING", 5, 20480)]
+    assert all(0 <= d["age_s"] < 60 for d in data)
+
+
+def test_cli_with_token_and_tls(make_server, tmp_path, make_identity, make_worker):
+    pytest.importorskip("cryptography")
+    from tests.certs import make_self_signed
+
+    tls = make_self_signed(tmp_path / "tls")
+    (tmp_path / "token").write_text("tok\n")
+    server = make_server(auth_token_file=str(tmp_path / "token"), tls_cert_file=tls.cert, tls_key_file=tls.key)
+    with MetadataClient(server.address, auth_token="tok", tls_ca_file=tls.cert, timeout_s=5) as client:
+        client.publish(make_identity(), make_worker(), "w0")
+    done = _sources("--url", server.address, "--auth-token-file", str(tmp_path / "token"), "--tls-ca-file", tls.cert,
+                    "--json")
+    assert done.returncode == 0, done.stderr
+    assert [d["worker_id"] for d in json.loads(done.stdout)] == ["w0"]
+    done = _sources("--url", server.address, "--tls-ca-file", tls.cert)
+    assert done.returncode == 2
+    assert "UNAUTHENTICATED" in done.stderr and "missing bearer token" in done.stderr
+
+
+def test_cli_errors(unused_port, tmp_path):
+    done = _sources("--url", f"127.0.0.1:{unused_port}", "--timeout", "1")
+    assert done.returncode == 2
+    assert f"ListSources to metadata server 127.0.0.1:{unused_port} failed" in done.stderr
+    (tmp_path / "empty").write_text("")
+    done = _sources("--auth-token-file", str(tmp_path / "empty"))
+    assert done.returncode == 2 and "is empty" in done.stderr
+    done = _sources("--watch", "0")
+    assert done.returncode == 2 and "--watch 0 must be a positive number of seconds" in done.stderr
+
+
+def test_cli_watch_refreshes_until_ctrl_c(fleet_server, tmp_path):
+    out_path = tmp_path / "out.txt"
+    with open(out_path, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "sglang_mx.cli", "sources", "--url", fleet_server.address,
+                                 "--watch", "1"], stdout=out, stderr=subprocess.PIPE, text=True,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        deadline = time.monotonic() + 30
+        while out_path.read_text().count("# ") < 2:  # two renders, then Ctrl-C during the wait for a third
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, f"no second render: {out_path.read_text()!r}"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rc == 0, proc.stderr.read()
+    text = out_path.read_text()
+    renders = text.split("# ")[1:]
+    assert len(renders) == 2, text
+    for render in renders:
+        header, *table = render.splitlines()
+        assert header.startswith(f"{fleet_server.address} at ") and header.endswith("every 1 s")
+        assert [line.split()[2] for line in table[1:]] == ["q-rank0", "q-rank1", "o-rank0"]
