@@ -1,0 +1,256 @@
+"""Load on ONE metadata server: many targets looking up a big record while seeds heartbeat.
+
+    .venv/bin/python benchmarks/metadata_load.py [--clients 200] [--publishers 50] [--tensors 10000] \\
+        [--seconds 15] [--stores memory,redis]
+
+For each store it starts `sglang-mx server` (and, for redis, a redis-server of its own in a
+temporary directory) on free ports of 127.0.0.1, publishes `--publishers` READY workers of one
+identity with `--tensors` tensors each (ranks 0-7), then for `--seconds` runs, in this process:
+
+- `--clients` targets (grpc.aio, one channel each), each looping: ListSources(identity, READY,
+  its rank), then GetMetadata of the first worker listed (the whole tensor list), as a target does;
+- one heartbeat loop per published worker: UpdateStatus READY every `--heartbeat-interval` s.
+
+It prints one table: requests/s and p50/p99 latency per RPC and store. The server and this
+process share the machine's cores: on a small machine the numbers are a lower bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import pathlib
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sglang_mx import wire  # noqa: E402
+from sglang_mx.client import MetadataClient  # noqa: E402
+from sglang_mx.types import (BackendFramework, SourceIdentity, SourceStatus, TensorDescriptor,  # noqa: E402
+                             WorkerRecord)
+
+pb = wire.messages
+RANKS = 8
+MESSAGE_LIMIT = 256 * 1024 * 1024
+IDENTITY = SourceIdentity(mx_version="0.7.0", model_name="bench/Big-MoE", backend_framework=BackendFramework.SGLANG,
+                          tensor_parallel_size=RANKS, pipeline_parallel_size=1, expert_parallel_size=RANKS,
+                          dtype="bfloat16")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_serving(address: str, proc: subprocess.Popen, what: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{what} exited with {proc.returncode}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(service=wire.SERVICE_NAME), timeout=0.5).status == \
+                        health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} on {address} not SERVING after {timeout_s} s")
+            time.sleep(0.05)
+
+
+class Processes:
+    """The server (and redis-server) of one store; stops them on exit."""
+
+    def __init__(self, store: str, workdir: pathlib.Path) -> None:
+        self.procs: list[subprocess.Popen] = []
+        self.workdir = workdir
+        args = []
+        if store == "redis":
+            redis_server = shutil.which("redis-server")
+            if redis_server is None:
+                raise SystemExit("redis-server is not installed (apt-get install redis-server)")
+            port = _free_port()
+            self.procs.append(subprocess.Popen(
+                [redis_server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir), "--save", "",
+                 "--appendonly", "no", "--maxmemory-policy", "noeviction"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            args = ["--store", "redis", "--redis-url", f"redis://127.0.0.1:{port}/0", "--redis-prefix", "bench:"]
+            deadline = time.monotonic() + 15
+            while True:  # redis-server answers quickly; a connect is enough
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("redis-server did not start")
+                    time.sleep(0.05)
+        self.port = _free_port()
+        self.log = open(workdir / f"server-{store}.log", "w")
+        server = subprocess.Popen(
+            [sys.executable, "-m", "sglang_mx.cli", "--log-level", "WARNING", "server", "--host", "127.0.0.1",
+             "--port", str(self.port), *args],
+            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        self.procs.append(server)
+        _wait_serving(self.address, server, f"sglang-mx server --store {store}")
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "Processes":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        self.log.close()
+
+
+def _worker(rank: int, index: int, n_tensors: int) -> WorkerRecord:
+    base = 0x7F00_0000_0000 + index * 2**36
+    return WorkerRecord(
+        worker_rank=rank, transfer_engine_session_id=f"10.0.{index // 256}.{index % 256}:15000",
+        status=SourceStatus.READY, accelerator="cuda",
+        tensors=tuple(TensorDescriptor(name=f"model.layers.{i // 64}.mlp.experts.{i % 64}.w{i % 3}.weight",
+                                       addr=base + i * 2**20, size=2**20, dtype="bfloat16")
+                      for i in range(n_tensors)),
+    )
+
+
+def publish(address: str, publishers: int, n_tensors: int) -> tuple[str, list[tuple[str, int]]]:
+    workers = []
+    with MetadataClient(address, timeout_s=60) as client:
+        for i in range(publishers):
+            worker_id = f"seed-{i}-rank{i % RANKS}"
+            source = client.publish(IDENTITY, _worker(i % RANKS, i, n_tensors), worker_id)
+            workers.append((worker_id, i % RANKS))
+    return source, workers
+
+
+async def run_load(address: str, source: str, workers: list[tuple[str, int]], *, clients: int, seconds: float,
+                   heartbeat_interval_s: float, expect_tensors: int) -> dict[str, dict]:
+    latencies: dict[str, list[float]] = {"ListSources": [], "GetMetadata": [], "UpdateStatus": []}
+    in_window: dict[str, int] = {k: 0 for k in latencies}  # completed before the load stopped
+    errors: dict[str, int] = {k: 0 for k in latencies}
+    options = [("grpc.max_receive_message_length", MESSAGE_LIMIT), ("grpc.max_send_message_length", MESSAGE_LIMIT),
+               ("grpc.use_local_subchannel_pool", 1)]  # one connection per channel, like separate targets
+    stop_at = time.monotonic() + seconds
+
+    async def timed(kind: str, call):
+        start = time.perf_counter()
+        try:
+            response = await call
+        except grpc.aio.AioRpcError:
+            errors[kind] += 1
+            return None
+        latencies[kind].append(time.perf_counter() - start)
+        in_window[kind] += time.monotonic() < stop_at
+        return response
+
+    async def target(i: int) -> None:
+        rank = i % RANKS
+        async with grpc.aio.insecure_channel(address, options=options) as channel:
+            stub = wire.P2pServiceStub(channel)
+            request = pb.ListSourcesRequest(identity=wire.identity_to_pb(IDENTITY), status_filter=pb.SOURCE_STATUS_READY,
+                                            worker_rank_filter=rank)
+            while time.monotonic() < stop_at:
+                listed = await timed("ListSources", stub.ListSources(request, timeout=60))
+                if not listed or not listed.instances:
+                    errors["ListSources"] += listed is not None
+                    continue
+                ref = listed.instances[0]
+                got = await timed("GetMetadata", stub.GetMetadata(
+                    pb.GetMetadataRequest(mx_source_id=ref.mx_source_id, worker_id=ref.worker_id), timeout=60))
+                if got is not None and len(got.worker.tensor_source.tensors) != expect_tensors:
+                    errors["GetMetadata"] += 1
+
+    async def seed(worker_id: str, rank: int, channel) -> None:
+        stub = wire.P2pServiceStub(channel)
+        request = pb.UpdateStatusRequest(mx_source_id=source, worker_id=worker_id, worker_rank=rank,
+                                         status=pb.SOURCE_STATUS_READY)
+        await asyncio.sleep(heartbeat_interval_s * (hash(worker_id) % 1000) / 1000)  # spread the beats
+        while time.monotonic() < stop_at:
+            beat = await timed("UpdateStatus", stub.UpdateStatus(request, timeout=60))
+            if beat is not None and not beat.success:
+                errors["UpdateStatus"] += 1
+            await asyncio.sleep(heartbeat_interval_s)
+
+    async with grpc.aio.insecure_channel(address, options=options) as seed_channel:
+        await asyncio.gather(*(target(i) for i in range(clients)),
+                             *(seed(wid, rank, seed_channel) for wid, rank in workers))
+    # Rates count calls completed within the window; latencies include the calls that
+    # were still queued when it closed.
+    return {kind: {"calls": len(lat), "rate": in_window[kind] / seconds, "errors": errors[kind], "latencies": lat}
+            for kind, lat in latencies.items()}
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clients", type=int, default=200, help="concurrent targets (default 200)")
+    parser.add_argument("--publishers", type=int, default=50, help="heartbeating seeds (default 50)")
+    parser.add_argument("--tensors", type=int, default=10_000, help="tensors per published worker (default 10000)")
+    parser.add_argument("--seconds", type=float, default=15.0, help="load duration per store (default 15)")
+    parser.add_argument("--heartbeat-interval", type=float, default=1.0, metavar="S",
+                        help="each seed's UpdateStatus period (default 1; real seeds: 30)")
+    parser.add_argument("--stores", default="memory,redis", help="comma-separated: memory, redis (default both)")
+    args = parser.parse_args()
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mx-load-") as tmp:
+        for store in args.stores.split(","):
+            workdir = pathlib.Path(tmp) / store
+            workdir.mkdir()
+            with Processes(store, workdir) as procs:
+                t0 = time.monotonic()
+                source, workers = publish(procs.address, args.publishers, args.tensors)
+                print(f"{store}: published {len(workers)} workers x {args.tensors} tensors in "
+                      f"{time.monotonic() - t0:.1f} s; {args.clients} targets for {args.seconds:g} s ...",
+                      file=sys.stderr)
+                results = asyncio.run(run_load(procs.address, source, workers, clients=args.clients,
+                                               seconds=args.seconds, heartbeat_interval_s=args.heartbeat_interval,
+                                               expect_tensors=args.tensors))
+                for kind, r in results.items():
+                    rows.append((store, kind, r["calls"], r["rate"],
+                                 _percentile(r["latencies"], 50) * 1000, _percentile(r["latencies"], 99) * 1000,
+                                 r["errors"]))
+
+    print(f"\n{args.clients} targets (ListSources + GetMetadata of a {args.tensors}-tensor worker), "
+          f"{args.publishers} seeds heartbeating every {args.heartbeat_interval:g} s, {args.seconds:g} s per store, "
+          f"{os.cpu_count()} CPU cores shared by server and clients\n")
+    print(f"| {'store':<6} | {'rpc':<12} | {'calls':>7} | {'req/s':>8} | {'p50 ms':>8} | {'p99 ms':>8} | errors |")
+    print(f"|{'-' * 8}|{'-' * 14}|{'-' * 9}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 8}|")
+    for store, kind, calls, rate, p50, p99, errs in rows:
+        print(f"| {store:<6} | {kind:<12} | {calls:>7} | {rate:>8.1f} | {p50:>8.1f} | {p99:>8.1f} | {errs:>6} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
