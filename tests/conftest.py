@@ -130,6 +130,15 @@ def client(server) -> Iterator[MetadataClient]:
 
 
 @pytest.fixture
+def engine():
+    """A Mooncake TransferEngine on loopback tcp, for the test process's side of a transfer."""
+    from sglang_mx.transfer.engine import MooncakeEngine
+
+    with MooncakeEngine.create("127.0.0.1", protocol="tcp") as e:
+        yield e
+
+
+@pytest.fixture
 def wait_for() -> Callable[..., object]:
     """`wait_for(predicate, timeout_s=..., what=...)`: poll with a bounded deadline."""
     return wait_until

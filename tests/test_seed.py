@@ -15,15 +15,7 @@ def _status(client, seed):
     return stored.worker.status if stored else None
 
 
-@pytest.fixture
-def meta():
-    with MetadataServer(ServerOptions(host="127.0.0.1", port=0)) as server, \
-            MetadataClient(server.address, timeout_s=5) as client:
-        yield server, client
-
-
-def test_published_ready_with_session_and_tensors(meta):
-    server, client = meta
+def test_published_ready_with_session_and_tensors(server, client):
     seed = SeedProcess(server.address, size_mb=2)
     try:
         stored = client.get_metadata(seed.info["mx_source_id"], seed.worker_id)
@@ -38,8 +30,7 @@ def test_published_ready_with_session_and_tensors(meta):
     assert _status(client, seed) == SourceStatus.STALE  # clean exit
 
 
-def test_sigterm_marks_stale_at_once(meta):
-    server, client = meta
+def test_sigterm_marks_stale_at_once(server, client):
     seed = SeedProcess(server.address, size_mb=2)
     assert _status(client, seed) == SourceStatus.READY
     rc = seed.terminate()

@@ -6,30 +6,14 @@ import time
 import pytest
 import torch
 
-from sglang_mx.client import MetadataClient
 from sglang_mx.errors import NoSourceError
-from sglang_mx.server import MetadataServer, ServerOptions
 from sglang_mx.target import PullOptions, pull_weights
-from sglang_mx.transfer.engine import MooncakeEngine
 from sglang_mx.transfer.tensors import describe
 from sglang_mx.types import SourceIdentity
 from tests.procs import SeedProcess, weights
 
 IDENTITY = SourceIdentity(model_name="test/model", tensor_parallel_size=1, dtype="mixed")
 SIZE_MB = 8
-
-
-@pytest.fixture
-def meta():
-    with MetadataServer(ServerOptions(host="127.0.0.1", port=0)) as server, \
-            MetadataClient(server.address, timeout_s=5) as client:
-        yield server, client
-
-
-@pytest.fixture
-def engine():
-    with MooncakeEngine.create("127.0.0.1", protocol="tcp") as e:
-        yield e
 
 
 @pytest.fixture
@@ -45,8 +29,7 @@ def _assert_exact(local):
         assert torch.equal(weights.as_bytes(local[name]), weights.as_bytes(tensor)), name
 
 
-def test_fails_over_from_a_killed_seed_to_a_live_one(meta, engine, seeds):
-    server, client = meta
+def test_fails_over_from_a_killed_seed_to_a_live_one(server, client, engine, seeds):
     seeds.append(SeedProcess(server.address, size_mb=SIZE_MB))
     seeds.append(SeedProcess(server.address, size_mb=SIZE_MB))
     live, dead = seeds
@@ -60,8 +43,7 @@ def test_fails_over_from_a_killed_seed_to_a_live_one(meta, engine, seeds):
     _assert_exact(local)
 
 
-def test_only_seed_killed_fails_clearly_within_bounded_time(meta, engine, seeds):
-    server, client = meta
+def test_only_seed_killed_fails_clearly_within_bounded_time(server, client, engine, seeds):
     seeds.append(SeedProcess(server.address, size_mb=SIZE_MB))
     seeds[0].kill()
     local = weights.build(SIZE_MB, filled=False)
@@ -77,8 +59,7 @@ def test_only_seed_killed_fails_clearly_within_bounded_time(meta, engine, seeds)
     assert len(info.value.attempts) == 1
 
 
-def test_waits_for_a_seed_that_starts_later(meta, engine, seeds):
-    server, client = meta
+def test_waits_for_a_seed_that_starts_later(server, client, engine, seeds):
     local = weights.build(SIZE_MB, filled=False)
     result = {}
 
@@ -100,8 +81,7 @@ def test_waits_for_a_seed_that_starts_later(meta, engine, seeds):
     _assert_exact(local)
 
 
-def test_never_pairs_another_rank_or_identity(meta, engine, seeds):
-    server, client = meta
+def test_never_pairs_another_rank_or_identity(server, client, engine, seeds):
     seeds.append(SeedProcess(server.address, size_mb=SIZE_MB, rank=1, tp=2))
     seeds.append(SeedProcess(server.address, size_mb=SIZE_MB, model="test/other"))
     local = weights.build(SIZE_MB, filled=False)
@@ -113,8 +93,7 @@ def test_never_pairs_another_rank_or_identity(meta, engine, seeds):
     assert not any(weights.as_bytes(t).any() for t in local.values())
 
 
-def test_stops_after_max_candidates(meta, engine, seeds):
-    server, client = meta
+def test_stops_after_max_candidates(server, client, engine, seeds):
     for _ in range(2):
         seeds.append(SeedProcess(server.address, size_mb=SIZE_MB))
     for seed in seeds:

@@ -3,11 +3,8 @@
 import pytest
 import torch
 
-from sglang_mx.client import MetadataClient
 from sglang_mx.errors import NoSourceError
-from sglang_mx.server import MetadataServer, ServerOptions
 from sglang_mx.target import PullOptions, pull_weights
-from sglang_mx.transfer.engine import MooncakeEngine
 from sglang_mx.transfer.tensors import describe
 from sglang_mx.types import SourceIdentity
 from tests.procs import SeedProcess, weights
@@ -15,21 +12,7 @@ from tests.procs import SeedProcess, weights
 IDENTITY = SourceIdentity(model_name="test/model", tensor_parallel_size=1, dtype="mixed")
 
 
-@pytest.fixture
-def meta():
-    with MetadataServer(ServerOptions(host="127.0.0.1", port=0)) as server, \
-            MetadataClient(server.address, timeout_s=5) as client:
-        yield server, client
-
-
-@pytest.fixture
-def engine():
-    with MooncakeEngine.create("127.0.0.1", protocol="tcp") as e:
-        yield e
-
-
-def test_pull_300mb_bit_exact_across_dtypes(meta, engine):
-    server, client = meta
+def test_pull_300mb_bit_exact_across_dtypes(server, client, engine):
     seed = SeedProcess(server.address, size_mb=300)
     try:
         local = weights.build(300, filled=False)
@@ -51,8 +34,7 @@ def test_pull_300mb_bit_exact_across_dtypes(meta, engine):
     assert local["empty.f32"].numel() == 0
 
 
-def test_layout_mismatch_fails_before_any_byte_moves(meta, engine):
-    server, client = meta
+def test_layout_mismatch_fails_before_any_byte_moves(server, client, engine):
     seed = SeedProcess(server.address, size_mb=4, variant="mismatch")
     try:
         local = weights.build(4, filled=False)
