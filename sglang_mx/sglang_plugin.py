@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 import uuid
 
-from sglang_mx.config import MxConfig, parse_config
-from sglang_mx.errors import MxError
+from sglang_mx import sglang_common
+from sglang_mx.sglang_common import config_of as _config_of
+from sglang_mx.sglang_common import is_target as _is_target
+from sglang_mx.sglang_common import publishes as _publishes
 
 log = logging.getLogger("sglang_mx")
 
@@ -66,35 +67,10 @@ def register() -> None:
     HookRegistry.register(_EVENT_LOOP, _before_event_loop, HookType.BEFORE)
 
 
-# --- roles --------------------------------------------------------------------
-
-def _is_target(cfg) -> bool:
-    return str(cfg.load_format) == "remote_instance" and str(cfg.remote_instance_weight_loader_backend) in (
-        "modelexpress", "RemoteInstanceWeightLoaderBackend.MODELEXPRESS")
-
-
-def _config_of(cfg) -> MxConfig | None:
-    """Our config when this instance uses the backend (as target or seed), else None."""
-    raw = getattr(cfg, "modelexpress_config", None)
-    if _is_target(cfg):
-        return parse_config(raw)
-    if raw:
-        config = parse_config(raw)
-        return config if config.source else None
-    return None
-
-
-def _publishes(cfg, config: MxConfig) -> bool:
-    """Targets seed by default (a fleet seeds itself); disk loads only with source=true."""
-    return config.source if config.source is not None else _is_target(cfg)
-
-
 # --- hooks ----------------------------------------------------------------------
 
 def _after_server_args(result, self, *args, **kwargs):
-    # Fail at start-up, in the launcher, with the key and what is allowed.
-    if self.modelexpress_config or _is_target(self):
-        parse_config(self.modelexpress_config)
+    sglang_common.check_server_args(self)  # fails in the launcher, naming the key
     return None
 
 
@@ -129,89 +105,33 @@ def _around_publish(original, self, *args, **kwargs):
     if not _publishes(cfg, config):
         log.info("modelexpress: not publishing this instance (source=false)")
         return None
-    from sglang_mx.integration import start_seed
-    from sglang_mx.model_tensors import collect_tensors
-    from sglang_mx.transfer.engine import MooncakeEngine
-
-    if self.engine is None:
-        raise MxError("SGLang created no Mooncake TransferEngine: install mooncake-transfer-engine "
-                      "(or -non-cuda) in SGLang's environment")
-    engine = MooncakeEngine.wrap(self.engine, self.session_id)
-    publisher = start_seed(collect_tensors(self.model), engine, info, config, instance_id=_state.instance_id)
-    _state.publishers.append(publisher)
+    _state.publishers.append(sglang_common.publish(
+        self.model, self.engine, self.session_id, info, config, instance_id=_state.instance_id))
     return None
 
 
 def _before_event_loop(self, *args, **kwargs):
-    for publisher in _state.publishers:
-        publisher.mark_ready()
-        log.info("modelexpress: worker %s (rank %d) is READY on %s", publisher.worker_id,
-                 publisher.worker_rank, publisher.mx_source_id)
+    sglang_common.mark_ready(_state.publishers)
     return None
 
 
 # --- the target's load ----------------------------------------------------------
 
 def _load_from_peer(load_config, cfg, model_config, device_config):
-    from sglang.srt.configs.load_config import LoadFormat
-    from sglang.srt.model_loader.loader import DefaultModelLoader, DummyModelLoader
-
-    from sglang_mx.integration import pull_into
-    from sglang_mx.model_tensors import collect_tensors
-    from sglang_mx.transfer.engine import MooncakeEngine
-
-    config = parse_config(cfg.modelexpress_config)
-    info = _rank_info(model_config, device_config.device)
-    te = load_config.remote_instance_weight_loader_transfer_engine
-    if te is None:
-        raise MxError("SGLang created no Mooncake TransferEngine for the modelexpress backend: install "
-                      "mooncake-transfer-engine (or -non-cuda) in SGLang's environment")
-    engine = MooncakeEngine.wrap(te, load_config.remote_instance_weight_loader_transfer_engine_session_id)
-    start = time.perf_counter()
-    # Dummy weights, then SGLang's own post-processing: the same tensor layout
-    # the seed published (quantized models rename and repack here).
-    model = DummyModelLoader(dataclasses.replace(load_config, load_format=LoadFormat.DUMMY)).load_model(
-        model_config=model_config, device_config=device_config)
-    built = time.perf_counter() - start
-    try:
-        pull_into(collect_tensors(model), engine, info, config)
-    except MxError as e:
-        if config.fallback != "disk":
-            raise
-        log.warning("modelexpress: no usable seed, loading %s from disk instead (fallback=disk): %s",
-                    model_config.model_path, e)
-        del model
-        disk = dataclasses.replace(load_config, load_format=LoadFormat.AUTO, model_loader_extra_config={})
-        return DefaultModelLoader(disk).load_model(model_config=model_config, device_config=device_config)
-    log.info("modelexpress: model built and post-processed in %.2f s before the pull", built)
-    return model.eval()
+    return sglang_common.load_from_peer(
+        load_config, model_config, device_config,
+        config=sglang_common.config_of(cfg),
+        info=_rank_info(model_config, device_config.device),
+        transfer_engine=load_config.remote_instance_weight_loader_transfer_engine,
+        session_id=load_config.remote_instance_weight_loader_transfer_engine_session_id,
+    )
 
 
 def _rank_info(model_config, device):
-    import torch
-    import sglang
     from sglang.srt.runtime_context import get_parallel
 
-    from sglang_mx.integration import RankInfo, dtype_name
-
     parallel = get_parallel()
-    layout = {}
-    for key in ("attn_tp_size", "attn_cp_size", "attn_dp_size", "moe_ep_size", "moe_tp_size", "moe_dp_size"):
-        try:
-            layout[key] = str(getattr(parallel, key))
-        except Exception:  # a width this SGLang build does not define
-            continue
-    return RankInfo(
-        model_path=model_config.model_path,
-        tp_size=parallel.tp_size,
-        tp_rank=parallel.tp_rank,
-        pp_size=parallel.pp_size,
-        pp_rank=parallel.pp_rank,
-        ep_size=int(layout.get("moe_ep_size", 1)),
-        dtype=dtype_name(model_config.dtype),
-        quantization=model_config.quantization or "",
-        revision=model_config.revision or "",
-        device=torch.device(device).type,
-        framework_version=sglang.__version__,
-        layout=layout,
+    return sglang_common.rank_info(
+        model_config, device, tp_size=parallel.tp_size, tp_rank=parallel.tp_rank,
+        pp_size=parallel.pp_size, pp_rank=parallel.pp_rank, width=lambda key: getattr(parallel, key),
     )

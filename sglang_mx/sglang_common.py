@@ -1,0 +1,147 @@
+"""SGLang glue shared by the plugin (SGLang 0.5.15+) and the source patch (0.5.10).
+
+`sglang_plugin` reaches SGLang through its hooks, `sglang_legacy` through the
+calls that patches/sglang-0.5.10.patch adds; both gather their SGLang facts in
+their own way and then call these functions, so the two paths decide roles,
+build identities, load and publish in one way. SGLang is imported only inside
+the functions that need its loaders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Callable
+
+from sglang_mx.config import MxConfig, parse_config
+from sglang_mx.errors import MxError
+
+log = logging.getLogger("sglang_mx")
+
+# Parallel widths besides TP/PP that change a rank's tensor layout.
+LAYOUT_KEYS = ("attn_tp_size", "attn_cp_size", "attn_dp_size", "moe_ep_size", "moe_tp_size", "moe_dp_size")
+
+_NO_ENGINE = ("SGLang created no Mooncake TransferEngine for the modelexpress backend: install "
+              "mooncake-transfer-engine (or -non-cuda) in SGLang's environment")
+
+
+# --- roles (cfg: SGLang's ServerArgs) ---------------------------------------------
+
+def is_target(cfg) -> bool:
+    """This instance loads its weights through the modelexpress backend."""
+    return str(cfg.load_format) == "remote_instance" and str(cfg.remote_instance_weight_loader_backend) in (
+        "modelexpress", "RemoteInstanceWeightLoaderBackend.MODELEXPRESS")
+
+
+def config_of(cfg) -> MxConfig | None:
+    """Our config when this instance uses the backend (as target or seed), else None."""
+    raw = getattr(cfg, "modelexpress_config", None)
+    if is_target(cfg):
+        return parse_config(raw)
+    if raw:
+        config = parse_config(raw)
+        return config if config.source else None
+    return None
+
+
+def publishes(cfg, config: MxConfig) -> bool:
+    """Targets seed by default (a fleet seeds itself); disk loads only with source=true."""
+    return config.source if config.source is not None else is_target(cfg)
+
+
+def check_server_args(cfg) -> None:
+    """Fail at start-up, in the launcher, with the key and what is allowed."""
+    if getattr(cfg, "modelexpress_config", None) or is_target(cfg):
+        parse_config(cfg.modelexpress_config)
+
+
+# --- rank facts -------------------------------------------------------------------
+
+def rank_info(model_config, device, *, tp_size: int, tp_rank: int, pp_size: int, pp_rank: int,
+              width: Callable[[str], object]):
+    """The RankInfo of one rank; `width(key)` gives a LAYOUT_KEYS width or raises
+    when this SGLang build does not define it."""
+    import sglang
+    import torch
+
+    from sglang_mx.integration import RankInfo, dtype_name
+
+    layout = {}
+    for key in LAYOUT_KEYS:
+        try:
+            layout[key] = str(width(key))
+        except Exception:  # a width this SGLang build does not define
+            continue
+    return RankInfo(
+        model_path=model_config.model_path,
+        tp_size=tp_size,
+        tp_rank=tp_rank,
+        pp_size=pp_size,
+        pp_rank=pp_rank,
+        ep_size=int(layout.get("moe_ep_size", 1)),
+        dtype=dtype_name(model_config.dtype),
+        quantization=model_config.quantization or "",
+        revision=model_config.revision or "",
+        device=torch.device(device).type,
+        framework_version=sglang.__version__,
+        layout=layout,
+    )
+
+
+# --- the target's load ------------------------------------------------------------
+
+def load_from_peer(load_config, model_config, device_config, *, config: MxConfig, info, transfer_engine,
+                   session_id: str):
+    """Build the model with dummy weights, post-process it, and pull every tensor
+    from a READY seed; with fallback=disk, load from disk when no seed serves."""
+    from sglang.srt.configs.load_config import LoadFormat
+    from sglang.srt.model_loader.loader import DefaultModelLoader, DummyModelLoader
+
+    from sglang_mx.integration import pull_into
+    from sglang_mx.model_tensors import collect_tensors
+    from sglang_mx.transfer.engine import MooncakeEngine
+
+    if transfer_engine is None:
+        raise MxError(_NO_ENGINE)
+    engine = MooncakeEngine.wrap(transfer_engine, session_id)
+    start = time.perf_counter()
+    # Dummy weights, then SGLang's own post-processing: the same tensor layout
+    # the seed published (quantized models rename and repack here).
+    model = DummyModelLoader(dataclasses.replace(load_config, load_format=LoadFormat.DUMMY)).load_model(
+        model_config=model_config, device_config=device_config)
+    built = time.perf_counter() - start
+    try:
+        pull_into(collect_tensors(model), engine, info, config)
+    except MxError as e:
+        if config.fallback != "disk":
+            raise
+        log.warning("modelexpress: no usable seed, loading %s from disk instead (fallback=disk): %s",
+                    model_config.model_path, e)
+        del model
+        disk = dataclasses.replace(load_config, load_format=LoadFormat.AUTO, model_loader_extra_config={})
+        return DefaultModelLoader(disk).load_model(model_config=model_config, device_config=device_config)
+    log.info("modelexpress: model built and post-processed in %.2f s before the pull", built)
+    return model.eval()
+
+
+# --- the seed's publication ---------------------------------------------------------
+
+def publish(model, transfer_engine, session_id: str, info, config: MxConfig, *, instance_id: str):
+    """Register and publish one rank's tensors (INITIALIZING); returns the publisher."""
+    from sglang_mx.integration import start_seed
+    from sglang_mx.model_tensors import collect_tensors
+    from sglang_mx.transfer.engine import MooncakeEngine
+
+    if transfer_engine is None:
+        raise MxError(_NO_ENGINE)
+    engine = MooncakeEngine.wrap(transfer_engine, session_id)
+    return start_seed(collect_tensors(model), engine, info, config, instance_id=instance_id)
+
+
+def mark_ready(publishers) -> None:
+    """Once the rank serves: every publisher of this process goes READY."""
+    for publisher in publishers:
+        publisher.mark_ready()
+        log.info("modelexpress: worker %s (rank %d) is READY on %s", publisher.worker_id,
+                 publisher.worker_rank, publisher.mx_source_id)
