@@ -73,6 +73,27 @@ def _sources(args) -> int:
     return 0
 
 
+def _add_patch(sub) -> None:
+    p = sub.add_parser("patch", help="patch an SGLang release without the plugin system (0.5.10)",
+                       description="Route SGLang 0.5.10's modelexpress backend to sglang-mx (patches/); "
+                                   "SGLang 0.5.15 and later need no patch. check exits 0 when applied "
+                                   "or not needed, 1 when not applied, 2 on conflicts or errors.")
+    p.add_argument("action", choices=("apply", "check", "revert"))
+    p.add_argument("--site-packages", metavar="DIR",
+                   help="the site-packages holding SGLang (default: this Python's)")
+
+
+def _run_patch(args) -> int:
+    from sglang_mx import patching
+
+    install = patching.find_sglang(args.site_packages)
+    report = getattr(patching, args.action)(install)
+    print(report)
+    if args.action == "check":
+        return {patching.State.NOT_APPLIED: 1, patching.State.CONFLICTS: 2}.get(report.state, 0)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sglang-mx", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
@@ -80,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_server(sub)
     _add_sources(sub)
     _add_demo(sub)
+    _add_patch(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -100,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             from sglang_mx.demo import run_demo
 
             return run_demo(args.size_gb, args.protocol, args.host)
+        if args.command == "patch":
+            return _run_patch(args)
     except MxError as e:
         print(f"sglang-mx: error: {e}", file=sys.stderr)
         return 2
