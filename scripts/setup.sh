@@ -38,6 +38,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/pip install -q --disable-pip-version-check -c scripts/sglang-constraints.txt \
     -r .venv/sglang-runtime-deps.txt 2>&1 | grep -v -e "^WARNING: Location" -e "^ERROR: pip's dependency resolver" \
     -e "requires .*, but you have" -e "which is not installed" || true
-  .venv/bin/python -c "import torch, mooncake.engine, grpc, sglang_mx, modelexpress.client, sglang"
+  .venv/bin/python -c "import torch, mooncake.engine, grpc, sglang_mx, modelexpress.client"
+  # SGLang imports torchvision, which needs the CPU workaround (scripts/sglang_cpu) on this torch.
+  PYTHONPATH=scripts/sglang_cpu .venv/bin/python -c "import sglang"
   echo "$want" > "$stamp"
 fi
