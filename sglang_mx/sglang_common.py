@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+import uuid
 from typing import Callable
 
 from sglang_mx.config import MxConfig, parse_config
@@ -25,6 +26,24 @@ LAYOUT_KEYS = ("attn_tp_size", "attn_cp_size", "attn_dp_size", "moe_ep_size", "m
 
 _NO_ENGINE = ("SGLang created no Mooncake TransferEngine for the modelexpress backend: install "
               "mooncake-transfer-engine (or -non-cuda) in SGLang's environment")
+
+
+@dataclasses.dataclass
+class ProcessState:
+    """What one SGLang process carries from its load to its event loop.
+
+    Hooks and patch calls are free functions, so each entry module keeps one.
+    """
+
+    instance_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:12])
+    rank_infos: dict = dataclasses.field(default_factory=dict)  # id(model) -> RankInfo (plugin)
+    publishers: list = dataclasses.field(default_factory=list)
+
+
+def log_at_info() -> None:
+    """Show our INFO lines in SGLang's log unless someone set a level already."""
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.INFO)
 
 
 # --- roles (cfg: SGLang's ServerArgs) ---------------------------------------------

@@ -21,9 +21,7 @@ shared with the plugin. SGLang is imported inside functions only.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import uuid
 
 from sglang_mx import sglang_common
 
@@ -32,20 +30,12 @@ log = logging.getLogger("sglang_mx")
 __all__ = ["check_server_args", "load_model", "mark_ready", "modelexpress_keys", "publish_after_load"]
 
 
-@dataclasses.dataclass
-class _ProcessState:
-    """What one SGLang process carries from its load to its event loop."""
-
-    instance_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:12])
-    publishers: list = dataclasses.field(default_factory=list)
-
-
-_state = _ProcessState()
+_state = sglang_common.ProcessState()
 
 
 def check_server_args(server_args) -> None:
     """Raise ConfigError for a bad `--modelexpress-config` (launcher, at start-up)."""
-    _log_at_info()
+    sglang_common.log_at_info()
     sglang_common.check_server_args(server_args)
 
 
@@ -66,7 +56,7 @@ def load_model(loader, *, model_config, device_config):
     """`RemoteInstanceModelLoader.load_model` for backend modelexpress: pull from a seed."""
     from sglang.srt.server_args import get_global_server_args
 
-    _log_at_info()
+    sglang_common.log_at_info()
     load_config = loader.load_config
     return sglang_common.load_from_peer(
         load_config, model_config, device_config,
@@ -81,7 +71,7 @@ def publish_after_load(model_runner) -> None:
     """After `ModelRunner.load_model`: publish this rank's weights when configured to."""
     if getattr(model_runner, "is_draft_worker", False) or getattr(model_runner, "model", None) is None:
         return
-    _log_at_info()
+    sglang_common.log_at_info()
     server_args = model_runner.server_args
     config = sglang_common.config_of(server_args)
     if config is None:
@@ -102,11 +92,6 @@ def publish_after_load(model_runner) -> None:
 def mark_ready() -> None:
     """Before `Scheduler.run_event_loop`: this process's seeds go READY."""
     sglang_common.mark_ready(_state.publishers)
-
-
-def _log_at_info() -> None:
-    if log.level == logging.NOTSET:
-        log.setLevel(logging.INFO)
 
 
 def _rank_info(model_config, device):

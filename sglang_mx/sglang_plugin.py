@@ -19,14 +19,9 @@ lives there. Hooks:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import uuid
 
 from sglang_mx import sglang_common
-from sglang_mx.sglang_common import config_of as _config_of
-from sglang_mx.sglang_common import is_target as _is_target
-from sglang_mx.sglang_common import publishes as _publishes
 
 log = logging.getLogger("sglang_mx")
 
@@ -41,24 +36,14 @@ _EVENT_LOOP = "sglang.srt.managers.scheduler.Scheduler.run_event_loop"
 _SERVER_ARGS = "sglang.srt.server_args.ServerArgs.__post_init__"
 
 
-@dataclasses.dataclass
-class _ProcessState:
-    """What one SGLang process carries between hooks (hooks are free functions)."""
-
-    instance_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:12])
-    rank_infos: dict = dataclasses.field(default_factory=dict)  # id(model) -> RankInfo
-    publishers: list = dataclasses.field(default_factory=list)
-
-
-_state = _ProcessState()
+_state = sglang_common.ProcessState()
 
 
 def register() -> None:
     """Entry point: install the hooks (SGLang applies them right after)."""
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    if logging.getLogger("sglang_mx").level == logging.NOTSET:
-        logging.getLogger("sglang_mx").setLevel(logging.INFO)
+    sglang_common.log_at_info()
     HookRegistry.register(_SERVER_ARGS, _after_server_args, HookType.AFTER)
     HookRegistry.register(_TE_GATE, _around_te_gate, HookType.AROUND)
     HookRegistry.register(_LOADER, _around_remote_load, HookType.AROUND)
@@ -75,7 +60,7 @@ def _after_server_args(result, self, *args, **kwargs):
 
 
 def _around_te_gate(original, cfg, *args, **kwargs):
-    if _config_of(cfg) is not None:
+    if sglang_common.config_of(cfg) is not None:
         return True
     return original(cfg, *args, **kwargs)
 
@@ -83,7 +68,7 @@ def _around_te_gate(original, cfg, *args, **kwargs):
 def _around_remote_load(original, self, *, model_config, device_config, **kwargs):
     from sglang.srt.runtime_context import get_model
 
-    if not _is_target(get_model()):
+    if not sglang_common.is_target(get_model()):
         return original(self, model_config=model_config, device_config=device_config, **kwargs)
     return _load_from_peer(self.load_config, get_model(), model_config, device_config)
 
@@ -98,11 +83,11 @@ def _around_publish(original, self, *args, **kwargs):
     from sglang.srt.runtime_context import get_model
 
     cfg = get_model()
-    config = _config_of(cfg)
+    config = sglang_common.config_of(cfg)
     info = _state.rank_infos.get(id(self.model))
     if config is None or info is None:
         return original(self, *args, **kwargs)
-    if not _publishes(cfg, config):
+    if not sglang_common.publishes(cfg, config):
         log.info("modelexpress: not publishing this instance (source=false)")
         return None
     _state.publishers.append(sglang_common.publish(

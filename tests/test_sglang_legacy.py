@@ -37,7 +37,7 @@ def published(monkeypatch):
                                      publisher=Publisher()))
         return calls[-1].publisher
 
-    monkeypatch.setattr(sglang_legacy, "_state", sglang_legacy._ProcessState())
+    monkeypatch.setattr(sglang_legacy, "_state", sglang_common.ProcessState())
     monkeypatch.setattr(sglang_legacy, "_rank_info", lambda model_config, device: ("rank info", device))
     monkeypatch.setattr(sglang_common, "publish", publish)
     return calls
