@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from sglang_mx import wire  # noqa: E402
 from sglang_mx.client import MetadataClient  # noqa: E402
-from sglang_mx.types import (BackendFramework, SourceIdentity, SourceStatus, TensorDescriptor,  # noqa: E402
+from sglang_mx.records import (BackendFramework, SourceIdentity, SourceStatus, TensorDescriptor,  # noqa: E402
                              WorkerRecord)
 
 pb = wire.messages

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from loopback_socket import measure as loopback_seconds  # noqa: E402
 from sglang_mx.server import MetadataServer, ServerOptions  # noqa: E402
-from tests.sglang.harness import (  # noqa: E402
+from sglang_mx.sglang.launch import (  # noqa: E402
     CPU_ENV, TARGET_ARGS, SglangServer, pull_stats, seed_args, sglang_env, weight_load_seconds,
 )
 

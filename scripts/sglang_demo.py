@@ -19,7 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sglang_mx.server import MetadataServer, ServerOptions  # noqa: E402
-from tests.sglang.harness import (  # noqa: E402
+from sglang_mx.sglang.launch import (  # noqa: E402
     PROMPTS, TARGET_ARGS, SglangServer, make_tiny_llama, pull_stats, seed_args, weight_load_seconds,
 )
 

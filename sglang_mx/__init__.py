@@ -11,7 +11,7 @@ from sglang_mx.errors import (
     TransferError,
 )
 from sglang_mx.identity import global_rank, mx_source_id
-from sglang_mx.types import BackendFramework, SourceIdentity, SourceStatus, TensorDescriptor
+from sglang_mx.records import BackendFramework, SourceIdentity, SourceStatus, TensorDescriptor
 
 __version__ = "0.1.0"
 

@@ -7,28 +7,32 @@ import logging
 import sys
 
 from sglang_mx.errors import ConfigError, MxError
+from sglang_mx.server.options import STORE_KINDS, ServerOptions
 
 
 def _add_server(sub) -> None:
+    d = ServerOptions()  # the CLI's defaults are the options' own
     p = sub.add_parser("server", help="run the metadata server (ModelExpress P2pService)")
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
-    p.add_argument("--port", type=int, default=8001, help="port (default 8001; 0 picks a free one)")
-    p.add_argument("--heartbeat-timeout", type=float, default=90.0, metavar="S",
-                   help="a READY/INITIALIZING record silent this long becomes STALE (default 90)")
-    p.add_argument("--reaper-interval", type=float, default=30.0, metavar="S",
-                   help="how often the reaper scans (default 30)")
-    p.add_argument("--gc-timeout", type=float, default=3600.0, metavar="S",
-                   help="STALE records older than this are deleted (default 3600)")
-    p.add_argument("--max-message-mb", type=int, default=256, help="largest gRPC message (default 256)")
-    p.add_argument("--store", choices=("memory", "redis"), default="memory",
-                   help="where records live: memory (this process, the default) or redis (shared by replicas, "
-                        "survives restarts)")
-    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", metavar="URL",
-                   help="Redis for --store redis (default redis://127.0.0.1:6379/0; rediss:// for TLS)")
-    p.add_argument("--redis-prefix", default="mx:", metavar="PREFIX",
-                   help="prefix of every Redis key (default 'mx:'); servers sharing records use the same one")
-    p.add_argument("--max-tensors", type=int, default=1_000_000, metavar="N",
-                   help="most tensor descriptors one worker may publish (default 1000000)")
+    p.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
+    p.add_argument("--port", type=int, default=d.port, help=f"port (default {d.port}; 0 picks a free one)")
+    p.add_argument("--heartbeat-timeout", type=float, default=d.heartbeat_timeout_s, metavar="S",
+                   help=f"a READY/INITIALIZING record silent this long becomes STALE (default {d.heartbeat_timeout_s:g})")
+    p.add_argument("--reaper-interval", type=float, default=d.reaper_interval_s, metavar="S",
+                   help=f"how often the reaper scans (default {d.reaper_interval_s:g})")
+    p.add_argument("--gc-timeout", type=float, default=d.gc_timeout_s, metavar="S",
+                   help=f"STALE records older than this are deleted (default {d.gc_timeout_s:g})")
+    p.add_argument("--max-message-mb", type=int, default=d.max_message_mb,
+                   help=f"largest gRPC message (default {d.max_message_mb})")
+    p.add_argument("--store", choices=STORE_KINDS, default=d.store,
+                   help=f"where records live: memory (this process) or redis (shared by replicas, "
+                        f"survives restarts); default {d.store}")
+    p.add_argument("--redis-url", default=d.redis_url, metavar="URL",
+                   help=f"Redis for --store redis (default {d.redis_url}; rediss:// for TLS)")
+    p.add_argument("--redis-prefix", default=d.redis_prefix, metavar="PREFIX",
+                   help=f"prefix of every Redis key (default {d.redis_prefix!r}); servers sharing records use "
+                        "the same one")
+    p.add_argument("--max-tensors", type=int, default=d.max_tensors, metavar="N",
+                   help=f"most tensor descriptors one worker may publish (default {d.max_tensors})")
     p.add_argument("--auth-token-file", metavar="FILE",
                    help="require 'authorization: Bearer <token>' on every P2pService call, the token being "
                         "this file's content (health stays open)")
@@ -75,7 +79,8 @@ def _sources(args) -> int:
 
 def _add_patch(sub) -> None:
     p = sub.add_parser("patch", help="patch an SGLang release without the plugin system (0.5.10)",
-                       description="Route SGLang 0.5.10's modelexpress backend to sglang-mx (patches/); "
+                       description="Route SGLang 0.5.10's modelexpress backend to sglang-mx (the patch ships in "
+                                   "sglang_mx/sglang/patches/); "
                                    "SGLang 0.5.15 and later need no patch. check exits 0 when applied "
                                    "or not needed, 1 when not applied, 2 on conflicts or errors.")
     p.add_argument("action", choices=("apply", "check", "revert"))
@@ -84,7 +89,7 @@ def _add_patch(sub) -> None:
 
 
 def _run_patch(args) -> int:
-    from sglang_mx import patching
+    from sglang_mx.sglang import patching
 
     install = patching.find_sglang(args.site_packages)
     report = getattr(patching, args.action)(install)
@@ -106,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "server":
-            from sglang_mx.server import ServerOptions, serve_forever
+            from sglang_mx.server import serve_forever
 
             serve_forever(ServerOptions(
                 host=args.host, port=args.port, heartbeat_timeout_s=args.heartbeat_timeout,

@@ -15,11 +15,11 @@ import grpc
 
 from sglang_mx import wire
 from sglang_mx.auth import bearer_metadata, read_pem_file
+from sglang_mx.config import MxConfig
 from sglang_mx.errors import RequestRejectedError, ServerError, ServerUnavailableError
-from sglang_mx.types import SourceIdentity, SourceRef, SourceStatus, StoredWorker, WorkerRecord
+from sglang_mx.records import SourceIdentity, SourceRef, SourceStatus, StoredWorker, WorkerRecord
 
 log = logging.getLogger(__name__)
-pb = wire.messages
 T = TypeVar("T")
 
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -40,6 +40,12 @@ class MetadataClient:
     `tls_ca_file`: a PEM CA bundle; the channel then uses TLS and checks the
     server's certificate against it (plaintext without it).
     """
+
+    @classmethod
+    def for_config(cls, config: MxConfig) -> "MetadataClient":
+        """A client of the configured server, with its deadline, token and TLS CA."""
+        return cls(config.url, timeout_s=config.timeout_s, auth_token=config.auth_token,
+                   tls_ca_file=config.tls_ca_file)
 
     def __init__(
         self,
@@ -71,9 +77,7 @@ class MetadataClient:
 
     def publish(self, identity: SourceIdentity, worker: WorkerRecord, worker_id: str) -> str:
         """Publish one worker's record; return its mx_source_id."""
-        request = pb.PublishMetadataRequest(
-            identity=wire.identity_to_pb(identity), worker=wire.worker_to_pb(worker), worker_id=worker_id
-        )
+        request = wire.publish_request(identity, worker, worker_id)
         response = self._call("PublishMetadata", self._stub.PublishMetadata, request)
         if not response.success:
             raise RequestRejectedError(response.message, url=self.url, rpc="PublishMetadata")
@@ -89,42 +93,26 @@ class MetadataClient:
         limit: int | None = None,
     ) -> list[SourceRef]:
         """Workers matching the filters, newest first. READY means heartbeating now."""
-        request = pb.ListSourcesRequest()
-        if identity is not None:
-            request.identity.CopyFrom(wire.identity_to_pb(identity))
-        if status is not None:
-            request.status_filter = int(status)
-        if worker_rank is not None:
-            request.worker_rank_filter = worker_rank
-        if model_name is not None:
-            request.model_name_filter = model_name
-        if limit is not None:
-            request.limit = limit
+        request = wire.list_request(identity, status=status, worker_rank=worker_rank, model_name=model_name,
+                                    limit=limit)
         response = self._call("ListSources", self._stub.ListSources, request)
-        return [wire.ref_from_pb(r, status or SourceStatus.UNKNOWN) for r in response.instances]
+        return wire.refs_from_response(response, status or SourceStatus.UNKNOWN)
 
     def get_metadata(self, mx_source_id: str, worker_id: str) -> StoredWorker | None:
         """The worker's whole record, or None when the server does not know it."""
-        request = pb.GetMetadataRequest(mx_source_id=mx_source_id, worker_id=worker_id)
-        response = self._call("GetMetadata", self._stub.GetMetadata, request)
-        if not response.found:
-            return None
-        return StoredWorker(
-            mx_source_id=response.mx_source_id or mx_source_id,
-            worker_id=response.worker_id or worker_id,
-            identity=wire.identity_from_pb(response.identity),
-            worker=wire.worker_from_pb(response.worker),
-        )
+        response = self._call("GetMetadata", self._stub.GetMetadata, wire.get_request(mx_source_id, worker_id))
+        return wire.stored_from_response(response, mx_source_id, worker_id)
 
-    def update_status(self, mx_source_id: str, worker_id: str, worker_rank: int, status: SourceStatus) -> bool:
-        """Set a worker's status. False when the server does not know the worker."""
-        request = pb.UpdateStatusRequest(
-            mx_source_id=mx_source_id, worker_id=worker_id, worker_rank=worker_rank, status=int(status)
-        )
+    def update_status(self, mx_source_id: str, worker_id: str, worker_rank: int, status: SourceStatus) -> None:
+        """Set a worker's status.
+
+        Raises RequestRejectedError when the server refuses (it does not know the
+        worker: restarted, or reaped it), ServerError when it cannot be reached.
+        """
+        request = wire.update_status_request(mx_source_id, worker_id, worker_rank, status)
         response = self._call("UpdateStatus", self._stub.UpdateStatus, request)
         if not response.success:
-            log.debug("UpdateStatus %s on %s: %s", status.name, self.url, response.message)
-        return response.success
+            raise RequestRejectedError(f"{status.name} refused: {response.message}", url=self.url, rpc="UpdateStatus")
 
     # --- plumbing ---------------------------------------------------------
 

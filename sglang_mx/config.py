@@ -36,10 +36,10 @@ class MxConfig:
     max_candidates: int = 5
     heartbeat_interval_s: float = 30.0
     timeout_s: float = 10.0  # per-RPC deadline
-    # A file holding the metadata server's bearer token; read (and checked) here, once.
+    # A file holding the metadata server's bearer token; `parse_config` reads (and checks) it, once.
     auth_token_file: str | None = None
     tls_ca_file: str | None = None  # PEM CA bundle: talk TLS to the server, checking its certificate
-    # Not a key: the token read from auth_token_file (kept out of repr and logs).
+    # Not a key: the token `parse_config` read from auth_token_file (kept out of repr and logs).
     auth_token: str | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -60,10 +60,6 @@ class MxConfig:
                 raise ConfigError(f"{key}={getattr(self, key)} is out of range; allowed: a positive number of seconds")
         if self.max_candidates < 1:
             raise ConfigError(f"max_candidates={self.max_candidates} is out of range; allowed: an integer >= 1")
-        if self.auth_token_file is not None and self.auth_token is None:
-            object.__setattr__(self, "auth_token", read_token_file(self.auth_token_file, what="auth_token_file"))
-        if self.tls_ca_file is not None:
-            read_pem_file(self.tls_ca_file, what="tls_ca_file")
 
 
 _NUMBER = ((int, float), "a number")
@@ -85,7 +81,11 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
 
 
 def parse_config(raw: str | Mapping[str, Any] | None, env: Mapping[str, str] | None = None) -> MxConfig:
-    """Parse `--modelexpress-config` (a JSON object string, a dict, or None)."""
+    """Parse `--modelexpress-config` (a JSON object string, a dict, or None).
+
+    The one place that reads files for the config: the token file (its token is
+    kept in `auth_token`) and the TLS CA bundle (checked to be PEM).
+    """
     env = os.environ if env is None else env
     if raw is None or raw == "":
         values: dict[str, Any] = {}
@@ -113,4 +113,9 @@ def parse_config(raw: str | Mapping[str, Any] | None, env: Mapping[str, str] | N
     # ModelExpress's own clients find their token file here: one setting for both.
     if "auth_token_file" not in values and env.get(MX_TOKEN_PATH_ENV):
         values["auth_token_file"] = env[MX_TOKEN_PATH_ENV]
-    return MxConfig(**values)
+    config = MxConfig(**values)  # checks the values before any file is touched
+    if config.tls_ca_file is not None:
+        read_pem_file(config.tls_ca_file, what="tls_ca_file")
+    if config.auth_token_file is None:
+        return config
+    return dataclasses.replace(config, auth_token=read_token_file(config.auth_token_file, what="auth_token_file"))

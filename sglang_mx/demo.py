@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from sglang_mx.types import SourceIdentity
+from sglang_mx.records import SourceIdentity
 
 DEMO_MODEL = "sglang-mx/demo-llama"
 
@@ -82,7 +82,7 @@ def empty_like_checkpoint(size_gb: float) -> dict[str, torch.Tensor]:
 
 
 def _identity() -> SourceIdentity:
-    from sglang_mx.types import BackendFramework
+    from sglang_mx.records import BackendFramework
 
     return SourceIdentity(
         model_name=DEMO_MODEL, backend_framework=BackendFramework.UNKNOWN, tensor_parallel_size=1,
@@ -94,9 +94,8 @@ def _identity() -> SourceIdentity:
 
 def _run_seed(args: argparse.Namespace) -> None:
     from sglang_mx.client import MetadataClient
-    from sglang_mx.seed import SeedPublisher, close_on_exit
+    from sglang_mx.seed import start_seed
     from sglang_mx.transfer.engine import MooncakeEngine
-    from sglang_mx.transfer.tensors import describe
 
     t0 = time.monotonic()
     write_checkpoint(args.file, args.size_gb)
@@ -105,10 +104,7 @@ def _run_seed(args: argparse.Namespace) -> None:
     load_s = time.monotonic() - t1
     engine = MooncakeEngine.create(args.host, protocol=args.protocol)
     client = MetadataClient(args.url)
-    publisher = SeedPublisher(client, engine, _identity(), worker_rank=0, tensors=describe(tensors))
-    close_on_exit(publisher)
-    publisher.start()
-    publisher.mark_ready()
+    publisher = start_seed(tensors, engine, _identity(), client, worker_rank=0, ready=True)
     print(json.dumps({"write_s": t1 - t0, "load_s": load_s, "worker_id": publisher.worker_id}), flush=True)
     sys.stdin.read()  # the parent closes our stdin when it is done with us
     publisher.close()

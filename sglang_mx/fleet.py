@@ -13,7 +13,7 @@ import time
 from typing import Callable, Sequence, TextIO
 
 from sglang_mx.client import MetadataClient
-from sglang_mx.types import SourceStatus
+from sglang_mx.records import SourceStatus
 
 COLUMNS = ("MODEL", "MX_SOURCE_ID", "WORKER_ID", "RANK", "STATUS", "AGE", "TENSORS", "BYTES")
 

@@ -1,4 +1,10 @@
-"""mx_source_id: the hash that keys a source on the metadata server.
+"""Who may pair with whom: an SGLang rank's facts, its SourceIdentity, and mx_source_id.
+
+`identity_for` turns a `RankInfo` (plain facts about one SGLang rank, gathered
+by sglang_mx.sglang) into the SourceIdentity that seeds publish under and
+targets ask for; anything that changes a tensor's bytes or layout is in it.
+
+mx_source_id is the hash that keys a source on the metadata server.
 
 The rule is ModelExpress's, so ids agree with a real ModelExpress server: SHA-256
 over a compact JSON object with sorted keys, first 16 lowercase hex characters.
@@ -11,10 +17,15 @@ fleet pairing up.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+from typing import Mapping
 
-from sglang_mx.types import SourceIdentity
+from sglang_mx.config import MxConfig
+from sglang_mx.records import BackendFramework, SourceIdentity
+
+MX_VERSION = "0.7.0"  # the ModelExpress wire revision we speak
 
 _OPTIONAL_FIELDS = (
     "backend_framework_version",
@@ -70,3 +81,60 @@ def global_rank(*, tp_rank: int, tp_size: int, pp_rank: int = 0) -> int:
     if pp_rank < 0:
         raise ValueError(f"pp_rank={pp_rank} must be >= 0")
     return pp_rank * tp_size + tp_rank
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RankInfo:
+    """The facts about one SGLang rank that decide which seeds it may pair with."""
+
+    model_path: str
+    tp_size: int
+    tp_rank: int
+    pp_size: int = 1
+    pp_rank: int = 0
+    ep_size: int = 1
+    dtype: str  # resolved, e.g. "bfloat16"
+    quantization: str = ""
+    revision: str = ""
+    device: str = "cuda"  # "cuda", "cpu", ...
+    framework_version: str = ""  # SGLang's version: model code decides layouts
+    # Other settings that change tensor layout (attention/MoE splits, ...).
+    layout: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def worker_rank(self) -> int:
+        return global_rank(tp_rank=self.tp_rank, tp_size=self.tp_size, pp_rank=self.pp_rank)
+
+
+def identity_for(info: RankInfo, config: MxConfig) -> SourceIdentity:
+    """The SourceIdentity of an SGLang instance; anything that changes bytes is in it."""
+    return SourceIdentity(
+        mx_version=MX_VERSION,
+        model_name=config.model_name or info.model_path,
+        backend_framework=BackendFramework.SGLANG,
+        tensor_parallel_size=info.tp_size,
+        pipeline_parallel_size=info.pp_size,
+        expert_parallel_size=info.ep_size,
+        dtype=info.dtype,
+        quantization=info.quantization,
+        revision=config.revision or info.revision,
+        backend_framework_version=info.framework_version,
+        extra_parameters={"device": info.device, **info.layout},
+    )
+
+
+def describe_identity(identity: SourceIdentity) -> str:
+    """A one-line summary for error messages: what a seed must match."""
+    parts = [
+        repr(identity.model_name),
+        f"TP {identity.tensor_parallel_size} PP {identity.pipeline_parallel_size} EP {identity.expert_parallel_size}",
+        f"dtype {identity.dtype or '-'}",
+    ]
+    if identity.quantization:
+        parts.append(f"quantization {identity.quantization}")
+    if identity.revision:
+        parts.append(f"revision {identity.revision}")
+    if identity.backend_framework_version:
+        parts.append(f"{identity.backend_framework.name.lower()} {identity.backend_framework_version}")
+    parts += [f"{k}={v}" for k, v in sorted(identity.extra_parameters.items())]
+    return ", ".join(parts)

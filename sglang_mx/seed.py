@@ -2,7 +2,8 @@
 
 Lifecycle: register memory -> publish INITIALIZING -> mark READY -> heartbeat
 (status only) -> mark STALE and unregister on close. `close` runs on normal
-exit and on SIGTERM when `close_on_exit` is used.
+exit and on SIGTERM when `close_on_exit` is used. `start_seed` is the one way
+the SGLang glue, the demo and the tests' seed processes assemble a seed.
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ import logging
 import signal
 import threading
 import uuid
-from typing import Sequence
+from typing import Mapping, Sequence
+
+import torch
 
 from sglang_mx.client import MetadataClient
-from sglang_mx.errors import MxError, ServerError
+from sglang_mx.errors import MxError, RequestRejectedError, ServerError
 from sglang_mx.transfer.engine import MooncakeEngine
-from sglang_mx.types import SourceIdentity, SourceStatus, TensorDescriptor, WorkerRecord
+from sglang_mx.transfer.tensors import describe
+from sglang_mx.records import SourceIdentity, SourceStatus, TensorDescriptor, WorkerRecord
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +124,12 @@ class SeedPublisher:
 
     def _set_status(self, status: SourceStatus) -> None:
         self._status = status
-        if not self._client.update_status(self.mx_source_id, self.worker_id, self.worker_rank, status):
+        try:
+            self._client.update_status(self.mx_source_id, self.worker_id, self.worker_rank, status)
+        except RequestRejectedError as e:
             # The server forgot us (restarted, or reaped us during a partition).
-            log.warning("metadata server %s did not know worker %s; publishing again", self._client.url, self.worker_id)
+            log.warning("metadata server %s refused worker %s's %s (%s); publishing again", self._client.url,
+                        self.worker_id, status.name, e)
             self._publish()
 
     def _heartbeat_loop(self) -> None:
@@ -153,3 +160,31 @@ def close_on_exit(publisher: SeedPublisher) -> None:
             raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def start_seed(
+    tensors: Mapping[str, torch.Tensor],
+    engine: MooncakeEngine,
+    identity: SourceIdentity,
+    client: MetadataClient,
+    *,
+    worker_rank: int,
+    worker_id: str | None = None,
+    heartbeat_interval_s: float = 30.0,
+    accelerator: str = "",
+    ready: bool = False,
+) -> SeedPublisher:
+    """Register and publish one rank's `tensors` as INITIALIZING (READY at once with `ready`).
+
+    The publisher closes (STALE, memory unregistered) at interpreter exit and on
+    SIGTERM; call `mark_ready()` once the rank serves.
+    """
+    publisher = SeedPublisher(
+        client, engine, identity, worker_rank=worker_rank, tensors=describe(tensors), worker_id=worker_id,
+        heartbeat_interval_s=heartbeat_interval_s, accelerator=accelerator,
+    )
+    close_on_exit(publisher)
+    publisher.start()
+    if ready:
+        publisher.mark_ready()
+    return publisher

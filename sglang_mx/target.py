@@ -1,35 +1,42 @@
-"""Target side: find a READY seed of our identity and rank, and pull from it."""
+"""Target side: find a READY seed of our identity and rank, and pull from it.
+
+`pull_weights` is the whole policy (wait, try candidates newest first, give up
+within bounds); `pull_into` is what an SGLang rank calls with its config.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 import time
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
+
+import torch
 
 from sglang_mx.client import MetadataClient
-from sglang_mx.errors import CandidateFailure, LayoutMismatchError, MxError, NoSourceError, TransferError
-from sglang_mx.identity import mx_source_id
+from sglang_mx.config import MxConfig
+from sglang_mx.errors import CandidateFailure, LayoutMismatchError, NoSourceError, TransferError
+from sglang_mx.identity import RankInfo, describe_identity, identity_for, mx_source_id
+from sglang_mx.records import SourceIdentity, SourceRef, SourceStatus, TensorDescriptor
 from sglang_mx.transfer.engine import MooncakeEngine
 from sglang_mx.transfer.plan import build_plan
-from sglang_mx.types import SourceIdentity, SourceRef, SourceStatus, TensorDescriptor
+from sglang_mx.transfer.tensors import describe
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PullOptions:
+    """How long and how widely to look for a seed. Built from an already validated MxConfig
+    (`from_config`) or by callers that choose their own values; not validated again here."""
+
     wait_timeout_s: float = 60.0  # how long to wait for a READY seed to appear
     poll_interval_s: float = 1.0
     max_candidates: int = 5  # seeds tried before giving up
 
-    def __post_init__(self) -> None:
-        if self.wait_timeout_s < 0:
-            raise MxError(f"wait_timeout_s={self.wait_timeout_s} must be >= 0")
-        if self.poll_interval_s <= 0:
-            raise MxError(f"poll_interval_s={self.poll_interval_s} must be > 0")
-        if self.max_candidates < 1:
-            raise MxError(f"max_candidates={self.max_candidates} must be >= 1")
+    @classmethod
+    def from_config(cls, config: MxConfig) -> "PullOptions":
+        return cls(wait_timeout_s=config.wait_timeout_s, max_candidates=config.max_candidates)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -57,13 +64,15 @@ def pull_weights(
     tensors: Sequence[TensorDescriptor],
     options: PullOptions = PullOptions(),
     clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> PullReport:
     """Fill `tensors` (our memory) from a READY seed of the same identity and rank.
 
     Candidates are tried newest first; one that does not match or fails to
     transfer is recorded and the next is tried. Raises NoSourceError listing
     every attempt when none succeeds within the wait time or the candidate cap.
-    When it raises, the destination memory may hold partial data.
+    When it raises, the destination memory may hold partial data. `clock` and
+    `sleep` go together: a test passes a fake pair to run the waiting at once.
     """
     source_id = mx_source_id(identity)
     deadline = clock() + options.wait_timeout_s
@@ -96,7 +105,7 @@ def pull_weights(
                     f"on metadata server {client.url} within {options.wait_timeout_s:g} s",
                     attempts=failures,
                 )
-            time.sleep(min(options.poll_interval_s, max(deadline - clock(), 0.0)))
+            sleep(min(options.poll_interval_s, max(deadline - clock(), 0.0)))
     finally:
         engine.unregister(regions)
 
@@ -134,22 +143,25 @@ def _pull_from(
     )
 
 
-def describe_identity(identity: SourceIdentity) -> str:
-    """A one-line summary for error messages: what a seed must match."""
-    parts = [
-        repr(identity.model_name),
-        f"TP {identity.tensor_parallel_size} PP {identity.pipeline_parallel_size} EP {identity.expert_parallel_size}",
-        f"dtype {identity.dtype or '-'}",
-    ]
-    if identity.quantization:
-        parts.append(f"quantization {identity.quantization}")
-    if identity.revision:
-        parts.append(f"revision {identity.revision}")
-    if identity.backend_framework_version:
-        parts.append(f"{identity.backend_framework.name.lower()} {identity.backend_framework_version}")
-    parts += [f"{k}={v}" for k, v in sorted(identity.extra_parameters.items())]
-    return ", ".join(parts)
-
-
 def _label(ref: SourceRef) -> str:
     return f"worker {ref.worker_id} (rank {ref.worker_rank})"
+
+
+def pull_into(
+    tensors: Mapping[str, torch.Tensor], engine: MooncakeEngine, info: RankInfo, config: MxConfig
+) -> PullReport:
+    """Fill `tensors` from a READY seed of this rank's identity, or raise NoSourceError."""
+    identity = identity_for(info, config)
+    log.info(
+        "modelexpress: loading %d tensors of %r (rank %d) from a peer via %s",
+        len(tensors), identity.model_name, info.worker_rank, config.url,
+    )
+    with MetadataClient.for_config(config) as client:
+        report = pull_weights(client, engine, identity, worker_rank=info.worker_rank, tensors=describe(tensors),
+                              options=PullOptions.from_config(config))
+    log.info(
+        "modelexpress: pulled %d tensors, %.3f GB in %.3f s (%.2f GB/s) from %s (worker %s)",
+        report.tensors, report.bytes / 1e9, report.seconds, report.gb_per_s,
+        report.seed_session_id, report.seed_worker_id,
+    )
+    return report

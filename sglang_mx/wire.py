@@ -1,6 +1,6 @@
 """The wire: the only module that touches generated protobuf types.
 
-Everything else speaks the plain types of `sglang_mx.types`; this module
+Everything else speaks the plain types of `sglang_mx.records`; this module
 converts in both directions and exposes the generated service stubs.
 """
 
@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from sglang_mx._proto import p2p_pb2 as pb
 from sglang_mx._proto import p2p_pb2_grpc as pb_grpc
-from sglang_mx.types import (
+from typing import Sequence
+
+from sglang_mx.records import (
     BackendFramework,
     SourceIdentity,
     SourceQuery,
     SourceRef,
     SourceStatus,
     SourceType,
+    StoredWorker,
     TensorDescriptor,
     WorkerRecord,
 )
@@ -25,7 +28,7 @@ SERVICE_NAME = "model_express.p2p.P2pService"
 P2pServiceStub = pb_grpc.P2pServiceStub
 P2pServiceServicer = pb_grpc.P2pServiceServicer
 add_servicer_to_server = pb_grpc.add_P2pServiceServicer_to_server
-messages = pb
+messages = pb  # for tests and benchmarks that speak raw protobuf on purpose
 
 
 class WireError(ValueError):
@@ -191,3 +194,86 @@ def query_from_pb(msg: pb.ListSourcesRequest, mx_source_id: str | None) -> Sourc
         min_updated_at_ms=msg.min_updated_at if msg.HasField("min_updated_at") else None,
         limit=msg.limit if msg.HasField("limit") else None,
     )
+
+
+# --- Requests (client side) -------------------------------------------------
+
+def publish_request(identity: SourceIdentity, worker: WorkerRecord, worker_id: str) -> pb.PublishMetadataRequest:
+    return pb.PublishMetadataRequest(identity=identity_to_pb(identity), worker=worker_to_pb(worker), worker_id=worker_id)
+
+
+def list_request(
+    identity: SourceIdentity | None = None,
+    *,
+    status: SourceStatus | None = None,
+    worker_rank: int | None = None,
+    model_name: str | None = None,
+    limit: int | None = None,
+) -> pb.ListSourcesRequest:
+    request = pb.ListSourcesRequest()
+    if identity is not None:
+        request.identity.CopyFrom(identity_to_pb(identity))
+    if status is not None:
+        request.status_filter = int(status)
+    if worker_rank is not None:
+        request.worker_rank_filter = worker_rank
+    if model_name is not None:
+        request.model_name_filter = model_name
+    if limit is not None:
+        request.limit = limit
+    return request
+
+
+def get_request(mx_source_id: str, worker_id: str) -> pb.GetMetadataRequest:
+    return pb.GetMetadataRequest(mx_source_id=mx_source_id, worker_id=worker_id)
+
+
+def update_status_request(mx_source_id: str, worker_id: str, worker_rank: int,
+                          status: SourceStatus) -> pb.UpdateStatusRequest:
+    return pb.UpdateStatusRequest(mx_source_id=mx_source_id, worker_id=worker_id, worker_rank=worker_rank,
+                                  status=int(status))
+
+
+def refs_from_response(response: pb.ListSourcesResponse, status: SourceStatus) -> list[SourceRef]:
+    return [ref_from_pb(r, status) for r in response.instances]
+
+
+def stored_from_response(response: pb.GetMetadataResponse, mx_source_id: str, worker_id: str) -> StoredWorker | None:
+    """The record a GetMetadata answer holds, or None when the server did not find it."""
+    if not response.found:
+        return None
+    return StoredWorker(
+        mx_source_id=response.mx_source_id or mx_source_id,
+        worker_id=response.worker_id or worker_id,
+        identity=identity_from_pb(response.identity),
+        worker=worker_from_pb(response.worker),
+    )
+
+
+# --- Responses (server side) ------------------------------------------------
+
+def publish_response(*, success: bool, message: str, mx_source_id: str = "",
+                     worker_id: str = "") -> pb.PublishMetadataResponse:
+    return pb.PublishMetadataResponse(success=success, message=message, mx_source_id=mx_source_id,
+                                      worker_id=worker_id)
+
+
+def list_response(refs: Sequence[SourceRef]) -> pb.ListSourcesResponse:
+    return pb.ListSourcesResponse(instances=[ref_to_pb(r) for r in refs])
+
+
+def get_response(stored: StoredWorker | None, *, mx_source_id: str = "", worker_id: str = "") -> pb.GetMetadataResponse:
+    """found=false naming the ids asked for, or the whole record."""
+    if stored is None:
+        return pb.GetMetadataResponse(found=False, mx_source_id=mx_source_id, worker_id=worker_id)
+    return pb.GetMetadataResponse(
+        found=True,
+        worker=worker_to_pb(stored.worker),
+        mx_source_id=stored.mx_source_id,
+        worker_id=stored.worker_id,
+        identity=identity_to_pb(stored.identity),
+    )
+
+
+def update_status_response(*, success: bool, message: str) -> pb.UpdateStatusResponse:
+    return pb.UpdateStatusResponse(success=success, message=message)

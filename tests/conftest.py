@@ -14,7 +14,7 @@ import pytest
 
 from sglang_mx.client import MetadataClient
 from sglang_mx.server import MetadataServer, ServerOptions
-from sglang_mx.types import (
+from sglang_mx.records import (
     BackendFramework,
     SourceIdentity,
     SourceStatus,

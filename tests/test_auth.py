@@ -8,8 +8,8 @@ import pytest
 from sglang_mx.auth import bearer_metadata
 from sglang_mx.config import parse_config
 from sglang_mx.errors import ConfigError
-from sglang_mx.integration import metadata_client
-from sglang_mx.types import SourceStatus
+from sglang_mx.client import MetadataClient
+from sglang_mx.records import SourceStatus
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def test_integration_client_carries_token_and_tls(make_server, tmp_path, make_id
     server = make_server(auth_token_file=str(tmp_path / "token"), tls_cert_file=tls.cert, tls_key_file=tls.key)
     config = parse_config({"url": server.address, "auth_token_file": str(tmp_path / "token"),
                            "tls_ca_file": tls.cert}, env={})
-    with metadata_client(config) as client:
+    with MetadataClient.for_config(config) as client:
         source = client.publish(make_identity(), make_worker(status=SourceStatus.READY), "w0")
         assert [r.worker_id for r in client.list_sources(status=SourceStatus.READY)] == ["w0"]
         assert client.get_metadata(source, "w0") is not None

@@ -9,7 +9,7 @@ import pytest
 
 from sglang_mx.client import MetadataClient, normalize_url
 from sglang_mx.errors import MxError, ServerError, ServerUnavailableError
-from sglang_mx.types import SourceStatus
+from sglang_mx.records import SourceStatus
 
 
 @pytest.mark.parametrize(

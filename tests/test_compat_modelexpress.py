@@ -17,7 +17,7 @@ import pytest
 
 from sglang_mx.client import MetadataClient
 from sglang_mx.server import MetadataServer, ServerOptions
-from sglang_mx.types import BackendFramework, SourceIdentity, SourceStatus, TensorDescriptor, WorkerRecord
+from sglang_mx.records import BackendFramework, SourceIdentity, SourceStatus, TensorDescriptor, WorkerRecord
 
 PEER = pathlib.Path(__file__).resolve().parent / "compat" / "mx_peer.py"
 GOLDEN_ID = "8b7aa4b533b72278"

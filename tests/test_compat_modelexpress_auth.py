@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from sglang_mx.client import MetadataClient
-from sglang_mx.types import SourceStatus
+from sglang_mx.records import SourceStatus
 from tests.test_compat_modelexpress import GOLDEN_ID, MX_SESSION, MX_TENSORS, MX_WORKER_ID, PEER
 
 TOKEN = "mx-shared-token.0123456789"

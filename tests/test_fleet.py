@@ -15,7 +15,7 @@ import pytest
 from sglang_mx import fleet
 from sglang_mx.client import MetadataClient
 from sglang_mx.fleet import FleetRow, format_age, format_bytes, render_json, render_table
-from sglang_mx.types import SourceStatus
+from sglang_mx.records import SourceStatus
 
 NOW = 1_800_000_000_000
 

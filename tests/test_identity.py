@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sglang_mx.identity import canonical_identity, global_rank, mx_source_id
-from sglang_mx.types import BackendFramework, SourceIdentity, SourceType
+from sglang_mx.records import BackendFramework, SourceIdentity, SourceType
 
 DEEPSEEK = SourceIdentity(
     mx_version="0.5.0",

@@ -6,7 +6,7 @@ import pytest
 
 from sglang_mx.client import MetadataClient
 from sglang_mx.server import MetadataServer, ServerOptions
-from sglang_mx.types import SourceStatus
+from sglang_mx.records import SourceStatus
 from tests.procs import SeedProcess
 
 

@@ -9,7 +9,7 @@ import torch
 from sglang_mx.errors import NoSourceError
 from sglang_mx.target import PullOptions, pull_weights
 from sglang_mx.transfer.tensors import describe
-from sglang_mx.types import SourceIdentity
+from sglang_mx.records import SourceIdentity
 from tests.procs import SeedProcess, weights
 
 IDENTITY = SourceIdentity(model_name="test/model", tensor_parallel_size=1, dtype="mixed")

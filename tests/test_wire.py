@@ -15,7 +15,7 @@ from grpc_tools import protoc
 
 from sglang_mx import wire
 from sglang_mx._proto import p2p_pb2
-from sglang_mx.types import (
+from sglang_mx.records import (
     BackendFramework,
     SourceIdentity,
     SourceRef,

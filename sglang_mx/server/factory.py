@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from sglang_mx.errors import ConfigError
 from sglang_mx.server.memory_store import MemoryStore
+from sglang_mx.server.options import DEFAULT_REDIS_PREFIX, DEFAULT_REDIS_URL, STORE_KINDS
 from sglang_mx.server.store import SourceStore
-
-STORE_KINDS = ("memory", "redis")
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-DEFAULT_REDIS_PREFIX = "mx:"
 
 
 def make_store(

@@ -6,7 +6,7 @@ import dataclasses
 import threading
 
 from sglang_mx.server.store import ReapStats, SourceStore
-from sglang_mx.types import SourceIdentity, SourceQuery, SourceRef, SourceStatus, StoredWorker, WorkerRecord
+from sglang_mx.records import SourceIdentity, SourceQuery, SourceRef, SourceStatus, StoredWorker, WorkerRecord
 
 
 @dataclasses.dataclass
@@ -67,10 +67,10 @@ class MemoryStore(SourceStore):
             else:
                 groups = list(self._sources.items())
             refs = [
-                _ref(source_id, worker_id, entry)
+                ref
                 for source_id, workers in groups
                 for worker_id, entry in workers.items()
-                if _matches(entry, query)
+                if query.matches(ref := _ref(source_id, worker_id, entry))
             ]
         refs.sort(key=lambda r: r.updated_at_ms, reverse=True)
         return refs[: query.limit] if query.limit is not None else refs
@@ -93,15 +93,6 @@ class MemoryStore(SourceStore):
                 if not workers:
                     del self._sources[source_id]
         return ReapStats(marked_stale=marked, deleted=deleted)
-
-
-def _matches(entry: _Entry, q: SourceQuery) -> bool:
-    return (
-        (q.status is None or entry.status == q.status)
-        and (q.model_name is None or entry.identity.model_name == q.model_name)
-        and (q.worker_rank is None or entry.worker.worker_rank == q.worker_rank)
-        and (q.min_updated_at_ms is None or entry.updated_at_ms >= q.min_updated_at_ms)
-    )
 
 
 def _ref(source_id: str, worker_id: str, entry: _Entry) -> SourceRef:

@@ -21,7 +21,7 @@ import grpc
 
 from sglang_mx.errors import ConfigError, StoreUnavailableError
 from sglang_mx.server.store import SourceStore
-from sglang_mx.types import SourceQuery, SourceStatus
+from sglang_mx.records import SourceQuery, SourceStatus
 
 try:
     import prometheus_client

@@ -35,9 +35,9 @@ from redis.retry import Retry
 
 from sglang_mx import wire
 from sglang_mx.errors import ConfigError, StoreUnavailableError
-from sglang_mx.server.factory import DEFAULT_REDIS_PREFIX, DEFAULT_REDIS_URL
+from sglang_mx.server.options import DEFAULT_REDIS_PREFIX, DEFAULT_REDIS_URL
 from sglang_mx.server.store import ReapStats, SourceStore
-from sglang_mx.types import SourceIdentity, SourceQuery, SourceRef, SourceStatus, StoredWorker, WorkerRecord
+from sglang_mx.records import SourceIdentity, SourceQuery, SourceRef, SourceStatus, StoredWorker, WorkerRecord
 
 DEFAULT_URL = DEFAULT_REDIS_URL
 DEFAULT_PREFIX = DEFAULT_REDIS_PREFIX
@@ -257,7 +257,7 @@ class RedisStore(SourceStore):
             pipe.hmget(self._record_key(source_id, worker_id), _SMALL_FIELDS)  # never the tensor blob
         refs = [
             ref for (source_id, worker_id), row in zip(pairs, pipe.execute())
-            if (ref := _ref(source_id, worker_id, row)) is not None and _matches(ref, query)
+            if (ref := _ref(source_id, worker_id, row)) is not None and query.matches(ref)
         ]
         refs.sort(key=lambda r: (r.updated_at_ms, r.mx_source_id, r.worker_id), reverse=True)
         return refs[: query.limit] if query.limit is not None else refs
@@ -306,15 +306,6 @@ def _ref(source_id: str, worker_id: str, row: list[bytes | None]) -> SourceRef |
         accelerator=accelerator.decode(),
         topology=json.loads(topology),
         source_load=None if load is None else float(load),
-    )
-
-
-def _matches(ref: SourceRef, q: SourceQuery) -> bool:
-    return (
-        (q.status is None or ref.status == q.status)
-        and (q.model_name is None or ref.model_name == q.model_name)
-        and (q.worker_rank is None or ref.worker_rank == q.worker_rank)
-        and (q.min_updated_at_ms is None or ref.updated_at_ms >= q.min_updated_at_ms)
     )
 
 

@@ -18,17 +18,16 @@ import grpc
 from sglang_mx import wire
 from sglang_mx.errors import StoreUnavailableError
 from sglang_mx.identity import mx_source_id
+from sglang_mx.server.options import DEFAULT_MAX_TENSORS
 from sglang_mx.server.store import SourceStore
-from sglang_mx.types import SourceStatus, TensorDescriptor, WorkerRecord
+from sglang_mx.records import SourceStatus, TensorDescriptor, WorkerRecord
 
 log = logging.getLogger(__name__)
-pb = wire.messages
 
 # Limits on what one request may claim: far above any real deployment, low enough
 # that a buggy or hostile client cannot make the server store absurd records.
 MAX_WORKER_RANK = 1_000_000
 MAX_ID_CHARS = 1024  # model_name, worker_id, mx_source_id
-DEFAULT_MAX_TENSORS = 1_000_000  # per worker; ServerOptions.max_tensors
 
 
 def now_ms() -> int:
@@ -72,7 +71,7 @@ class P2pServicer(wire.P2pServiceServicer):
         try:
             identity, worker, source_id = _validate_publish(request, self._max_tensors)
         except (InvalidRequest, wire.WireError) as e:
-            return pb.PublishMetadataResponse(success=False, message=f"PublishMetadata rejected: {e}")
+            return wire.publish_response(success=False, message=f"PublishMetadata rejected: {e}")
         worker = dataclasses.replace(worker, updated_at_ms=self._clock_ms())
         self._store.publish(source_id, request.worker_id, identity, worker)
         log.info(
@@ -80,7 +79,7 @@ class P2pServicer(wire.P2pServiceServicer):
             source_id, request.worker_id, worker.worker_rank, worker.status.name,
             len(worker.tensors), worker.total_bytes,
         )
-        return pb.PublishMetadataResponse(
+        return wire.publish_response(
             success=True, message="published", mx_source_id=source_id, worker_id=request.worker_id
         )
 
@@ -101,32 +100,24 @@ class P2pServicer(wire.P2pServiceServicer):
             fresh_since = max(self._clock_ms() - self._heartbeat_timeout_ms, 1)
             query = dataclasses.replace(query, min_updated_at_ms=max(query.min_updated_at_ms or 0, fresh_since))
         refs = self._store.list(query)
-        return pb.ListSourcesResponse(instances=[wire.ref_to_pb(r) for r in refs])
+        return wire.list_response(refs)
 
     @_store_outage_is_unavailable
     def GetMetadata(self, request, context):
         if not request.mx_source_id or not request.worker_id:
-            return pb.GetMetadataResponse(found=False)
+            return wire.get_response(None)
         if len(request.mx_source_id) > MAX_ID_CHARS or len(request.worker_id) > MAX_ID_CHARS:
-            return pb.GetMetadataResponse(found=False)  # publish never stores such ids
+            return wire.get_response(None)  # publish never stores such ids
         stored = self._store.get(request.mx_source_id, request.worker_id)
-        if stored is None:
-            return pb.GetMetadataResponse(found=False, mx_source_id=request.mx_source_id, worker_id=request.worker_id)
-        return pb.GetMetadataResponse(
-            found=True,
-            worker=wire.worker_to_pb(stored.worker),
-            mx_source_id=stored.mx_source_id,
-            worker_id=stored.worker_id,
-            identity=wire.identity_to_pb(stored.identity),
-        )
+        return wire.get_response(stored, mx_source_id=request.mx_source_id, worker_id=request.worker_id)
 
     @_store_outage_is_unavailable
     def UpdateStatus(self, request, context):
         if not request.mx_source_id:
-            return pb.UpdateStatusResponse(success=False, message="UpdateStatus rejected: mx_source_id is empty")
+            return wire.update_status_response(success=False, message="UpdateStatus rejected: mx_source_id is empty")
         for field in ("mx_source_id", "worker_id"):
             if len(getattr(request, field)) > MAX_ID_CHARS:
-                return pb.UpdateStatusResponse(
+                return wire.update_status_response(
                     success=False, message=f"UpdateStatus rejected: {field} is {len(getattr(request, field))} "
                     f"characters long; allowed: at most {MAX_ID_CHARS}")
         try:
@@ -134,7 +125,7 @@ class P2pServicer(wire.P2pServiceServicer):
         except ValueError:
             status = None
         if status is None or status == SourceStatus.UNKNOWN:
-            return pb.UpdateStatusResponse(
+            return wire.update_status_response(
                 success=False,
                 message=f"UpdateStatus rejected: status {request.status} is not one of "
                 "INITIALIZING (1), READY (2), STALE (3)",
@@ -145,12 +136,12 @@ class P2pServicer(wire.P2pServiceServicer):
         )
         if changed == 0:
             who = f"worker {request.worker_id}" if request.worker_id else f"any worker of rank {request.worker_rank}"
-            return pb.UpdateStatusResponse(
+            return wire.update_status_response(
                 success=False,
                 message=f"UpdateStatus: source {request.mx_source_id} has no {who} with rank "
                 f"{request.worker_rank}; publish it first",
             )
-        return pb.UpdateStatusResponse(success=True, message=f"{status.name} ({changed} worker(s))")
+        return wire.update_status_response(success=True, message=f"{status.name} ({changed} worker(s))")
 
 
 def _validate_publish(request, max_tensors: int) -> tuple:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 
-from sglang_mx.types import SourceIdentity, SourceQuery, SourceRef, SourceStatus, StoredWorker, WorkerRecord
+from sglang_mx.records import SourceIdentity, SourceQuery, SourceRef, SourceStatus, StoredWorker, WorkerRecord
 
 
 @dataclasses.dataclass(frozen=True)

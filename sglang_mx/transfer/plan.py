@@ -11,7 +11,7 @@ import dataclasses
 from typing import Iterable, Mapping, Sequence
 
 from sglang_mx.errors import LayoutMismatchError, SizeMismatch
-from sglang_mx.types import TensorDescriptor
+from sglang_mx.records import TensorDescriptor
 
 
 @dataclasses.dataclass(frozen=True)

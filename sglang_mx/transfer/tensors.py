@@ -7,7 +7,7 @@ from typing import Iterable, Mapping
 import torch
 
 from sglang_mx.errors import MxError
-from sglang_mx.types import TensorDescriptor
+from sglang_mx.records import TensorDescriptor
 
 
 def describe(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> list[TensorDescriptor]:

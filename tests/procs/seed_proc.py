@@ -12,10 +12,9 @@ import logging
 import sys
 
 from sglang_mx.client import MetadataClient
-from sglang_mx.seed import SeedPublisher, close_on_exit
+from sglang_mx.records import SourceIdentity
+from sglang_mx.seed import start_seed
 from sglang_mx.transfer.engine import MooncakeEngine
-from sglang_mx.transfer.tensors import describe
-from sglang_mx.types import SourceIdentity
 from tests.procs import weights
 
 
@@ -35,13 +34,8 @@ def main() -> None:
     identity = SourceIdentity(model_name=args.model, tensor_parallel_size=args.tp, dtype="mixed")
     engine = MooncakeEngine.create("127.0.0.1", protocol="tcp")
     client = MetadataClient(args.url, timeout_s=5, retries=1)
-    publisher = SeedPublisher(
-        client, engine, identity, worker_rank=args.rank, tensors=describe(tensors),
-        heartbeat_interval_s=args.heartbeat,
-    )
-    close_on_exit(publisher)
-    publisher.start()
-    publisher.mark_ready()
+    publisher = start_seed(tensors, engine, identity, client, worker_rank=args.rank,
+                           heartbeat_interval_s=args.heartbeat, ready=True)
     print(json.dumps({"worker_id": publisher.worker_id, "session": engine.session_id,
                       "mx_source_id": publisher.mx_source_id}), flush=True)
     sys.stdin.read()

@@ -15,7 +15,7 @@ from sglang_mx.client import MetadataClient
 from sglang_mx.errors import ConfigError, ServerError, ServerUnavailableError
 from sglang_mx.server import MetadataServer, ServerOptions
 from sglang_mx.server.auth import token_problem
-from sglang_mx.types import SourceStatus
+from sglang_mx.records import SourceStatus
 
 pb = wire.messages
 TOKEN = "t0ken-Zm9vYmFy.~_+/="
@@ -86,7 +86,7 @@ def test_every_rpc_without_the_token_is_unauthenticated(auth_server, rpc, metada
 def test_client_with_the_token_works_and_without_it_fails_at_once(auth_server, make_identity, make_worker):
     with MetadataClient(auth_server.address, auth_token=TOKEN, timeout_s=5) as client:
         source = client.publish(make_identity(), make_worker(status=SourceStatus.INITIALIZING), "w0")
-        assert client.update_status(source, "w0", 0, SourceStatus.READY)
+        client.update_status(source, "w0", 0, SourceStatus.READY)
         assert [r.worker_id for r in client.list_sources(status=SourceStatus.READY)] == ["w0"]
         assert client.get_metadata(source, "w0").worker.tensors == make_worker().tensors
     for token in (None, "wrong"):

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from sglang_mx import wire
 from sglang_mx.client import MetadataClient
 from sglang_mx.server import MetadataServer, ServerOptions
-from sglang_mx.types import SourceStatus
+from sglang_mx.records import SourceStatus
 
 pb = wire.messages
 METHODS = ("PublishMetadata", "ListSources", "GetMetadata", "UpdateStatus")

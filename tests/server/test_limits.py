@@ -9,7 +9,7 @@ from sglang_mx import wire
 from sglang_mx.client import MetadataClient
 from sglang_mx.errors import ServerError
 from sglang_mx.server.service import MAX_ID_CHARS, MAX_WORKER_RANK
-from sglang_mx.types import SourceStatus, TensorDescriptor, WorkerRecord
+from sglang_mx.records import SourceStatus, TensorDescriptor, WorkerRecord
 
 pb = wire.messages
 BASE = 0x7F00_0000_0000

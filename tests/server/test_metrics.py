@@ -12,7 +12,8 @@ from sglang_mx import wire
 from sglang_mx.client import MetadataClient
 from sglang_mx.errors import ConfigError
 from sglang_mx.server import MetadataServer, ServerOptions
-from sglang_mx.types import SourceStatus
+from sglang_mx.records import SourceStatus
+from sglang_mx.errors import RequestRejectedError
 
 prometheus_client = pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
@@ -48,8 +49,9 @@ def test_rpc_counts_latencies_and_sources_by_status(make_server, make_identity, 
         source = client.publish(identity, make_worker(worker_rank=0, status=SourceStatus.READY), "a")
         client.publish(identity, make_worker(worker_rank=1, status=SourceStatus.INITIALIZING), "b")
         client.publish(identity, make_worker(worker_rank=2, status=SourceStatus.INITIALIZING), "c")
-        assert client.update_status(source, "c", 2, SourceStatus.STALE)
-        assert not client.update_status(source, "nope", 0, SourceStatus.READY)  # success=false is still gRPC OK
+        client.update_status(source, "c", 2, SourceStatus.STALE)
+        with pytest.raises(RequestRejectedError):  # success=false is still gRPC OK
+            client.update_status(source, "nope", 0, SourceStatus.READY)
         for _ in range(3):
             client.list_sources(identity)
         assert client.get_metadata(source, "a") is not None
@@ -79,7 +81,7 @@ def test_rpc_counts_latencies_and_sources_by_status(make_server, make_identity, 
 
     # Computed at scrape time: a heartbeat moves a worker between statuses.
     with MetadataClient(server.address, auth_token="tok", timeout_s=5) as client:
-        assert client.update_status(source, "b", 1, SourceStatus.READY)
+        client.update_status(source, "b", 1, SourceStatus.READY)
     samples = scrape(server.metrics_port)
     assert _sample(samples, "sglang_mx_sources", status="READY") == 2
     assert _sample(samples, "sglang_mx_sources", status="INITIALIZING") == 0

@@ -11,7 +11,7 @@ import pytest
 
 from sglang_mx.errors import ConfigError, StoreUnavailableError
 from sglang_mx.server import ReapStats, make_store
-from sglang_mx.types import SourceIdentity, SourceQuery, SourceStatus, TensorDescriptor, WorkerRecord
+from sglang_mx.records import SourceIdentity, SourceQuery, SourceStatus, TensorDescriptor, WorkerRecord
 
 pytest.importorskip("redis")
 from sglang_mx.server.redis_store import RedisStore  # noqa: E402

@@ -12,7 +12,7 @@ from sglang_mx import wire
 from sglang_mx.client import MetadataClient
 from sglang_mx.errors import RequestRejectedError
 from sglang_mx.identity import mx_source_id
-from sglang_mx.types import SourceStatus, TensorDescriptor, WorkerRecord
+from sglang_mx.records import SourceStatus, TensorDescriptor, WorkerRecord
 
 pb = wire.messages
 
@@ -105,11 +105,11 @@ def test_lifecycle_initializing_ready_stale(client, make_identity, make_worker):
 
     assert listed(SourceStatus.INITIALIZING) == ["w1"]
     assert listed(SourceStatus.READY) == []
-    assert client.update_status(source, "w1", 1, SourceStatus.READY) is True
+    client.update_status(source, "w1", 1, SourceStatus.READY)
     assert listed(SourceStatus.READY) == ["w1"]
     assert listed(SourceStatus.INITIALIZING) == []
     assert client.get_metadata(source, "w1").worker.status == SourceStatus.READY
-    assert client.update_status(source, "w1", 1, SourceStatus.STALE) is True
+    client.update_status(source, "w1", 1, SourceStatus.STALE)
     assert listed(SourceStatus.READY) == []
     assert listed(SourceStatus.STALE) == ["w1"]
     assert client.get_metadata(source, "w1").worker.tensors == make_worker().tensors
@@ -134,8 +134,10 @@ def test_update_status_of_unknown_worker_fails(stub, client, make_identity, make
     )
     assert response.success is False
     assert "nope" in response.message and "publish it first" in response.message
-    assert client.update_status("0000000000000000", "w0", 0, SourceStatus.READY) is False
-    assert client.update_status(source, "w0", 5, SourceStatus.READY) is False  # wrong rank
+    with pytest.raises(RequestRejectedError):
+        client.update_status("0000000000000000", "w0", 0, SourceStatus.READY)
+    with pytest.raises(RequestRejectedError):  # wrong rank
+        client.update_status(source, "w0", 5, SourceStatus.READY)
     assert client.get_metadata(source, "nope") is None
 
 
@@ -149,7 +151,7 @@ def test_update_status_without_worker_id_updates_the_rank(client, make_identity,
     source = client.publish(identity, make_worker(worker_rank=0, status=SourceStatus.INITIALIZING), "a")
     client.publish(identity, make_worker(worker_rank=0, status=SourceStatus.INITIALIZING), "b")
     client.publish(identity, make_worker(worker_rank=1, status=SourceStatus.INITIALIZING), "c")
-    assert client.update_status(source, "", 0, SourceStatus.READY) is True
+    client.update_status(source, "", 0, SourceStatus.READY)
     assert sorted(r.worker_id for r in client.list_sources(identity, status=SourceStatus.READY)) == ["a", "b"]
 
 
@@ -167,7 +169,7 @@ def test_ready_filter_drops_silent_records_before_the_reaper_runs(make_server, m
         assert client.get_metadata(source, "w0").worker.status == SourceStatus.READY
         assert [r.worker_id for r in client.list_sources(identity)] == ["w0"]
         # A heartbeat makes it eligible again.
-        assert client.update_status(source, "w0", 0, SourceStatus.READY)
+        client.update_status(source, "w0", 0, SourceStatus.READY)
         assert [r.worker_id for r in client.list_sources(identity, status=SourceStatus.READY)] == ["w0"]
 
 
@@ -181,7 +183,7 @@ def test_reaper_marks_stale_then_deletes(make_server, make_identity, make_worker
             client.publish(identity, make_worker(worker_rank=i, status=status), wid)
 
         def heartbeat_and_list(status=None):
-            assert client.update_status(source, "alive", 9, SourceStatus.READY), "the heartbeating worker was lost"
+            client.update_status(source, "alive", 9, SourceStatus.READY)
             return {r.worker_id for r in client.list_sources(identity, status=status)}
 
         wait_for(lambda: heartbeat_and_list(SourceStatus.STALE) == set(silent), timeout_s=5,

@@ -13,7 +13,7 @@ import threading
 import pytest
 
 from sglang_mx.server import MemoryStore, ReapStats, SourceStore
-from sglang_mx.types import (
+from sglang_mx.records import (
     SourceIdentity,
     SourceQuery,
     SourceStatus,

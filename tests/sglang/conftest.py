@@ -1,13 +1,15 @@
-import importlib.util
+"""Fixtures of the SGLang tests: a tiny local model, a metadata server, the servers a test starts."""
 
 import pytest
 
 from sglang_mx.client import MetadataClient
 from sglang_mx.server import MetadataServer, ServerOptions
-from tests.sglang.harness import make_tiny_llama
+from sglang_mx.sglang.launch import make_tiny_llama
 
-if importlib.util.find_spec("sglang") is None:  # scripts/setup.sh installs it; plain installs may not
-    pytest.skip("SGLang is not installed (bash scripts/setup.sh installs 0.5.23)", allow_module_level=True)
+
+def require_sglang() -> None:
+    """Skip the calling test module when SGLang is missing (scripts/setup.sh installs 0.5.23)."""
+    pytest.importorskip("sglang", reason="SGLang is not installed (bash scripts/setup.sh installs 0.5.23)")
 
 HEARTBEAT_TIMEOUT_S = 4.0
 

@@ -4,7 +4,7 @@ import pytest
 
 from sglang_mx.errors import LayoutMismatchError
 from sglang_mx.transfer.plan import Read, build_plan, coalesce_ranges, merge_reads
-from sglang_mx.types import TensorDescriptor as T
+from sglang_mx.records import TensorDescriptor as T
 
 
 def test_coalesce_merges_contiguous_and_overlapping_and_skips_empty():

@@ -1,8 +1,11 @@
-"""Bad --modelexpress-config values stop SGLang at start-up with the reason."""
+"""Bad --modelexpress-config values stop SGLang's launcher at start-up with the reason."""
 
 import pytest
 
-from tests.sglang.harness import TARGET_ARGS, SglangServer
+from sglang_mx.sglang.launch import TARGET_ARGS, SglangServer
+from tests.sglang.conftest import require_sglang
+
+require_sglang()
 
 TARGET = TARGET_ARGS
 
@@ -16,5 +19,8 @@ def test_config_errors_exit_at_startup(tiny_model, servers, config, message):
     server = SglangServer(tiny_model, *TARGET, mx_config=config, name="bad-config")
     servers.append(server)
     assert server.wait_exit(timeout_s=120) != 0
-    assert "ConfigError" in server.log and message in server.log
-    assert "Load weight begin" not in server.log  # rejected before any scheduler started
+    log = server.log
+    assert "ConfigError" in log and message in log
+    # Raised in the launcher, while it parsed the command line: no scheduler ever started.
+    assert "in prepare_server_args" in log and "in from_cli_args" in log, log[-3000:]
+    assert "Scheduler hit an exception" not in log and "Load weight begin" not in log

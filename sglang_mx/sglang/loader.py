@@ -1,10 +1,9 @@
-"""SGLang glue shared by the plugin (SGLang 0.5.15+) and the source patch (0.5.10).
+"""The loader glue shared by the plugin (SGLang 0.5.15+) and the 0.5.10 adapter.
 
-`sglang_plugin` reaches SGLang through its hooks, `sglang_legacy` through the
-calls that patches/sglang-0.5.10.patch adds; both gather their SGLang facts in
-their own way and then call these functions, so the two paths decide roles,
-build identities, load and publish in one way. SGLang is imported only inside
-the functions that need its loaders.
+Both reach SGLang their own way (hooks, or calls the patch adds), gather the
+same plain facts (`LaunchSettings`, `RankInfo`) and then call these functions,
+so roles, identities, the target's load and the seed's publication happen one
+way. SGLang's loaders are imported inside the functions that use them.
 """
 
 from __future__ import annotations
@@ -16,8 +15,14 @@ import time
 import uuid
 from typing import Callable
 
-from sglang_mx.config import MxConfig, parse_config
 from sglang_mx.errors import MxError
+from sglang_mx.identity import RankInfo, identity_for
+from sglang_mx.model_tensors import collect_tensors
+from sglang_mx.roles import LaunchSettings, Role, falls_back_to_disk, role_of
+from sglang_mx.seed import SeedPublisher, start_seed
+from sglang_mx.client import MetadataClient
+from sglang_mx.target import pull_into
+from sglang_mx.transfer.engine import MooncakeEngine
 
 log = logging.getLogger("sglang_mx")
 
@@ -30,14 +35,34 @@ _NO_ENGINE = ("SGLang created no Mooncake TransferEngine for the modelexpress ba
 
 @dataclasses.dataclass
 class ProcessState:
-    """What one SGLang process carries from its load to its event loop.
+    """What one SGLang process carries from its start to its event loop.
 
     Hooks and patch calls are free functions, so each entry module keeps one.
+    The role (and so the config) is parsed once per process and kept here.
     """
 
     instance_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:12])
+    roles: dict = dataclasses.field(default_factory=dict)  # LaunchSettings -> Role
     rank_infos: dict = dataclasses.field(default_factory=dict)  # id(model) -> RankInfo (plugin)
     publishers: list = dataclasses.field(default_factory=list)
+
+    def role(self, server_args) -> Role:
+        """This process's role, parsed from SGLang's ServerArgs on first use."""
+        settings = settings_of(server_args)
+        if settings not in self.roles:
+            self.roles[settings] = role_of(settings)
+        return self.roles[settings]
+
+
+def settings_of(server_args) -> LaunchSettings:
+    """The three ServerArgs settings that decide our role, as plain strings."""
+    backend = server_args.remote_instance_weight_loader_backend
+    load_format = server_args.load_format
+    return LaunchSettings(
+        load_format=str(getattr(load_format, "value", load_format)),
+        backend=str(getattr(backend, "value", backend)),
+        modelexpress_config=getattr(server_args, "modelexpress_config", None) or None,
+    )
 
 
 def log_at_info() -> None:
@@ -46,53 +71,21 @@ def log_at_info() -> None:
         log.setLevel(logging.INFO)
 
 
-# --- roles (cfg: SGLang's ServerArgs) ---------------------------------------------
-
-def is_target(cfg) -> bool:
-    """This instance loads its weights through the modelexpress backend."""
-    return str(cfg.load_format) == "remote_instance" and str(cfg.remote_instance_weight_loader_backend) in (
-        "modelexpress", "RemoteInstanceWeightLoaderBackend.MODELEXPRESS")
-
-
-def config_of(cfg) -> MxConfig | None:
-    """Our config when this instance uses the backend (as target or seed), else None."""
-    raw = getattr(cfg, "modelexpress_config", None)
-    if is_target(cfg):
-        return parse_config(raw)
-    if raw:
-        config = parse_config(raw)
-        return config if config.source else None
-    return None
-
-
-def publishes(cfg, config: MxConfig) -> bool:
-    """Targets seed by default (a fleet seeds itself); disk loads only with source=true."""
-    return config.source if config.source is not None else is_target(cfg)
-
-
-def check_server_args(cfg) -> None:
-    """Fail at start-up, in the launcher, with the key and what is allowed."""
-    if getattr(cfg, "modelexpress_config", None) or is_target(cfg):
-        parse_config(cfg.modelexpress_config)
-
-
 # --- rank facts -------------------------------------------------------------------
 
 def rank_info(model_config, device, *, tp_size: int, tp_rank: int, pp_size: int, pp_rank: int,
-              width: Callable[[str], object]):
-    """The RankInfo of one rank; `width(key)` gives a LAYOUT_KEYS width or raises
-    when this SGLang build does not define it."""
+              width: Callable[[str], object]) -> RankInfo:
+    """The RankInfo of one rank; `width(key)` gives a LAYOUT_KEYS width, raising
+    AttributeError when this SGLang build does not define it."""
     import sglang
     import torch
-
-    from sglang_mx.integration import RankInfo, dtype_name
 
     layout = {}
     for key in LAYOUT_KEYS:
         try:
             layout[key] = str(width(key))
-        except Exception:  # a width this SGLang build does not define
-            continue
+        except AttributeError:
+            log.debug("modelexpress: SGLang %s has no %s; left out of the identity", sglang.__version__, key)
     return RankInfo(
         model_path=model_config.model_path,
         tp_size=tp_size,
@@ -100,7 +93,7 @@ def rank_info(model_config, device, *, tp_size: int, tp_rank: int, pp_size: int,
         pp_size=pp_size,
         pp_rank=pp_rank,
         ep_size=int(layout.get("moe_ep_size", 1)),
-        dtype=dtype_name(model_config.dtype),
+        dtype=str(model_config.dtype).removeprefix("torch."),
         quantization=model_config.quantization or "",
         revision=model_config.revision or "",
         device=torch.device(device).type,
@@ -111,16 +104,12 @@ def rank_info(model_config, device, *, tp_size: int, tp_rank: int, pp_size: int,
 
 # --- the target's load ------------------------------------------------------------
 
-def load_from_peer(load_config, model_config, device_config, *, config: MxConfig, info, transfer_engine,
+def load_from_peer(load_config, model_config, device_config, *, role: Role, info: RankInfo, transfer_engine,
                    session_id: str):
     """Build the model with dummy weights, post-process it, and pull every tensor
     from a READY seed; with fallback=disk, load from disk when no seed serves."""
     from sglang.srt.configs.load_config import LoadFormat
     from sglang.srt.model_loader.loader import DefaultModelLoader, DummyModelLoader
-
-    from sglang_mx.integration import pull_into
-    from sglang_mx.model_tensors import collect_tensors
-    from sglang_mx.transfer.engine import MooncakeEngine
 
     if transfer_engine is None:
         raise MxError(_NO_ENGINE)
@@ -133,9 +122,9 @@ def load_from_peer(load_config, model_config, device_config, *, config: MxConfig
             model_config=model_config, device_config=device_config)
     built = time.perf_counter() - start
     try:
-        pull_into(collect_tensors(model), engine, info, config)
+        pull_into(collect_tensors(model), engine, info, role.config)
     except MxError as e:
-        if config.fallback != "disk":
+        if not falls_back_to_disk(role.config):
             raise
         log.warning("modelexpress: no usable seed, loading %s from disk instead (fallback=disk): %s",
                     model_config.model_path, e)
@@ -183,16 +172,18 @@ def _fill_constant(model, *args, **kwargs) -> None:
 
 # --- the seed's publication ---------------------------------------------------------
 
-def publish(model, transfer_engine, session_id: str, info, config: MxConfig, *, instance_id: str):
+def publish(model, transfer_engine, session_id: str, info: RankInfo, role: Role, *,
+            instance_id: str) -> SeedPublisher:
     """Register and publish one rank's tensors (INITIALIZING); returns the publisher."""
-    from sglang_mx.integration import start_seed
-    from sglang_mx.model_tensors import collect_tensors
-    from sglang_mx.transfer.engine import MooncakeEngine
-
     if transfer_engine is None:
         raise MxError(_NO_ENGINE)
-    engine = MooncakeEngine.wrap(transfer_engine, session_id)
-    return start_seed(collect_tensors(model), engine, info, config, instance_id=instance_id)
+    config = role.config
+    return start_seed(
+        collect_tensors(model), MooncakeEngine.wrap(transfer_engine, session_id), identity_for(info, config),
+        MetadataClient.for_config(config), worker_rank=info.worker_rank,
+        worker_id=f"{instance_id}-rank{info.worker_rank}", heartbeat_interval_s=config.heartbeat_interval_s,
+        accelerator=info.device,
+    )
 
 
 def mark_ready(publishers) -> None:

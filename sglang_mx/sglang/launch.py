@@ -1,4 +1,12 @@
-"""Real SGLang server processes for the integration tests (CPU, loopback only)."""
+"""Run SGLang server processes on this machine: the demo, the benchmarks and the tests.
+
+`SglangServer` starts `python -m sglang.launch_server` in its own process group
+on 127.0.0.1 (every byte stays on loopback: `SGLANG_HOST_IP` and Mooncake's
+tcp protocol are set), waits for it, generates greedily and stops it; the log
+parsers read SGLang's and our own load lines. On a CPU-only machine SGLang
+0.5.23 needs the test-environment workarounds in a source checkout's
+`scripts/sglang_cpu/` (put on the processes' PYTHONPATH when present).
+"""
 
 from __future__ import annotations
 
@@ -14,8 +22,8 @@ import time
 import urllib.error
 import urllib.request
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-CPU_ENV = ROOT / "scripts" / "sglang_cpu"
+ROOT = pathlib.Path(__file__).resolve().parents[2]  # the source checkout, when run from one
+CPU_ENV = ROOT / "scripts" / "sglang_cpu"  # CPU workarounds and the tiny-model maker (a checkout only)
 PROMPTS = [[432, 461], [5, 17, 99, 250, 3], [300, 301, 302, 303, 304, 305, 306, 307]]
 
 
@@ -27,8 +35,9 @@ def free_port() -> int:
 
 def sglang_env(tp: int = 1) -> dict[str, str]:
     env = dict(os.environ)
+    paths = [str(CPU_ENV), str(ROOT)] if CPU_ENV.is_dir() else []
     env.update(
-        PYTHONPATH=os.pathsep.join([str(CPU_ENV), str(ROOT)]),
+        PYTHONPATH=os.pathsep.join(paths),
         HF_HUB_OFFLINE="1",
         SGLANG_HOST_IP="127.0.0.1",  # advertise loopback, never the machine's address
         MOONCAKE_PROTOCOL="tcp",

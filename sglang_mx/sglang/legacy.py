@@ -3,7 +3,7 @@ releases without the plugin system.
 
 SGLang 0.5.10 names the `modelexpress` backend but has no `sglang.srt.plugins`
 entry point. The patch adds one call into this module at each place where
-`sglang_plugin` installs a hook on newer releases:
+`sglang_mx.sglang.plugin` installs a hook on newer releases:
 
 - `ServerArgs.__post_init__` -> `check_server_args` (the launcher rejects a bad
   `--modelexpress-config`, naming the key).
@@ -15,28 +15,29 @@ entry point. The patch adds one call into this module at each place where
   (instead of SGLang's own ModelExpress publication).
 - `Scheduler.run_event_loop` -> `mark_ready`.
 
-These functions only read 0.5.10's objects; the logic is `sglang_common`'s,
-shared with the plugin. SGLang is imported inside functions only.
+These functions only read 0.5.10's objects; the logic is
+`sglang_mx.sglang.loader`'s, shared with the plugin. SGLang is imported inside
+functions only.
 """
 
 from __future__ import annotations
 
 import logging
 
-from sglang_mx import sglang_common
+from sglang_mx.sglang import loader
 
 log = logging.getLogger("sglang_mx")
 
 __all__ = ["check_server_args", "load_model", "mark_ready", "modelexpress_keys", "publish_after_load"]
 
 
-_state = sglang_common.ProcessState()
+_state = loader.ProcessState()
 
 
 def check_server_args(server_args) -> None:
     """Raise ConfigError for a bad `--modelexpress-config` (launcher, at start-up)."""
-    sglang_common.log_at_info()
-    sglang_common.check_server_args(server_args)
+    loader.log_at_info()
+    _state.role(server_args)
 
 
 def modelexpress_keys(server_args) -> dict:
@@ -45,22 +46,21 @@ def modelexpress_keys(server_args) -> dict:
     "source" is whether this instance publishes (a target does unless
     source=false), which is also when 0.5.10 creates a TransferEngine for it.
     """
-    config = sglang_common.config_of(server_args)
-    if config is None:
+    role = _state.role(server_args)
+    if role.config is None:
         return {}
-    return {"url": config.url, "model_name": config.model_name,
-            "source": sglang_common.publishes(server_args, config)}
+    return {"url": role.config.url, "model_name": role.config.model_name, "source": role.seed}
 
 
-def load_model(loader, *, model_config, device_config):
+def load_model(model_loader, *, model_config, device_config):
     """`RemoteInstanceModelLoader.load_model` for backend modelexpress: pull from a seed."""
     from sglang.srt.server_args import get_global_server_args
 
-    sglang_common.log_at_info()
-    load_config = loader.load_config
-    return sglang_common.load_from_peer(
+    loader.log_at_info()
+    load_config = model_loader.load_config
+    return loader.load_from_peer(
         load_config, model_config, device_config,
-        config=sglang_common.config_of(get_global_server_args()),
+        role=_state.role(get_global_server_args()),
         info=_rank_info(model_config, device_config.device),
         transfer_engine=load_config.remote_instance_weight_loader_transfer_engine,
         session_id="",  # 0.5.10's LoadConfig lacks it; a target only reads, so it is not published
@@ -71,27 +71,26 @@ def publish_after_load(model_runner) -> None:
     """After `ModelRunner.load_model`: publish this rank's weights when configured to."""
     if getattr(model_runner, "is_draft_worker", False) or getattr(model_runner, "model", None) is None:
         return
-    sglang_common.log_at_info()
-    server_args = model_runner.server_args
-    config = sglang_common.config_of(server_args)
-    if config is None:
+    loader.log_at_info()
+    role = _state.role(model_runner.server_args)
+    if role.config is None:
         return
-    if not sglang_common.publishes(server_args, config):
+    if not role.seed:
         log.info("modelexpress: not publishing this instance (source=false)")
         return
-    _state.publishers.append(sglang_common.publish(
+    _state.publishers.append(loader.publish(
         model_runner.model,
         model_runner.remote_instance_transfer_engine,
         model_runner.remote_instance_transfer_engine_session_id,
         _rank_info(model_runner.model_config, model_runner.device),
-        config,
+        role,
         instance_id=_state.instance_id,
     ))
 
 
 def mark_ready() -> None:
     """Before `Scheduler.run_event_loop`: this process's seeds go READY."""
-    sglang_common.mark_ready(_state.publishers)
+    loader.mark_ready(_state.publishers)
 
 
 def _rank_info(model_config, device):
@@ -99,19 +98,20 @@ def _rank_info(model_config, device):
     from sglang.srt.distributed import parallel_state
     from sglang.srt.layers import dp_attention
 
+    # Looked up when asked: a getter this build lacks raises AttributeError, which rank_info skips.
     widths = {
-        "attn_tp_size": dp_attention.get_attention_tp_size,
-        "attn_cp_size": dp_attention.get_attention_cp_size,
-        "attn_dp_size": dp_attention.get_attention_dp_size,
-        "moe_ep_size": parallel_state.get_moe_expert_parallel_world_size,
-        "moe_tp_size": parallel_state.get_moe_tensor_parallel_world_size,
-        "moe_dp_size": parallel_state.get_moe_data_parallel_world_size,
+        "attn_tp_size": (dp_attention, "get_attention_tp_size"),
+        "attn_cp_size": (dp_attention, "get_attention_cp_size"),
+        "attn_dp_size": (dp_attention, "get_attention_dp_size"),
+        "moe_ep_size": (parallel_state, "get_moe_expert_parallel_world_size"),
+        "moe_tp_size": (parallel_state, "get_moe_tensor_parallel_world_size"),
+        "moe_dp_size": (parallel_state, "get_moe_data_parallel_world_size"),
     }
     pp = parallel_state.get_pp_group()
-    return sglang_common.rank_info(
+    return loader.rank_info(
         model_config, device,
         tp_size=parallel_state.get_tensor_model_parallel_world_size(),
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),
         pp_size=pp.world_size, pp_rank=pp.rank_in_group,
-        width=lambda key: widths[key](),
+        width=lambda key: getattr(*widths[key])(),
     )

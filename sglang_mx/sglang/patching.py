@@ -1,4 +1,4 @@
-"""`sglang-mx patch apply|check|revert`: patches/ applied to an installed SGLang.
+"""`sglang-mx patch apply|check|revert`: sglang_mx/sglang/patches/ applied to an installed SGLang.
 
 SGLang 0.5.15 and later load the plugin through their entry points and need no
 patch; older releases get the diff in patches/ for their exact version. The
@@ -22,7 +22,7 @@ import re
 import shutil
 from pathlib import Path
 
-from sglang_mx import unidiff
+from sglang_mx.sglang import unidiff
 from sglang_mx.errors import MxError
 
 __all__ = ["PATCHES", "PLUGIN_SINCE", "PatchError", "Report", "State", "apply", "check", "find_sglang", "revert"]
@@ -32,7 +32,7 @@ PLUGIN_SINCE = (0, 5, 15)  # first release with the sglang.srt.plugins entry poi
 BACKUP_DIR = "sglang_mx_patch_backup"
 MANIFEST = "manifest.json"
 _STAGED = ".sglang-mx-staged"
-_PATCH_DIR = Path(__file__).resolve().parent.parent / "patches"
+_PATCH_DIR = Path(__file__).resolve().parent / "patches"  # package data: present in a wheel too
 
 
 class PatchError(MxError):

@@ -1,4 +1,4 @@
-"""SGLang facts -> SourceIdentity: anything that changes bytes must change the id."""
+"""SGLang rank facts -> SourceIdentity (identity_for): anything that changes bytes must change the id."""
 
 import dataclasses
 
@@ -6,8 +6,8 @@ import pytest
 
 from sglang_mx.config import MxConfig
 from sglang_mx.identity import mx_source_id
-from sglang_mx.integration import RankInfo, identity_for
-from sglang_mx.types import BackendFramework
+from sglang_mx.identity import RankInfo, identity_for
+from sglang_mx.records import BackendFramework
 
 INFO = RankInfo(model_path="/models/llama", tp_size=2, tp_rank=1, pp_size=2, pp_rank=1, ep_size=1,
                 dtype="bfloat16", device="cuda", framework_version="0.5.23",

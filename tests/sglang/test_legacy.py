@@ -1,4 +1,4 @@
-"""sglang_legacy's decisions (what the 0.5.10 patch calls), with 0.5.10-shaped stand-ins.
+"""sglang_mx.sglang.legacy's decisions (what the 0.5.10 patch calls), with 0.5.10-shaped stand-ins.
 
 The rank facts and the publication itself are replaced by recorders here; the
 real 0.5.10 objects are exercised in tests/legacy/test_sglang_0510.py.
@@ -11,7 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from sglang_mx import sglang_common, sglang_legacy
+from sglang_mx.sglang import legacy as sglang_legacy
+from sglang_mx.sglang import loader
 from sglang_mx.errors import ConfigError
 
 
@@ -22,7 +23,7 @@ def server_args(load_format="remote_instance", backend="modelexpress", config=No
 
 @pytest.fixture
 def published(monkeypatch):
-    """Calls to sglang_common.publish; each returns a publisher recording mark_ready."""
+    """Calls to loader.publish; each returns a publisher recording mark_ready."""
     calls = []
 
     class Publisher:
@@ -32,14 +33,14 @@ def published(monkeypatch):
         def mark_ready(self):
             self.ready = True
 
-    def publish(model, te, session_id, info, config, *, instance_id):
-        calls.append(SimpleNamespace(model=model, te=te, session_id=session_id, info=info, config=config,
+    def publish(model, te, session_id, info, role, *, instance_id):
+        calls.append(SimpleNamespace(model=model, te=te, session_id=session_id, info=info, config=role.config,
                                      publisher=Publisher()))
         return calls[-1].publisher
 
-    monkeypatch.setattr(sglang_legacy, "_state", sglang_common.ProcessState())
+    monkeypatch.setattr(sglang_legacy, "_state", loader.ProcessState())
     monkeypatch.setattr(sglang_legacy, "_rank_info", lambda model_config, device: ("rank info", device))
-    monkeypatch.setattr(sglang_common, "publish", publish)
+    monkeypatch.setattr(loader, "publish", publish)
     return calls
 
 

@@ -2,9 +2,11 @@
 
 import time
 
-from sglang_mx.types import SourceStatus
-from tests.sglang.conftest import HEARTBEAT_TIMEOUT_S
-from tests.sglang.harness import TARGET_ARGS, SglangServer, seed_args
+from sglang_mx.records import SourceStatus
+from sglang_mx.sglang.launch import TARGET_ARGS, SglangServer, seed_args
+from tests.sglang.conftest import HEARTBEAT_TIMEOUT_S, require_sglang
+
+require_sglang()
 
 TARGET = TARGET_ARGS
 

@@ -17,8 +17,8 @@ import sys
 
 import pytest
 
-from sglang_mx import patching
-from tests.legacy import venv0510
+from sglang_mx.sglang import patching
+from tests.sglang.legacy import venv0510
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +45,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def _probe(*args: str) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(venv0510.ROOT), str(venv0510.CPU_ENV)]),
                HF_HUB_OFFLINE="1")
-    done = subprocess.run([str(venv0510.PYTHON), str(venv0510.ROOT / "tests" / "legacy" / "probe_0510.py"), *args],
+    done = subprocess.run([str(venv0510.PYTHON), str(venv0510.ROOT / "tests" / "sglang" / "legacy" / "probe_0510.py"), *args],
                           capture_output=True, text=True, timeout=180, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("PROBE ")]
     assert done.returncode == 0 and lines, f"probe failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"

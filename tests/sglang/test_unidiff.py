@@ -1,6 +1,6 @@
 import pytest
 
-from sglang_mx import unidiff
+from sglang_mx.sglang import unidiff
 
 DIFF = """header text is ignored
 --- a/pkg/mod.py

@@ -38,7 +38,7 @@ def server_args(model_dir: str) -> dict:
 
 
 def loader() -> dict:
-    import sglang_mx.sglang_legacy as legacy
+    import sglang_mx.sglang.legacy as legacy
 
     calls = []
 

@@ -1,4 +1,9 @@
-"""Plain types shared by every module. No protobuf, no torch, no SGLang."""
+"""Plain records of the wire: identity, worker record, tensor descriptor, listing.
+
+The P2pService's messages as frozen dataclasses that every module speaks;
+`sglang_mx.wire` converts them to and from protobuf. No protobuf, no torch,
+no SGLang here.
+"""
 
 from __future__ import annotations
 
@@ -132,3 +137,12 @@ class SourceQuery:
     worker_rank: int | None = None
     min_updated_at_ms: int | None = None
     limit: int | None = None
+
+    def matches(self, ref: SourceRef) -> bool:
+        """Whether `ref` passes every set filter but the source id and the limit (the store applies those)."""
+        return (
+            (self.status is None or ref.status == self.status)
+            and (self.model_name is None or ref.model_name == self.model_name)
+            and (self.worker_rank is None or ref.worker_rank == self.worker_rank)
+            and (self.min_updated_at_ms is None or ref.updated_at_ms >= self.min_updated_at_ms)
+        )

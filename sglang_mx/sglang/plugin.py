@@ -2,10 +2,13 @@
 
 Registered as the entry point `sglang.srt.plugins: modelexpress`; SGLang calls
 `register()` in every process (launcher, schedulers, detokenizer). The hooks
-translate SGLang objects into `sglang_mx.integration` calls and back; the logic
-lives there. Hooks:
+translate SGLang objects into plain facts and call `sglang_mx.sglang.loader`;
+the logic lives there and in the modules it calls. Hooks:
 
-- `ServerArgs.__post_init__` (launcher): parse and validate `--modelexpress-config`.
+- `ServerArgs.from_cli_args` (after; in the launcher, before any scheduler
+  starts): parse and validate `--modelexpress-config`. (`ServerArgs` is a
+  msgspec struct that captures `__post_init__` when the class is created, so a
+  hook there never runs.)
 - `overrides.remote_instance_transfer_engine_of`: make SGLang create its
   Mooncake TransferEngine whenever this backend loads or publishes.
 - `RemoteInstanceModelLoader.load_model` (target): build the model with dummy
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import logging
 
-from sglang_mx import sglang_common
+from sglang_mx.sglang import loader
 
 log = logging.getLogger("sglang_mx")
 
@@ -33,17 +36,17 @@ _PUBLISH = (
     "RemoteInstanceWeightTransporter.maybe_register_and_publish_weight_info"
 )
 _EVENT_LOOP = "sglang.srt.managers.scheduler.Scheduler.run_event_loop"
-_SERVER_ARGS = "sglang.srt.server_args.ServerArgs.__post_init__"
+_SERVER_ARGS = "sglang.srt.server_args.ServerArgs.from_cli_args"
 
 
-_state = sglang_common.ProcessState()
+_state = loader.ProcessState()
 
 
 def register() -> None:
     """Entry point: install the hooks (SGLang applies them right after)."""
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    sglang_common.log_at_info()
+    loader.log_at_info()
     HookRegistry.register(_SERVER_ARGS, _after_server_args, HookType.AFTER)
     HookRegistry.register(_TE_GATE, _around_te_gate, HookType.AROUND)
     HookRegistry.register(_LOADER, _around_remote_load, HookType.AROUND)
@@ -54,13 +57,13 @@ def register() -> None:
 
 # --- hooks ----------------------------------------------------------------------
 
-def _after_server_args(result, self, *args, **kwargs):
-    sglang_common.check_server_args(self)  # fails in the launcher, naming the key
+def _after_server_args(server_args, cls, *args, **kwargs):
+    _state.role(server_args)  # raises ConfigError in the launcher, naming the key
     return None
 
 
 def _around_te_gate(original, cfg, *args, **kwargs):
-    if sglang_common.config_of(cfg) is not None:
+    if _state.role(cfg).uses_backend:
         return True
     return original(cfg, *args, **kwargs)
 
@@ -68,9 +71,15 @@ def _around_te_gate(original, cfg, *args, **kwargs):
 def _around_remote_load(original, self, *, model_config, device_config, **kwargs):
     from sglang.srt.runtime_context import get_model
 
-    if not sglang_common.is_target(get_model()):
+    role = _state.role(get_model())
+    if not role.target:
         return original(self, model_config=model_config, device_config=device_config, **kwargs)
-    return _load_from_peer(self.load_config, get_model(), model_config, device_config)
+    load_config = self.load_config
+    return loader.load_from_peer(
+        load_config, model_config, device_config, role=role, info=_rank_info(model_config, device_config.device),
+        transfer_engine=load_config.remote_instance_weight_loader_transfer_engine,
+        session_id=load_config.remote_instance_weight_loader_transfer_engine_session_id,
+    )
 
 
 def _after_runner_load(result, self, *args, **kwargs):
@@ -82,41 +91,28 @@ def _after_runner_load(result, self, *args, **kwargs):
 def _around_publish(original, self, *args, **kwargs):
     from sglang.srt.runtime_context import get_model
 
-    cfg = get_model()
-    config = sglang_common.config_of(cfg)
+    role = _state.role(get_model())
     info = _state.rank_infos.get(id(self.model))
-    if config is None or info is None:
+    if role.config is None or info is None:
         return original(self, *args, **kwargs)
-    if not sglang_common.publishes(cfg, config):
+    if not role.seed:
         log.info("modelexpress: not publishing this instance (source=false)")
         return None
-    _state.publishers.append(sglang_common.publish(
-        self.model, self.engine, self.session_id, info, config, instance_id=_state.instance_id))
+    _state.publishers.append(loader.publish(
+        self.model, self.engine, self.session_id, info, role, instance_id=_state.instance_id))
     return None
 
 
 def _before_event_loop(self, *args, **kwargs):
-    sglang_common.mark_ready(_state.publishers)
+    loader.mark_ready(_state.publishers)
     return None
-
-
-# --- the target's load ----------------------------------------------------------
-
-def _load_from_peer(load_config, cfg, model_config, device_config):
-    return sglang_common.load_from_peer(
-        load_config, model_config, device_config,
-        config=sglang_common.config_of(cfg),
-        info=_rank_info(model_config, device_config.device),
-        transfer_engine=load_config.remote_instance_weight_loader_transfer_engine,
-        session_id=load_config.remote_instance_weight_loader_transfer_engine_session_id,
-    )
 
 
 def _rank_info(model_config, device):
     from sglang.srt.runtime_context import get_parallel
 
     parallel = get_parallel()
-    return sglang_common.rank_info(
+    return loader.rank_info(
         model_config, device, tp_size=parallel.tp_size, tp_rank=parallel.tp_rank,
         pp_size=parallel.pp_size, pp_rank=parallel.pp_rank, width=lambda key: getattr(parallel, key),
     )

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from sglang_mx import patching
+from sglang_mx.sglang import patching
 
 A = "import os\n\n\ndef f():\n    return 1\n"
 B = "class C:\n    def g(self):\n        return 2\n"
@@ -177,7 +177,7 @@ def test_revert_without_a_record_reverses_the_diff(site):
 
 
 def test_the_shipped_patch_parses_and_only_adds_calls_into_sglang_legacy():
-    from sglang_mx import unidiff
+    from sglang_mx.sglang import unidiff
 
     text = (patching._PATCH_DIR / patching.PATCHES["0.5.10"]).read_text()
     files = unidiff.parse(text)

@@ -1,0 +1,62 @@
+"""Who loads from a peer, who publishes, and when to fall back: pure rules.
+
+The SGLang glue reads three settings off SGLang's ServerArgs into a
+`LaunchSettings` and asks `role_of`; nothing here imports SGLang, so every
+rule tests without it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from sglang_mx.config import MxConfig, parse_config
+
+BACKEND = "modelexpress"  # --remote-instance-weight-loader-backend
+LOAD_FORMAT = "remote_instance"  # --load-format
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchSettings:
+    """The SGLang settings that decide this backend's role (plain strings)."""
+
+    load_format: str
+    backend: str  # --remote-instance-weight-loader-backend, e.g. "nccl", "modelexpress"
+    modelexpress_config: str | None  # the raw --modelexpress-config
+
+
+@dataclasses.dataclass(frozen=True)
+class Role:
+    """What this instance does with the backend. `config` is None when it does nothing."""
+
+    config: MxConfig | None
+    target: bool  # loads its weights from a peer
+    seed: bool  # publishes its weights once loaded
+
+    @property
+    def uses_backend(self) -> bool:
+        """SGLang must create its Mooncake TransferEngine (to read, or to be read)."""
+        return self.target or self.seed
+
+
+def role_of(settings: LaunchSettings) -> Role:
+    """Parse the config (raising ConfigError for a bad one) and decide the role.
+
+    - A target is an instance started with `--load-format remote_instance
+      --remote-instance-weight-loader-backend modelexpress`.
+    - A target publishes too unless `source` is false: a fleet seeds itself.
+    - An instance that loads from disk publishes only with `source: true`; a
+      config without it is still checked, so a typo never passes silently.
+    """
+    target = settings.load_format == LOAD_FORMAT and settings.backend == BACKEND
+    if not target and not settings.modelexpress_config:
+        return Role(config=None, target=False, seed=False)
+    config = parse_config(settings.modelexpress_config)
+    seed = config.source if config.source is not None else target
+    if not target and not seed:
+        return Role(config=None, target=False, seed=False)
+    return Role(config=config, target=target, seed=seed)
+
+
+def falls_back_to_disk(config: MxConfig) -> bool:
+    """After no seed could serve a target: load from disk (True) or fail the start-up (False)."""
+    return config.fallback == "disk"

@@ -1,0 +1,57 @@
+"""The metadata server's settings: one frozen object, validated once; its defaults are the CLI's."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from sglang_mx.errors import ConfigError
+
+DEFAULT_PORT = 8001
+STORE_KINDS = ("memory", "redis")
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_REDIS_PREFIX = "mx:"
+DEFAULT_MAX_TENSORS = 1_000_000  # per published worker
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ServerOptions:
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_PORT  # 0 picks a free port
+    heartbeat_timeout_s: float = 90.0
+    reaper_interval_s: float = 30.0
+    gc_timeout_s: float = 3600.0
+    max_message_mb: int = 256
+    workers: int = 16
+    store: str = "memory"  # one of STORE_KINDS
+    redis_url: str = DEFAULT_REDIS_URL
+    redis_prefix: str = DEFAULT_REDIS_PREFIX
+    max_tensors: int = DEFAULT_MAX_TENSORS  # per published worker
+    # A file holding the shared bearer token: every P2pService call must carry it.
+    auth_token_file: str | None = None
+    # PEM certificate chain and private key: serve TLS instead of plaintext.
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    metrics_port: int | None = None  # Prometheus /metrics on this port of `host` (0: a free one)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port={self.port} is out of range; allowed: 0-65535 (0 picks a free port)")
+        for name in ("heartbeat_timeout_s", "reaper_interval_s", "gc_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be > 0 seconds")
+        if self.max_message_mb < 1:
+            raise ConfigError(f"max_message_mb={self.max_message_mb} must be >= 1")
+        if self.max_tensors < 1:
+            raise ConfigError(f"max_tensors={self.max_tensors} must be >= 1")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigError("tls_cert_file and tls_key_file go together: give both (TLS) or neither (plaintext)")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port={self.metrics_port} is out of range; allowed: 0-65535 "
+                              "(0 picks a free port)")
+        if self.store not in STORE_KINDS:
+            raise ConfigError(f"store={self.store!r} is not a store; allowed: {', '.join(STORE_KINDS)}")
+
+    @property
+    def record_ttl_s(self) -> float:
+        """Redis TTL safety net: twice the time the reaper needs to delete a silent record."""
+        return 2 * (self.heartbeat_timeout_s + self.gc_timeout_s + self.reaper_interval_s)
