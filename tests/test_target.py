@@ -62,17 +62,32 @@ def test_only_seed_killed_fails_clearly_within_bounded_time(server, client, engi
 def test_waits_for_a_seed_that_starts_later(server, client, engine, seeds):
     local = weights.build(SIZE_MB, filled=False)
     result = {}
+    listed_empty = threading.Event()
+
+    class ListingSpy:
+        """The real client; sets an event once a listing came back empty (the puller is waiting)."""
+
+        url = client.url
+
+        def list_sources(self, *args, **kwargs):
+            refs = client.list_sources(*args, **kwargs)
+            if not refs:
+                listed_empty.set()
+            return refs
+
+        def get_metadata(self, *args):
+            return client.get_metadata(*args)
 
     def pull():
         try:
-            result["report"] = pull_weights(client, engine, IDENTITY, worker_rank=0, tensors=describe(local),
+            result["report"] = pull_weights(ListingSpy(), engine, IDENTITY, worker_rank=0, tensors=describe(local),
                                             options=PullOptions(wait_timeout_s=60, poll_interval_s=0.2))
         except Exception as e:  # surfaced by the assertion below
             result["error"] = e
 
     puller = threading.Thread(target=pull)
     puller.start()
-    time.sleep(1.0)
+    assert listed_empty.wait(30), result
     assert puller.is_alive(), result  # still waiting: no seed yet
     seeds.append(SeedProcess(server.address, size_mb=SIZE_MB))
     puller.join(timeout=60)

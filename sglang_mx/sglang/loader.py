@@ -3,7 +3,9 @@
 Both reach SGLang their own way (hooks, or calls the patch adds), gather the
 same plain facts (`LaunchSettings`, `RankInfo`) and then call these functions,
 so roles, identities, the target's load and the seed's publication happen one
-way. SGLang's loaders are imported inside the functions that use them.
+way. SGLang's loaders, and our own modules that bring grpc and Mooncake, are
+imported inside the functions that use them: every SGLang process loads the
+plugin, most never load or publish through it.
 """
 
 from __future__ import annotations
@@ -17,12 +19,7 @@ from typing import Callable
 
 from sglang_mx.errors import MxError
 from sglang_mx.identity import RankInfo, identity_for
-from sglang_mx.model_tensors import collect_tensors
 from sglang_mx.roles import LaunchSettings, Role, falls_back_to_disk, role_of
-from sglang_mx.seed import SeedPublisher, start_seed
-from sglang_mx.client import MetadataClient
-from sglang_mx.target import pull_into
-from sglang_mx.transfer.engine import MooncakeEngine
 
 log = logging.getLogger("sglang_mx")
 
@@ -111,6 +108,10 @@ def load_from_peer(load_config, model_config, device_config, *, role: Role, info
     from sglang.srt.configs.load_config import LoadFormat
     from sglang.srt.model_loader.loader import DefaultModelLoader, DummyModelLoader
 
+    from sglang_mx.model_tensors import collect_tensors
+    from sglang_mx.target import pull_into
+    from sglang_mx.transfer.engine import MooncakeEngine
+
     if transfer_engine is None:
         raise MxError(_NO_ENGINE)
     engine = MooncakeEngine.wrap(transfer_engine, session_id)
@@ -172,9 +173,13 @@ def _fill_constant(model, *args, **kwargs) -> None:
 
 # --- the seed's publication ---------------------------------------------------------
 
-def publish(model, transfer_engine, session_id: str, info: RankInfo, role: Role, *,
-            instance_id: str) -> SeedPublisher:
-    """Register and publish one rank's tensors (INITIALIZING); returns the publisher."""
+def publish(model, transfer_engine, session_id: str, info: RankInfo, role: Role, *, instance_id: str):
+    """Register and publish one rank's tensors (INITIALIZING); returns the SeedPublisher."""
+    from sglang_mx.client import MetadataClient
+    from sglang_mx.model_tensors import collect_tensors
+    from sglang_mx.seed import start_seed
+    from sglang_mx.transfer.engine import MooncakeEngine
+
     if transfer_engine is None:
         raise MxError(_NO_ENGINE)
     config = role.config

@@ -5,8 +5,9 @@ Registered as the entry point `sglang.srt.plugins: modelexpress`; SGLang calls
 translate SGLang objects into plain facts and call `sglang_mx.sglang.loader`;
 the logic lives there and in the modules it calls. Hooks:
 
-- `ServerArgs.from_cli_args` (after; in the launcher, before any scheduler
-  starts): parse and validate `--modelexpress-config`. (`ServerArgs` is a
+- `ServerArgs.check_server_args` (before; once, in the launcher, before any
+  scheduler starts, for `launch_server`, `sglang serve` and `Engine(...)`
+  alike): parse and validate `--modelexpress-config`. (`ServerArgs` is a
   msgspec struct that captures `__post_init__` when the class is created, so a
   hook there never runs.)
 - `overrides.remote_instance_transfer_engine_of`: make SGLang create its
@@ -36,7 +37,7 @@ _PUBLISH = (
     "RemoteInstanceWeightTransporter.maybe_register_and_publish_weight_info"
 )
 _EVENT_LOOP = "sglang.srt.managers.scheduler.Scheduler.run_event_loop"
-_SERVER_ARGS = "sglang.srt.server_args.ServerArgs.from_cli_args"
+_SERVER_ARGS = "sglang.srt.server_args.ServerArgs.check_server_args"
 
 
 _state = loader.ProcessState()
@@ -47,7 +48,7 @@ def register() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     loader.log_at_info()
-    HookRegistry.register(_SERVER_ARGS, _after_server_args, HookType.AFTER)
+    HookRegistry.register(_SERVER_ARGS, _before_server_args_check, HookType.BEFORE)
     HookRegistry.register(_TE_GATE, _around_te_gate, HookType.AROUND)
     HookRegistry.register(_LOADER, _around_remote_load, HookType.AROUND)
     HookRegistry.register(_RUNNER_LOAD, _after_runner_load, HookType.AFTER)
@@ -57,7 +58,7 @@ def register() -> None:
 
 # --- hooks ----------------------------------------------------------------------
 
-def _after_server_args(server_args, cls, *args, **kwargs):
+def _before_server_args_check(server_args, *args, **kwargs):
     _state.role(server_args)  # raises ConfigError in the launcher, naming the key
     return None
 

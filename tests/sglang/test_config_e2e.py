@@ -21,6 +21,6 @@ def test_config_errors_exit_at_startup(tiny_model, servers, config, message):
     assert server.wait_exit(timeout_s=120) != 0
     log = server.log
     assert "ConfigError" in log and message in log
-    # Raised in the launcher, while it parsed the command line: no scheduler ever started.
-    assert "in prepare_server_args" in log and "in from_cli_args" in log, log[-3000:]
+    # Raised in the launcher, by its check of the server arguments: no scheduler ever started.
+    assert "in _launch_subprocesses" in log and "in _before_server_args_check" in log, log[-3000:]
     assert "Scheduler hit an exception" not in log and "Load weight begin" not in log

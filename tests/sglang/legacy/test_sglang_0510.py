@@ -135,3 +135,38 @@ def test_revert_restores_the_original_bytes(site, originals):
         assert shipped[rel] == "sha256=" + base64.urlsafe_b64encode(bytes.fromhex(digest)).decode().rstrip("=")
     assert not (site / patching.BACKUP_DIR).exists()
     assert _cli("check").returncode == 1
+
+
+@pytest.fixture(scope="module")
+def wheel_cli(tmp_path_factory):
+    """`sglang-mx` from a wheel built from this checkout and installed into a fresh venv.
+
+    The venv gets the wheel and the few packages `sglang-mx patch` imports (no torch,
+    no checkout on its path): the patch file must come from the wheel's package data.
+    """
+    root = tmp_path_factory.mktemp("wheel")
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(root / "dist"),
+                           str(venv0510.ROOT)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [wheel] = (root / "dist").glob("sglang_mx-*.whl")
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                          "--no-deps", str(wheel), "grpcio", "grpcio-health-checking", "protobuf", "typing_extensions"],
+                         capture_output=True, text=True, timeout=600)
+    if pip.returncode != 0:
+        pytest.skip(f"cannot install the wheel's runtime packages from PyPI: {pip.stderr[-500:]}")
+    return venv / "bin" / "sglang-mx"
+
+
+def test_patch_from_an_installed_wheel(site, originals, wheel_cli, tmp_path):
+    def cli(action):
+        return subprocess.run([str(wheel_cli), "patch", action, "--site-packages", str(site)], capture_output=True,
+                              text=True, timeout=60, cwd=tmp_path)  # not the checkout: nothing found by accident
+
+    check = cli("check")
+    assert check.returncode == 1 and "patch not applied (4 files to change)" in check.stdout, check.stderr
+    assert cli("apply").returncode == 0
+    assert cli("check").returncode == 0 and _hashes(site) != originals
+    assert cli("revert").returncode == 0
+    assert _hashes(site) == originals

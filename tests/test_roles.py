@@ -1,0 +1,50 @@
+"""roles.py: who loads from a peer, who publishes, when to fall back. Pure, no SGLang."""
+
+import json
+
+import pytest
+
+from sglang_mx.config import parse_config
+from sglang_mx.errors import ConfigError
+from sglang_mx.roles import LaunchSettings, falls_back_to_disk, role_of
+
+
+def settings(load_format="remote_instance", backend="modelexpress", config=None):
+    return LaunchSettings(load_format=load_format, backend=backend,
+                          modelexpress_config=None if config is None else json.dumps(config))
+
+
+@pytest.mark.parametrize("launch, target, seed", [
+    (settings(config={}), True, True),  # a target seeds too: the fleet seeds itself
+    (settings(), True, True),  # no config at all: defaults
+    (settings(config={"source": False}), True, False),
+    (settings("auto", "nccl", {"source": True}), False, True),  # a disk-loaded seed
+    (settings("remote_instance", "nccl", {"source": True}), False, True),  # another backend loads, we publish
+])
+def test_roles(launch, target, seed):
+    role = role_of(launch)
+    assert (role.target, role.seed, role.uses_backend) == (target, seed, True)
+    assert role.config is not None
+
+
+@pytest.mark.parametrize("launch", [
+    settings("auto", "nccl"),  # not using the backend at all
+    settings("auto", "nccl", {"url": "h:1"}),  # a config without source=true on a disk load
+    settings("auto", "nccl", {"source": False}),
+    settings("remote_instance", "nccl"),
+])
+def test_no_role(launch):
+    role = role_of(launch)
+    assert (role.config, role.target, role.seed, role.uses_backend) == (None, False, False, False)
+
+
+def test_a_given_config_is_checked_even_when_it_does_nothing():
+    with pytest.raises(ConfigError, match="unknown --modelexpress-config key"):
+        role_of(settings("auto", "nccl", {"nope": 1}))
+    with pytest.raises(ConfigError, match="fallback 'maybe' is not allowed"):
+        role_of(settings(config={"fallback": "maybe"}))
+
+
+def test_fallback_rule():
+    assert falls_back_to_disk(parse_config({"fallback": "disk"}, env={}))
+    assert not falls_back_to_disk(parse_config({}, env={}))

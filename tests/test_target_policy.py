@@ -1,0 +1,113 @@
+"""pull_weights' waiting and failover policy with a fake clock (unit test of our logic only).
+
+FakeClient and FakeEngine are stand-ins named as such; the real server,
+Mooncake and seed processes are exercised in tests/test_target.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from sglang_mx.errors import NoSourceError, TransferError
+from sglang_mx.records import SourceIdentity, SourceRef, SourceStatus, StoredWorker, TensorDescriptor, WorkerRecord
+from sglang_mx.target import PullOptions, pull_weights
+
+IDENTITY = SourceIdentity(model_name="test/model", tensor_parallel_size=1)
+LOCAL = [TensorDescriptor(name="w", addr=0x1000, size=64)]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+class FakeClient:
+    """Answers ListSources from a script: one list of worker ids per poll (the last one repeats)."""
+
+    url = "fake:1"
+
+    def __init__(self, polls: list[list[str]]) -> None:
+        self.polls = polls
+        self.listed = 0
+
+    def list_sources(self, identity, *, status, worker_rank):
+        assert status == SourceStatus.READY and worker_rank == 0
+        workers = self.polls[min(self.listed, len(self.polls) - 1)]
+        self.listed += 1
+        return [SourceRef(mx_source_id="id", worker_id=w, model_name="test/model", worker_rank=0,
+                          status=SourceStatus.READY, updated_at_ms=1) for w in workers]
+
+    def get_metadata(self, mx_source_id, worker_id):
+        record = WorkerRecord(worker_rank=0, transfer_engine_session_id=f"{worker_id}:1",
+                              tensors=(TensorDescriptor(name="w", addr=0x9000, size=64),))
+        return StoredWorker(mx_source_id=mx_source_id, worker_id=worker_id, identity=IDENTITY, worker=record)
+
+
+class FakeEngine:
+    """Records reads; sessions in `failing` fail like a dead seed."""
+
+    def __init__(self, failing=()) -> None:
+        self.failing = set(failing)
+        self.reads: list[str] = []
+        self.registered = 0
+
+    def register(self, ranges):
+        self.registered += 1
+        return [("region",)]
+
+    def unregister(self, regions):
+        self.registered -= 1
+
+    def read(self, session, reads):
+        self.reads.append(session)
+        if session in self.failing:
+            raise TransferError("batch_transfer_sync_read failed", seed=session, code=-1)
+
+
+def pull(client, engine, clock, **options):
+    return pull_weights(client, engine, IDENTITY, worker_rank=0, tensors=LOCAL,
+                        options=PullOptions(**options), clock=clock, sleep=clock.sleep)
+
+
+def test_waits_polling_until_a_seed_appears():
+    clock, engine = FakeClock(), FakeEngine()
+    client = FakeClient([[], [], [], ["late"]])
+    report = pull(client, engine, clock, wait_timeout_s=10, poll_interval_s=0.5)
+    assert report.seed_worker_id == "late"
+    assert clock.sleeps == [0.5, 0.5, 0.5] and client.listed == 4
+    assert engine.registered == 0  # our memory is unregistered on every path
+
+
+def test_gives_up_at_the_wait_timeout_with_the_last_sleep_shortened():
+    clock, engine = FakeClock(), FakeEngine()
+    with pytest.raises(NoSourceError, match=r"within 2\.2 s"):
+        pull(FakeClient([[]]), engine, clock, wait_timeout_s=2.2, poll_interval_s=1.0)
+    assert clock.sleeps == pytest.approx([1.0, 1.0, 0.2])
+    assert engine.registered == 0
+
+
+def test_fails_over_to_the_next_candidate_and_reports_the_failure():
+    clock, engine = FakeClock(), FakeEngine(failing={"dead:1"})
+    report = pull(FakeClient([["dead", "live"]]), engine, clock, wait_timeout_s=5)
+    assert engine.reads == ["dead:1", "live:1"]
+    assert report.seed_worker_id == "live"
+    assert [f.seed for f in report.failures] == ["worker dead (rank 0)"]
+    assert clock.sleeps == []
+
+
+def test_a_failed_candidate_is_never_retried_and_the_cap_ends_the_wait():
+    clock, engine = FakeClock(), FakeEngine(failing={"a:1", "b:1"})
+    with pytest.raises(NoSourceError, match="all 2 candidate seed") as info:
+        pull(FakeClient([["a"], ["a", "b"], ["a", "b", "c"]]), engine, clock, wait_timeout_s=60,
+             poll_interval_s=1.0, max_candidates=2)
+    assert engine.reads == ["a:1", "b:1"]
+    assert len(info.value.attempts) == 2
+    assert clock.now == 1.0  # one poll interval: the cap, not the wait, ended it
