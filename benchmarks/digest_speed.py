@@ -45,7 +45,7 @@ def timed(fn, repeats: int, sync) -> list[float]:
     return out
 
 
-def bench(device: str, gb: float, count: int, repeats: int) -> list[tuple[str, str, str, list[float]]]:
+def bench(device: str, gb: float, count: int, repeats: int) -> tuple[list[tuple[str, str, str, list[float]]], int]:
     tensors = make_tensors(int(gb * 1e9), count, device)
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
