@@ -45,7 +45,7 @@ from sglang_mx.seed import SeedPublisher  # noqa: E402
 from sglang_mx.target import PullOptions, pull_weights  # noqa: E402
 from sglang_mx.transfer.engine import MooncakeEngine  # noqa: E402
 from sglang_mx.transfer.tensors import describe  # noqa: E402
-from sglang_mx.types import SourceIdentity  # noqa: E402
+from sglang_mx.records import SourceIdentity  # noqa: E402
 
 MODES = ("tensors", "allocations")
 _SEED_EXIT_S = 15  # a seed gets this long to close once its stdin is closed
