@@ -18,6 +18,7 @@ from sglang_mx.errors import ConfigError
 DEFAULT_URL = "localhost:8001"
 TRANSPORTS = ("transfer_engine",)
 FALLBACKS = ("fail", "disk")
+VERIFY_MODES = ("require", "if_present", "off")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -33,6 +34,9 @@ class MxConfig:
     transport: str = "transfer_engine"
     wait_timeout_s: float = 60.0  # how long a target waits for a READY seed
     fallback: str = "fail"  # no usable seed: "fail" the start-up, or load from "disk"
+    # After a pull, check every tensor against the seed's published digest: "require" (a seed
+    # without digests is not used), "if_present" (check when published), or "off".
+    verify: str = "if_present"
     max_candidates: int = 5
     heartbeat_interval_s: float = 30.0
     timeout_s: float = 10.0  # per-RPC deadline
@@ -53,6 +57,8 @@ class MxConfig:
             raise ConfigError(f"transport {self.transport!r} is not supported; allowed: 'transfer_engine'")
         if self.fallback not in FALLBACKS:
             raise ConfigError(f"fallback {self.fallback!r} is not allowed; allowed: 'fail', 'disk'")
+        if self.verify not in VERIFY_MODES:
+            raise ConfigError(f"verify {self.verify!r} is not allowed; allowed: {', '.join(map(repr, VERIFY_MODES))}")
         if self.model_name is not None and not self.model_name.strip():
             raise ConfigError("model_name is empty; leave it out to use --model-path")
         for key in ("wait_timeout_s", "heartbeat_interval_s", "timeout_s"):
@@ -72,6 +78,7 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "transport": _STRING,
     "wait_timeout_s": _NUMBER,
     "fallback": _STRING,
+    "verify": _STRING,
     "max_candidates": ((int,), "an integer"),
     "heartbeat_interval_s": _NUMBER,
     "timeout_s": _NUMBER,

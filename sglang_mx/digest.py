@@ -128,6 +128,24 @@ def digest_many(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
     return {name: out[name] for name in tensors}
 
 
+def mismatches(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, str]) -> list[str]:
+    """Names of the tensors whose bytes do not have their `expected` digest, in `expected`'s order.
+
+    Every name in `expected` must be in `tensors`. Tensors are hashed together per
+    algorithm (CUDA ones with one synchronize and one read-back per device).
+    """
+    by_algorithm: dict[str, dict[str, torch.Tensor]] = {}
+    wanted: dict[str, str] = {}
+    for name, digest in expected.items():
+        algorithm, value = _parse(digest)
+        by_algorithm.setdefault(algorithm, {})[name] = tensors[name]
+        wanted[name] = f"{algorithm}:{value}"
+    got: dict[str, str] = {}
+    for algorithm, group in by_algorithm.items():
+        got.update(_compute(algorithm, group))
+    return [name for name in expected if got[name] != wanted[name]]
+
+
 # --- dispatch ----------------------------------------------------------------
 
 _DIGEST_RE = re.compile(r"([^:]*):([0-9a-fA-F]{16})")

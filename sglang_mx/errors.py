@@ -98,6 +98,19 @@ class TransferError(MxError):
         self.nbytes = nbytes
 
 
+class VerificationError(MxError):
+    """A seed's bytes arrived but do not match what it published (or it published no digests
+    where `verify: require` asks for them); names the tensors."""
+
+    def __init__(self, message: str, *, seed: str, tensors: Sequence[str] = ()) -> None:
+        self.seed = seed
+        self.tensors = tuple(tensors)
+        detail = f"{message} (seed {seed})"
+        if self.tensors:
+            detail += f": {len(self.tensors)} tensor(s): {_names(self.tensors)}"
+        super().__init__(detail)
+
+
 @dataclasses.dataclass(frozen=True)
 class CandidateFailure:
     """Why one seed could not be used."""

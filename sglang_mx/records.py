@@ -79,6 +79,7 @@ class TensorDescriptor:
     size: int  # bytes
     dtype: str = ""
     device_id: int = 0
+    digest: str = ""  # "<algorithm>:<hex>" of the bytes (sglang_mx.digest); "" when none was published
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

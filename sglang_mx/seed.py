@@ -12,12 +12,14 @@ import atexit
 import logging
 import signal
 import threading
+import time
 import uuid
 from typing import Mapping, Sequence
 
 import torch
 
 from sglang_mx.client import MetadataClient
+from sglang_mx.digest import digest_many
 from sglang_mx.errors import MxError, RequestRejectedError, ServerError
 from sglang_mx.transfer.engine import MooncakeEngine
 from sglang_mx.transfer.tensors import describe
@@ -173,14 +175,23 @@ def start_seed(
     heartbeat_interval_s: float = 30.0,
     accelerator: str = "",
     ready: bool = False,
+    digests: bool = True,
 ) -> SeedPublisher:
     """Register and publish one rank's `tensors` as INITIALIZING (READY at once with `ready`).
 
+    With `digests`, every tensor's content digest is computed first (on its own
+    device, after every kernel queued before: sglang_mx.digest synchronizes) and
+    published with its descriptor, for targets to verify their pulls against.
     The publisher closes (STALE, memory unregistered) at interpreter exit and on
     SIGTERM; call `mark_ready()` once the rank serves.
     """
+    start = time.perf_counter()
+    published = digest_many(tensors) if digests else {}
+    if published:
+        log.info("seed rank %d: digests of %d tensors in %.3f s", worker_rank, len(published),
+                 time.perf_counter() - start)
     publisher = SeedPublisher(
-        client, engine, identity, worker_rank=worker_rank, tensors=describe(tensors), worker_id=worker_id,
+        client, engine, identity, worker_rank=worker_rank, tensors=describe(tensors, published), worker_id=worker_id,
         heartbeat_interval_s=heartbeat_interval_s, accelerator=accelerator,
     )
     close_on_exit(publisher)

@@ -15,7 +15,8 @@ import torch
 
 from sglang_mx.client import MetadataClient
 from sglang_mx.config import MxConfig
-from sglang_mx.errors import CandidateFailure, LayoutMismatchError, NoSourceError, TransferError
+from sglang_mx.digest import mismatches
+from sglang_mx.errors import CandidateFailure, LayoutMismatchError, NoSourceError, TransferError, VerificationError
 from sglang_mx.identity import RankInfo, describe_identity, identity_for, mx_source_id
 from sglang_mx.records import SourceIdentity, SourceRef, SourceStatus, TensorDescriptor
 from sglang_mx.transfer.engine import MooncakeEngine
@@ -33,10 +34,15 @@ class PullOptions:
     wait_timeout_s: float = 60.0  # how long to wait for a READY seed to appear
     poll_interval_s: float = 1.0
     max_candidates: int = 5  # seeds tried before giving up
+    verify: str = "if_present"  # MxConfig.verify: "require" | "if_present" | "off"
 
     @classmethod
     def from_config(cls, config: MxConfig) -> "PullOptions":
-        return cls(wait_timeout_s=config.wait_timeout_s, max_candidates=config.max_candidates)
+        return cls(wait_timeout_s=config.wait_timeout_s, max_candidates=config.max_candidates, verify=config.verify)
+
+
+# Given the digests a seed published (name -> digest), the names of our tensors that differ.
+Verifier = Callable[[Mapping[str, str]], Sequence[str]]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -48,6 +54,8 @@ class PullReport:
     bytes: int
     reads: int
     seconds: float  # the transfer alone
+    verified: int = 0  # tensors whose bytes were checked against the seed's digests
+    verify_seconds: float = 0.0
     failures: tuple[CandidateFailure, ...] = ()  # candidates tried before the one that worked
 
     @property
@@ -65,6 +73,7 @@ def pull_weights(
     options: PullOptions = PullOptions(),
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    verifier: Verifier | None = None,
 ) -> PullReport:
     """Fill `tensors` (our memory) from a READY seed of the same identity and rank.
 
@@ -73,6 +82,11 @@ def pull_weights(
     every attempt when none succeeds within the wait time or the candidate cap.
     When it raises, the destination memory may hold partial data. `clock` and
     `sleep` go together: a test passes a fake pair to run the waiting at once.
+
+    `verifier` checks our tensors against the seed's published digests after each
+    pull (`options.verify` decides what a seed without digests means); a seed whose
+    bytes differ is a failed candidate like one whose transfer failed. Without a
+    verifier (`verify: off`) nothing is checked.
     """
     source_id = mx_source_id(identity)
     deadline = clock() + options.wait_timeout_s
@@ -87,8 +101,8 @@ def pull_weights(
                     continue
                 tried.add(ref.worker_id)
                 try:
-                    report = _pull_from(client, engine, ref, tensors, clock)
-                except (LayoutMismatchError, TransferError, NoSourceError) as e:
+                    report = _pull_from(client, engine, ref, tensors, clock, options.verify, verifier)
+                except (LayoutMismatchError, TransferError, NoSourceError, VerificationError) as e:
                     log.warning("seed %s unusable: %s", ref.worker_id, e)
                     failures.append(CandidateFailure(_label(ref), str(e)))
                     continue
@@ -116,6 +130,8 @@ def _pull_from(
     ref: SourceRef,
     tensors: Sequence[TensorDescriptor],
     clock: Callable[[], float],
+    verify: str,
+    verifier: Verifier | None,
 ) -> PullReport:
     stored = client.get_metadata(ref.mx_source_id, ref.worker_id)
     if stored is None:
@@ -125,6 +141,7 @@ def _pull_from(
         raise NoSourceError(f"worker {ref.worker_id} publishes no transfer_engine_session_id (NIXL seed?)")
     label = f"{ref.worker_id}@{session}"
     plan = build_plan(tensors, stored.worker.tensors, seed=label)
+    expected = _expected_digests(tensors, stored.worker.tensors, verify if verifier else "off", label)
     log.info(
         "pulling %d tensors (%d bytes in %d reads) from %s", plan.tensor_count, plan.total_bytes,
         len(plan.reads), label,
@@ -132,7 +149,15 @@ def _pull_from(
     start = clock()
     engine.read(session, plan.reads)
     seconds = clock() - start
+    verify_start = clock()
+    if expected:
+        differing = list(verifier(expected))
+        if differing:
+            raise VerificationError("bytes pulled do not match the seed's published digests", seed=label,
+                                    tensors=differing)
     return PullReport(
+        verified=len(expected),
+        verify_seconds=clock() - verify_start,
         mx_source_id=ref.mx_source_id,
         seed_worker_id=ref.worker_id,
         seed_session_id=session,
@@ -141,6 +166,28 @@ def _pull_from(
         reads=len(plan.reads),
         seconds=seconds,
     )
+
+
+def _expected_digests(
+    local: Sequence[TensorDescriptor], remote: Sequence[TensorDescriptor], verify: str, seed: str
+) -> dict[str, str]:
+    """Name -> the digest our bytes must have after the pull, per the verify mode.
+
+    Checked before any byte moves: with "require", a seed lacking a digest for any
+    tensor with bytes is refused (VerificationError) without being read.
+    """
+    if verify == "off":
+        return {}
+    published = {t.name: t.digest for t in remote if t.digest}
+    with_bytes = [t.name for t in local if t.size > 0]
+    missing = [name for name in with_bytes if name not in published]
+    if missing and verify == "require":
+        raise VerificationError("seed publishes no digest for some tensors and verify is 'require'", seed=seed,
+                                tensors=missing)
+    if missing:
+        log.warning("seed %s publishes no digest for %d of %d tensors: those are not verified (verify=if_present)",
+                    seed, len(missing), len(with_bytes))
+    return {name: published[name] for name in with_bytes if name in published}
 
 
 def _label(ref: SourceRef) -> str:
@@ -158,10 +205,17 @@ def pull_into(
     )
     with MetadataClient.for_config(config) as client:
         report = pull_weights(client, engine, identity, worker_rank=info.worker_rank, tensors=describe(tensors),
-                              options=PullOptions.from_config(config))
+                              options=PullOptions.from_config(config),
+                              verifier=None if config.verify == "off" else digest_verifier(tensors))
     log.info(
-        "modelexpress: pulled %d tensors, %.3f GB in %.3f s (%.2f GB/s) from %s (worker %s)",
+        "modelexpress: pulled %d tensors, %.3f GB in %.3f s (%.2f GB/s) from %s (worker %s); "
+        "%d verified in %.3f s",
         report.tensors, report.bytes / 1e9, report.seconds, report.gb_per_s,
-        report.seed_session_id, report.seed_worker_id,
+        report.seed_session_id, report.seed_worker_id, report.verified, report.verify_seconds,
     )
     return report
+
+
+def digest_verifier(tensors: Mapping[str, torch.Tensor]) -> Verifier:
+    """Checks `tensors` against a seed's digests (on their own device; CUDA is synchronized first)."""
+    return lambda expected: mismatches(tensors, expected)

@@ -92,11 +92,13 @@ def identity_from_pb(msg: pb.SourceIdentity) -> SourceIdentity:
 # --- WorkerMetadata -------------------------------------------------------
 
 def _tensor_to_pb(t: TensorDescriptor) -> pb.TensorDescriptor:
-    return pb.TensorDescriptor(name=t.name, addr=t.addr, size=t.size, device_id=t.device_id, dtype=t.dtype)
+    return pb.TensorDescriptor(name=t.name, addr=t.addr, size=t.size, device_id=t.device_id, dtype=t.dtype,
+                               mx_digest=t.digest)
 
 
 def _tensor_from_pb(t: pb.TensorDescriptor) -> TensorDescriptor:
-    return TensorDescriptor(name=t.name, addr=t.addr, size=t.size, dtype=t.dtype, device_id=t.device_id)
+    return TensorDescriptor(name=t.name, addr=t.addr, size=t.size, dtype=t.dtype, device_id=t.device_id,
+                            digest=t.mx_digest)
 
 
 def worker_to_pb(worker: WorkerRecord) -> pb.WorkerMetadata:

@@ -111,6 +111,19 @@ def test_same_package(ours, theirs):
     assert ours.package == theirs.package == PACKAGE
 
 
+# Fields sglang-mx adds to ModelExpress's messages, with numbers ModelExpress does not use.
+EXTENSIONS = {(f".{PACKAGE}.TensorDescriptor", "mx_digest"): 1000}
+
+
+def test_our_extensions_use_numbers_modelexpress_does_not(ours, theirs):
+    their_messages = _messages(theirs)
+    for (message, field), number in EXTENSIONS.items():
+        [mine] = [f for f in _messages(ours)[message].field if f.name == field]
+        assert mine.number == number
+        assert number not in {f.number for f in their_messages[message].field}
+        assert field not in {f.name for f in their_messages[message].field}
+
+
 def test_every_message_of_ours_matches_theirs(ours, theirs):
     their_messages = _messages(theirs)
     problems = []
@@ -121,6 +134,8 @@ def test_every_message_of_ours_matches_theirs(ours, theirs):
             continue
         their_fields = {f.name: f for f in other.field}
         for field in message.field:
+            if (name, field.name) in EXTENSIONS:
+                continue
             if field.name not in their_fields:
                 problems.append(f"{name}.{field.name} is not in modelexpress")
                 continue
@@ -222,6 +237,22 @@ def test_identity_from_pb_gives_plain_enums():
     identity = wire.identity_from_pb(wire.identity_to_pb(FULL_IDENTITY))
     assert type(identity.backend_framework) is BackendFramework
     assert type(identity.mx_source_type) is SourceType
+
+
+def test_digest_round_trips_and_modelexpress_keeps_it_as_an_unknown_field(theirs):
+    from google.protobuf import descriptor_pool, message_factory
+
+    pool = descriptor_pool.DescriptorPool()  # their descriptor, apart from ours
+    pool.Add(theirs)
+    their_worker = message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{PACKAGE}.WorkerMetadata"))
+    worker = WorkerRecord(worker_rank=0, transfer_engine_session_id="h:1", tensors=(
+        TensorDescriptor(name="w", addr=4096, size=8, dtype="bfloat16", digest="xxh3-64:0123456789abcdef"),))
+    data = wire.encode_worker(worker)
+    assert wire.decode_worker(data).tensors[0].digest == "xxh3-64:0123456789abcdef"
+    parsed = their_worker.FromString(data)  # modelexpress 0.7.0's own descriptor
+    assert parsed.tensor_source.tensors[0].name == "w" and parsed.tensor_source.tensors[0].size == 8
+    # A ModelExpress server that stores and re-serializes the record keeps our field.
+    assert wire.decode_worker(parsed.SerializeToString()).tensors[0].digest == "xxh3-64:0123456789abcdef"
 
 
 def test_worker_round_trip_with_transfer_engine_session():

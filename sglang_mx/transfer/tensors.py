@@ -10,12 +10,16 @@ from sglang_mx.errors import MxError
 from sglang_mx.records import TensorDescriptor
 
 
-def describe(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> list[TensorDescriptor]:
-    """One descriptor per named tensor, in the given order.
+def describe(
+    tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+    digests: Mapping[str, str] | None = None,
+) -> list[TensorDescriptor]:
+    """One descriptor per named tensor, in the given order, with its digest when `digests` has one.
 
     Tensors must be contiguous: a strided view's bytes are not one range.
     Aliases (tied weights) keep their own names and share an address.
     """
+    digests = digests or {}
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     out = []
     for name, t in items:
@@ -32,6 +36,7 @@ def describe(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Ten
                 size=size,
                 dtype=str(t.dtype).removeprefix("torch."),
                 device_id=t.device.index or 0,
+                digest=digests.get(name, ""),
             )
         )
     return out

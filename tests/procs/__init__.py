@@ -19,7 +19,8 @@ class SeedProcess:
     def __init__(self, url: str, *, timeout_s: float = 120, **options) -> None:
         argv = [sys.executable, "-m", "tests.procs.seed_proc", "--url", url]
         for key, value in options.items():
-            argv += [f"--{key.replace('_', '-')}", str(value)]
+            flag = f"--{key.replace('_', '-')}"
+            argv += [flag] if value is True else [flag, str(value)]
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         # Its log goes to a file: a pipe nobody reads would fill and block it.
         self.log = tempfile.NamedTemporaryFile(prefix="seed-", suffix=".log", delete=False)

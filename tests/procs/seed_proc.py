@@ -11,6 +11,8 @@ import json
 import logging
 import sys
 
+import torch
+
 from sglang_mx.client import MetadataClient
 from sglang_mx.records import SourceIdentity
 from sglang_mx.seed import start_seed
@@ -27,6 +29,8 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=0)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--heartbeat", type=float, default=30.0)
+    p.add_argument("--no-digests", action="store_true", help="publish without content digests")
+    p.add_argument("--mutate", default="", help="after publishing, change one byte of this tensor in place")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO)
 
@@ -35,7 +39,9 @@ def main() -> None:
     engine = MooncakeEngine.create("127.0.0.1", protocol="tcp")
     client = MetadataClient(args.url, timeout_s=5, retries=1)
     publisher = start_seed(tensors, engine, identity, client, worker_rank=args.rank,
-                           heartbeat_interval_s=args.heartbeat, ready=True)
+                           heartbeat_interval_s=args.heartbeat, ready=True, digests=not args.no_digests)
+    if args.mutate:  # the weights change under a READY record (what an unguarded in-place update does)
+        tensors[args.mutate].view(-1).view(torch.uint8)[0] ^= 0xFF
     print(json.dumps({"worker_id": publisher.worker_id, "session": engine.session_id,
                       "mx_source_id": publisher.mx_source_id}), flush=True)
     sys.stdin.read()
