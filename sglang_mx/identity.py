@@ -100,6 +100,15 @@ class RankInfo:
     framework_version: str = ""  # SGLang's version: model code decides layouts
     # Other settings that change tensor layout (attention/MoE splits, ...).
     layout: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # SGLang settings and environment flags that repack weights in place at equal shapes
+    # (MoE runner, FP8/FP4 GEMM backends, DeepGEMM, ...): name -> value.
+    byte_settings: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    torch_version: str = ""
+    cuda_version: str = ""  # "" off CUDA
+    gpu_arch: str = ""  # e.g. "sm_90"; FP8 repacking differs between GPU generations
+    # sglang_mx.model_tensors.layout_fingerprint of the published tensors (names, shapes,
+    # dtypes, strides, in order): two builds that lay tensors out differently never pair.
+    layout_fingerprint: str = ""
 
     @property
     def worker_rank(self) -> int:
@@ -119,7 +128,15 @@ def identity_for(info: RankInfo, config: MxConfig) -> SourceIdentity:
         quantization=info.quantization,
         revision=config.revision or info.revision,
         backend_framework_version=info.framework_version,
-        extra_parameters={"device": info.device, **info.layout},
+        torch_version=info.torch_version,
+        cuda_version=info.cuda_version,
+        gpu_arch=info.gpu_arch,
+        extra_parameters={
+            "device": info.device,
+            **info.layout,
+            **info.byte_settings,
+            **({"layout_fingerprint": info.layout_fingerprint} if info.layout_fingerprint else {}),
+        },
     )
 
 
@@ -136,5 +153,8 @@ def describe_identity(identity: SourceIdentity) -> str:
         parts.append(f"revision {identity.revision}")
     if identity.backend_framework_version:
         parts.append(f"{identity.backend_framework.name.lower()} {identity.backend_framework_version}")
+    for field in ("torch_version", "cuda_version", "gpu_arch"):
+        if getattr(identity, field):
+            parts.append(f"{field} {getattr(identity, field)}")
     parts += [f"{k}={v}" for k, v in sorted(identity.extra_parameters.items())]
     return ", ".join(parts)

@@ -12,6 +12,7 @@ torch only; no SGLang.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Iterator
 
 import torch
@@ -42,6 +43,21 @@ def collect_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             spans.append((start, start + nbytes))
         out[name] = tensor if tensor.is_contiguous() else _span_view(tensor)
     return dict(sorted(out.items(), key=lambda item: order[item[0]]))
+
+
+def layout_fingerprint(model: torch.nn.Module) -> str:
+    """16 hex digits over the name, shape, dtype, strides and storage offset of every
+    tensor `collect_tensors` walks, in walk order.
+
+    Part of the identity: two builds whose tensors agree in byte size but not in
+    layout (a transposed copy, another packing, another order) never pair.
+    """
+    h = hashlib.sha256()
+    for name, t in _walk(model):
+        if t.device.type == "meta":
+            continue
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|{t.stride()}|{t.storage_offset()}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def _walk(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

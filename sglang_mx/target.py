@@ -7,16 +7,18 @@ within bounds); `pull_into` is what an SGLang rank calls with its config.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import time
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence, TypeVar
 
 import torch
 
 from sglang_mx.client import MetadataClient
 from sglang_mx.config import MxConfig
 from sglang_mx.digest import mismatches
-from sglang_mx.errors import CandidateFailure, LayoutMismatchError, NoSourceError, TransferError, VerificationError
+from sglang_mx.errors import (CandidateFailure, LayoutMismatchError, MxError, NoSourceError, TransferError,
+                              VerificationError)
 from sglang_mx.identity import RankInfo, describe_identity, identity_for, mx_source_id
 from sglang_mx.records import SourceIdentity, SourceRef, SourceStatus, TensorDescriptor
 from sglang_mx.transfer.engine import MooncakeEngine
@@ -214,6 +216,32 @@ def pull_into(
         report.seed_session_id, report.seed_worker_id, report.verified, report.verify_seconds,
     )
     return report
+
+
+M = TypeVar("M")
+
+
+def load_with_fallback(build: Callable[[], M], pull: Callable[[M], M], from_disk: Callable[[], M], *,
+                       fall_back: bool, what: str) -> M:
+    """`pull(build())`, or, when no seed could serve (an MxError) and `fall_back` is set,
+    `from_disk()` once the built model is gone.
+
+    The built model is dropped, and the failure's traceback with it (it holds the
+    frames that held the model's tensors), before the disk load allocates a second
+    copy: on a GPU two copies of the weights would not fit for any model over half
+    its memory. Without `fall_back` the error propagates.
+    """
+    model = build()
+    try:
+        return pull(model)
+    except MxError as e:
+        if not fall_back:
+            raise
+        reason = str(e)
+    del model
+    gc.collect()  # cycles through the dropped traceback's frames
+    log.warning("modelexpress: no usable seed, loading %s from disk instead (fallback=disk): %s", what, reason)
+    return from_disk()
 
 
 def digest_verifier(tensors: Mapping[str, torch.Tensor]) -> Verifier:

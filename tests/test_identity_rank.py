@@ -42,3 +42,19 @@ def test_ranks_of_one_instance_share_the_id():
 def test_anything_that_changes_layout_changes_the_id(change):
     base = mx_source_id(identity_for(INFO, MxConfig()))
     assert mx_source_id(identity_for(dataclasses.replace(INFO, **change), MxConfig())) != base
+
+
+@pytest.mark.parametrize("change", [
+    {"byte_settings": {"moe_runner_backend": "flashinfer_trtllm"}}, {"torch_version": "2.14.0"},
+    {"cuda_version": "13.0"}, {"gpu_arch": "sm_100"}, {"layout_fingerprint": "0123456789abcdef"},
+])
+def test_what_decides_the_bytes_changes_the_id(change):
+    base = mx_source_id(identity_for(INFO, MxConfig()))
+    assert mx_source_id(identity_for(dataclasses.replace(INFO, **change), MxConfig())) != base
+
+
+def test_gpu_facts_fill_modelexpress_identity_fields():
+    identity = identity_for(dataclasses.replace(INFO, torch_version="2.11.0", cuda_version="13.0", gpu_arch="sm_90",
+                                                layout_fingerprint="00ff"), MxConfig())
+    assert (identity.torch_version, identity.cuda_version, identity.gpu_arch) == ("2.11.0", "13.0", "sm_90")
+    assert identity.extra_parameters["layout_fingerprint"] == "00ff"

@@ -46,3 +46,22 @@ def test_meta_tensors_are_skipped():
     with torch.device("meta"):
         model = torch.nn.Linear(3, 3)
     assert collect_tensors(model) == {}
+
+
+def test_layout_fingerprint_sees_strides_dtypes_shapes_and_order():
+    import torch
+
+    from sglang_mx.model_tensors import layout_fingerprint
+
+    def model(weight, bias):
+        m = torch.nn.Linear(4, 4)
+        m.weight = torch.nn.Parameter(weight)
+        m.bias = torch.nn.Parameter(bias)
+        return m
+
+    w, b = torch.zeros(4, 4), torch.zeros(4)
+    base = layout_fingerprint(model(w, b))
+    assert layout_fingerprint(model(torch.ones(4, 4), torch.ones(4))) == base  # values do not matter
+    assert layout_fingerprint(model(w.t().contiguous().t(), b)) != base  # same bytes, transposed layout
+    assert layout_fingerprint(model(w.to(torch.bfloat16), b)) != base
+    assert layout_fingerprint(model(torch.zeros(2, 8), b)) != base  # same byte size, other shape

@@ -111,3 +111,47 @@ def test_a_failed_candidate_is_never_retried_and_the_cap_ends_the_wait():
     assert engine.reads == ["a:1", "b:1"]
     assert len(info.value.attempts) == 2
     assert clock.now == 1.0  # one poll interval: the cap, not the wait, ended it
+
+
+# --- load_with_fallback: the disk load never sees the dummy model alive --------------------------------
+
+import gc  # noqa: E402
+import weakref  # noqa: E402
+
+import torch  # noqa: E402
+
+from sglang_mx.target import load_with_fallback  # noqa: E402
+
+
+def test_fallback_frees_the_built_model_before_loading_from_disk():
+    built = []
+
+    def build():
+        model = torch.nn.Linear(64, 64)
+        built.append(weakref.ref(model))
+        return model
+
+    def pull(model):
+        tensors = dict(model.state_dict())  # a frame holding the tensors, as pull_into's does
+        raise NoSourceError(f"no READY seed for {len(tensors)} tensors")
+
+    def from_disk():
+        gc.collect()
+        assert built[0]() is None, "the dummy model is still alive while the disk load allocates"
+        return "from disk"
+
+    assert load_with_fallback(build, pull, from_disk, fall_back=True, what="m") == "from disk"
+
+
+def test_without_fallback_the_error_propagates_and_disk_is_not_touched():
+    def from_disk():
+        raise AssertionError("must not load from disk")
+
+    with pytest.raises(NoSourceError, match="no READY seed"):
+        load_with_fallback(lambda: object(), lambda m: (_ for _ in ()).throw(NoSourceError("no READY seed")),
+                           from_disk, fall_back=False, what="m")
+
+
+def test_a_successful_pull_returns_the_pulled_model():
+    assert load_with_fallback(lambda: "built", lambda m: m + " and pulled", lambda: "disk", fall_back=True,
+                              what="m") == "built and pulled"

@@ -61,7 +61,7 @@ def load_model(model_loader, *, model_config, device_config):
     return loader.load_from_peer(
         load_config, model_config, device_config,
         role=_state.role(get_global_server_args()),
-        info=_rank_info(model_config, device_config.device),
+        info=_rank_info(model_config, device_config.device, get_global_server_args()),
         transfer_engine=load_config.remote_instance_weight_loader_transfer_engine,
         session_id="",  # 0.5.10's LoadConfig lacks it; a target only reads, so it is not published
     )
@@ -82,7 +82,7 @@ def publish_after_load(model_runner) -> None:
         model_runner.model,
         model_runner.remote_instance_transfer_engine,
         model_runner.remote_instance_transfer_engine_session_id,
-        _rank_info(model_runner.model_config, model_runner.device),
+        _rank_info(model_runner.model_config, model_runner.device, server_args=model_runner.server_args),
         role,
         instance_id=_state.instance_id,
     ))
@@ -93,7 +93,7 @@ def mark_ready() -> None:
     loader.mark_ready(_state.publishers)
 
 
-def _rank_info(model_config, device):
+def _rank_info(model_config, device, server_args):
     # 0.5.10 keeps its parallel state in module functions (no runtime_context).
     from sglang.srt.distributed import parallel_state
     from sglang.srt.layers import dp_attention
@@ -114,4 +114,5 @@ def _rank_info(model_config, device):
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),
         pp_size=pp.world_size, pp_rank=pp.rank_in_group,
         width=lambda key: getattr(*widths[key])(),
+        server_args=server_args,
     )

@@ -25,6 +25,14 @@ log = logging.getLogger("sglang_mx")
 
 # Parallel widths besides TP/PP that change a rank's tensor layout.
 LAYOUT_KEYS = ("attn_tp_size", "attn_cp_size", "attn_dp_size", "moe_ep_size", "moe_tp_size", "moe_dp_size")
+# ServerArgs fields that pick kernels which repack weights in place during post-processing
+# (same shapes, other bytes): read from SGLang 0.5.23's quantization and MoE code.
+BYTE_SETTINGS = ("moe_runner_backend", "moe_a2a_backend", "fp8_gemm_runner_backend", "fp4_gemm_runner_backend",
+                 "enable_deterministic_inference")
+# Environment flags read by that code with the same effect (seed and target must agree).
+BYTE_ENV = ("SGLANG_ENABLE_JIT_DEEPGEMM", "SGLANG_USE_AITER", "SGLANG_USE_AITER_FP8_PER_TOKEN",
+            "SGLANG_USE_AITER_MOE_GU_ITLV", "SGLANG_FORCE_FP8_MARLIN", "SGLANG_OPT_HOPPER_BLOCK_FP8_BF16",
+            "SGLANG_MOE_PADDING", "SGLANG_OPT_DEEPGEMM_HC_PRENORM", "SGLANG_INT4_WEIGHT")
 
 _NO_ENGINE = ("SGLang created no Mooncake TransferEngine for the modelexpress backend: install "
               "mooncake-transfer-engine (or -non-cuda) in SGLang's environment")
@@ -41,7 +49,9 @@ class ProcessState:
     instance_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:12])
     roles: dict = dataclasses.field(default_factory=dict)  # LaunchSettings -> Role
     rank_infos: dict = dataclasses.field(default_factory=dict)  # id(model) -> RankInfo (plugin)
-    publishers: list = dataclasses.field(default_factory=list)
+    runners: dict = dataclasses.field(default_factory=dict)  # id(model) -> SGLang ModelRunner (plugin)
+    publishers: list = dataclasses.field(default_factory=list)  # the live SeedPublishers
+    sources: list = dataclasses.field(default_factory=list)  # what this process publishes (Source)
 
     def role(self, server_args) -> Role:
         """This process's role, parsed from SGLang's ServerArgs on first use."""
@@ -70,12 +80,32 @@ def log_at_info() -> None:
 
 # --- rank facts -------------------------------------------------------------------
 
+def byte_settings(server_args, environ=None) -> dict[str, str]:
+    """The BYTE_SETTINGS this SGLang defines and the BYTE_ENV flags that are set, as strings."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    found = {}
+    for key in BYTE_SETTINGS:
+        value = getattr(server_args, key, None)
+        if value is not None:
+            found[key] = str(getattr(value, "value", value))
+    found.update((f"env.{key}", environ[key]) for key in BYTE_ENV if key in environ)
+    return found
+
+
 def rank_info(model_config, device, *, tp_size: int, tp_rank: int, pp_size: int, pp_rank: int,
-              width: Callable[[str], object]) -> RankInfo:
+              width: Callable[[str], object], server_args=None) -> RankInfo:
     """The RankInfo of one rank; `width(key)` gives a LAYOUT_KEYS width, raising
     AttributeError when this SGLang build does not define it."""
     import sglang
     import torch
+
+    device_type = torch.device(device).type
+    gpu_arch = cuda_version = ""
+    if device_type == "cuda":
+        major, minor = torch.cuda.get_device_capability(torch.device(device))
+        gpu_arch, cuda_version = f"sm_{major}{minor}", torch.version.cuda or ""
 
     layout = {}
     for key in LAYOUT_KEYS:
@@ -93,9 +123,13 @@ def rank_info(model_config, device, *, tp_size: int, tp_rank: int, pp_size: int,
         dtype=str(model_config.dtype).removeprefix("torch."),
         quantization=model_config.quantization or "",
         revision=model_config.revision or "",
-        device=torch.device(device).type,
+        device=device_type,
         framework_version=sglang.__version__,
         layout=layout,
+        byte_settings=byte_settings(server_args) if server_args is not None else {},
+        torch_version=torch.__version__,
+        cuda_version=cuda_version,
+        gpu_arch=gpu_arch,
     )
 
 
@@ -104,36 +138,54 @@ def rank_info(model_config, device, *, tp_size: int, tp_rank: int, pp_size: int,
 def load_from_peer(load_config, model_config, device_config, *, role: Role, info: RankInfo, transfer_engine,
                    session_id: str):
     """Build the model with dummy weights, post-process it, and pull every tensor
-    from a READY seed; with fallback=disk, load from disk when no seed serves."""
+    from a READY seed; with fallback=disk, load from disk when no seed serves.
+
+    `--model-loader-extra-config` belongs to the disk loaders: the dummy build runs
+    without it (SGLang's dummy loader refuses any), a fallback load with it.
+    """
     from sglang.srt.configs.load_config import LoadFormat
     from sglang.srt.model_loader.loader import DefaultModelLoader, DummyModelLoader
 
-    from sglang_mx.model_tensors import collect_tensors
-    from sglang_mx.target import pull_into
+    from sglang_mx.model_tensors import collect_tensors, layout_fingerprint
+    from sglang_mx.target import load_with_fallback, pull_into
     from sglang_mx.transfer.engine import MooncakeEngine
 
     if transfer_engine is None:
         raise MxError(_NO_ENGINE)
     engine = MooncakeEngine.wrap(transfer_engine, session_id)
-    start = time.perf_counter()
-    # SGLang's own dummy load, post-processing included: the same tensor layout
-    # the seed published (quantized models rename and repack here).
-    with _constant_dummy_fill():
-        model = DummyModelLoader(dataclasses.replace(load_config, load_format=LoadFormat.DUMMY)).load_model(
-            model_config=model_config, device_config=device_config)
-    built = time.perf_counter() - start
-    try:
-        pull_into(collect_tensors(model), engine, info, role.config)
-    except MxError as e:
-        if not falls_back_to_disk(role.config):
-            raise
-        log.warning("modelexpress: no usable seed, loading %s from disk instead (fallback=disk): %s",
-                    model_config.model_path, e)
-        del model
-        disk = dataclasses.replace(load_config, load_format=LoadFormat.AUTO, model_loader_extra_config={})
+
+    def build():
+        start = time.perf_counter()
+        # SGLang's own dummy load, post-processing included: the same tensor layout
+        # the seed published (quantized models rename and repack here).
+        dummy = dataclasses.replace(load_config, load_format=LoadFormat.DUMMY, model_loader_extra_config={})
+        with _constant_dummy_fill():
+            model = DummyModelLoader(dummy).load_model(model_config=model_config, device_config=device_config)
+        synchronize(device_config.device)  # post-processing kernels done before the first byte moves
+        log.info("modelexpress: model built and post-processed in %.2f s before the pull",
+                 time.perf_counter() - start)
+        return model
+
+    def pull(model):
+        pull_into(collect_tensors(model), engine, dataclasses.replace(info, layout_fingerprint=layout_fingerprint(model)),
+                  role.config)
+        return model.eval()
+
+    def from_disk():
+        disk = dataclasses.replace(load_config, load_format=LoadFormat.AUTO)
         return DefaultModelLoader(disk).load_model(model_config=model_config, device_config=device_config)
-    log.info("modelexpress: model built and post-processed in %.2f s before the pull", built)
-    return model.eval()
+
+    return load_with_fallback(build, pull, from_disk, fall_back=falls_back_to_disk(role.config),
+                              what=model_config.model_path)
+
+
+def synchronize(device) -> None:
+    """Wait for every kernel queued on `device` (a no-op off CUDA)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @contextlib.contextmanager
@@ -176,19 +228,59 @@ def _fill_constant(model, *args, **kwargs) -> None:
 def publish(model, transfer_engine, session_id: str, info: RankInfo, role: Role, *, instance_id: str):
     """Register and publish one rank's tensors (INITIALIZING); returns the SeedPublisher."""
     from sglang_mx.client import MetadataClient
-    from sglang_mx.model_tensors import collect_tensors
+    from sglang_mx.model_tensors import collect_tensors, layout_fingerprint
     from sglang_mx.seed import start_seed
     from sglang_mx.transfer.engine import MooncakeEngine
 
     if transfer_engine is None:
         raise MxError(_NO_ENGINE)
     config = role.config
+    info = dataclasses.replace(info, layout_fingerprint=layout_fingerprint(model))
     return start_seed(
         collect_tensors(model), MooncakeEngine.wrap(transfer_engine, session_id), identity_for(info, config),
         MetadataClient.for_config(config), worker_rank=info.worker_rank,
         worker_id=f"{instance_id}-rank{info.worker_rank}", heartbeat_interval_s=config.heartbeat_interval_s,
         accelerator=info.device,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One rank this process publishes, enough to publish it again after its weights changed."""
+
+    engine: object  # SGLang's TransferEngine
+    session_id: str
+    role: Role
+    model: Callable[[], object]  # the rank's model as it is now
+    rank_info: Callable[[], RankInfo]  # its facts as they are now (model path included)
+    first_path: str  # the model path it was first published with
+
+
+def withdraw(state: ProcessState, *, why: str) -> None:
+    """Every seed of this process goes STALE and releases its memory, before its weights change.
+
+    A target reading at that moment fails (or its digest check does) and moves on.
+    """
+    publishers, state.publishers = state.publishers, []
+    for publisher in publishers:
+        publisher.close()
+        log.warning("modelexpress: worker %s (rank %d) withdrawn from %s: %s", publisher.worker_id,
+                    publisher.worker_rank, publisher.mx_source_id, why)
+
+
+def republish(state: ProcessState) -> None:
+    """After an update from disk: publish every source under the identity of what it now holds."""
+    for source in state.sources:
+        info = source.rank_info()
+        if source.role.config.model_name and info.model_path != source.first_path:
+            # model_name names the first checkpoint: the identity cannot say what is held now.
+            log.warning("modelexpress: not publishing %s again: the config's model_name %r named %s",
+                        info.model_path, source.role.config.model_name, source.first_path)
+            continue
+        publisher = publish(source.model(), source.engine, source.session_id, info, source.role,
+                            instance_id=state.instance_id)
+        state.publishers.append(publisher)
+        mark_ready([publisher])
 
 
 def mark_ready(publishers) -> None:

@@ -19,6 +19,13 @@ the logic lives there and in the modules it calls. Hooks:
   publish with our own registration instead of SGLang's (which walks the CUDA
   allocator and would register the weights a second time).
 - `Scheduler.run_event_loop` (before): mark READY once the rank serves.
+- The scheduler's in-place weight updaters (`SchedulerWeightUpdaterManager`:
+  from disk, tensor, distributed, IPC, begin_weight_update, memory release) and
+  EPLB's `ExpertLocationUpdater.update`: before the first byte changes, every
+  seed of the process withdraws (STALE, memory unregistered); after an update
+  from disk it publishes again under the identity of what it now holds (the new
+  model path, new digests). Other updates leave it withdrawn: what it then holds
+  has no identity a target could ask for.
 """
 
 from __future__ import annotations
@@ -37,6 +44,12 @@ _PUBLISH = (
     "RemoteInstanceWeightTransporter.maybe_register_and_publish_weight_info"
 )
 _EVENT_LOOP = "sglang.srt.managers.scheduler.Scheduler.run_event_loop"
+_UPDATER = "sglang.srt.managers.scheduler_components.weight_updater.SchedulerWeightUpdaterManager."
+_REPUBLISH_AFTER = (_UPDATER + "update_weights_from_disk",)
+_WITHDRAW_BEFORE = tuple(_UPDATER + name for name in (
+    "update_weights_from_tensor", "update_weights_from_distributed", "update_weights_from_ipc",
+    "begin_weight_update", "release_memory_occupation")) + (
+    "sglang.srt.eplb.expert_location_updater.ExpertLocationUpdater.update",)
 _SERVER_ARGS = "sglang.srt.server_args.ServerArgs.check_server_args"
 
 
@@ -54,6 +67,10 @@ def register() -> None:
     HookRegistry.register(_RUNNER_LOAD, _after_runner_load, HookType.AFTER)
     HookRegistry.register(_PUBLISH, _around_publish, HookType.AROUND)
     HookRegistry.register(_EVENT_LOOP, _before_event_loop, HookType.BEFORE)
+    for target in _REPUBLISH_AFTER:
+        HookRegistry.register(target, _around_update_from_disk, HookType.AROUND)
+    for target in _WITHDRAW_BEFORE:
+        HookRegistry.register(target, _before_weights_change, HookType.BEFORE)
 
 
 # --- hooks ----------------------------------------------------------------------
@@ -70,14 +87,15 @@ def _around_te_gate(original, cfg, *args, **kwargs):
 
 
 def _around_remote_load(original, self, *, model_config, device_config, **kwargs):
-    from sglang.srt.runtime_context import get_model
+    from sglang.srt.runtime_context import get_model, get_server_args
 
     role = _state.role(get_model())
     if not role.target:
         return original(self, model_config=model_config, device_config=device_config, **kwargs)
     load_config = self.load_config
+    info = _rank_info(model_config, device_config.device, get_server_args())
     return loader.load_from_peer(
-        load_config, model_config, device_config, role=role, info=_rank_info(model_config, device_config.device),
+        load_config, model_config, device_config, role=role, info=info,
         transfer_engine=load_config.remote_instance_weight_loader_transfer_engine,
         session_id=load_config.remote_instance_weight_loader_transfer_engine_session_id,
     )
@@ -85,7 +103,8 @@ def _around_remote_load(original, self, *, model_config, device_config, **kwargs
 
 def _after_runner_load(result, self, *args, **kwargs):
     if not getattr(self, "is_draft_worker", False) and getattr(self, "model", None) is not None:
-        _state.rank_infos[id(self.model)] = _rank_info(self.model_config, self.device)
+        _state.rank_infos[id(self.model)] = _rank_info(self.model_config, self.device, self.server_args)
+        _state.runners[id(self.model)] = self
     return None
 
 
@@ -101,6 +120,13 @@ def _around_publish(original, self, *args, **kwargs):
         return None
     _state.publishers.append(loader.publish(
         self.model, self.engine, self.session_id, info, role, instance_id=_state.instance_id))
+    runner = _state.runners.get(id(self.model))
+    _state.sources.append(loader.Source(
+        engine=self.engine, session_id=self.session_id, role=role,
+        model=lambda: runner.model if runner is not None else self.model,
+        rank_info=lambda: _rank_info(runner.model_config, runner.device, runner.server_args) if runner else info,
+        first_path=info.model_path,
+    ))
     return None
 
 
@@ -109,11 +135,26 @@ def _before_event_loop(self, *args, **kwargs):
     return None
 
 
-def _rank_info(model_config, device):
+def _before_weights_change(self, *args, **kwargs):
+    loader.withdraw(_state, why=f"{type(self).__name__} is about to change the weights in place")
+    return None
+
+
+def _around_update_from_disk(original, self, recv_req, *args, **kwargs):
+    loader.withdraw(_state, why=f"update_weights_from_disk({recv_req.model_path!r})")
+    result = original(self, recv_req, *args, **kwargs)
+    # Success or SGLang's rollback: either way the model now holds the checkpoint its
+    # model_config names, which is the identity it publishes under again.
+    loader.republish(_state)
+    return result
+
+
+def _rank_info(model_config, device, server_args):
     from sglang.srt.runtime_context import get_parallel
 
     parallel = get_parallel()
     return loader.rank_info(
         model_config, device, tp_size=parallel.tp_size, tp_rank=parallel.tp_rank,
         pp_size=parallel.pp_size, pp_rank=parallel.pp_rank, width=lambda key: getattr(parallel, key),
+        server_args=server_args,
     )

@@ -82,14 +82,16 @@ def test_tp1_fleet_seeds_itself_and_serves_identical_tokens(tiny_model, mx_serve
 
 def test_fallback_to_disk_then_serves_as_seed(tiny_model, mx_server, mx_client, servers):
     config = mx(mx_server, model_name="fleet/fallback", wait_timeout_s=1, fallback="disk")
-    first = SglangServer(tiny_model, *TARGET, mx_config=config, name="fallback")
+    # --model-loader-extra-config is for the disk loaders: the dummy build must not get it, the fallback must.
+    extra = ["--model-loader-extra-config", '{"enable_multithread_load": false}']
+    first = SglangServer(tiny_model, *TARGET, *extra, mx_config=config, name="fallback")
     servers.append(first)
     first.wait_ready()
     assert "loading" in first.log and "from disk instead (fallback=disk)" in first.log
     first_worker = ready_worker_of(first.log)
     assert workers(mx_client, "fleet/fallback", SourceStatus.READY).keys() == {first_worker}
 
-    second = SglangServer(tiny_model, *TARGET, mx_config=mx(mx_server, model_name="fleet/fallback"),
+    second = SglangServer(tiny_model, *TARGET, *extra, mx_config=mx(mx_server, model_name="fleet/fallback"),
                           name="from-fallback")
     servers.append(second)
     second.wait_ready()

@@ -39,7 +39,7 @@ def published(monkeypatch):
         return calls[-1].publisher
 
     monkeypatch.setattr(sglang_legacy, "_state", loader.ProcessState())
-    monkeypatch.setattr(sglang_legacy, "_rank_info", lambda model_config, device: ("rank info", device))
+    monkeypatch.setattr(sglang_legacy, "_rank_info", lambda model_config, device, server_args: ("rank info", device))
     monkeypatch.setattr(loader, "publish", publish)
     return calls
 
