@@ -41,8 +41,8 @@ import torch  # noqa: E402
 
 from sglang_mx.client import MetadataClient  # noqa: E402
 from sglang_mx.digest import digest_many, verify  # noqa: E402
-from sglang_mx.seed import SeedPublisher  # noqa: E402
-from sglang_mx.target import PullOptions, pull_weights  # noqa: E402
+from sglang_mx.seed import start_seed  # noqa: E402
+from sglang_mx.target import PullOptions, digest_verifier, pull_weights  # noqa: E402
 from sglang_mx.transfer.engine import MooncakeEngine  # noqa: E402
 from sglang_mx.transfer.tensors import describe  # noqa: E402
 from sglang_mx.records import SourceIdentity  # noqa: E402
@@ -191,10 +191,9 @@ def run_seed(args) -> None:
         engine = MooncakeEngine.create("127.0.0.1", protocol=args.protocol)
         counting = CountingEngine(engine, allocs if args.mode == "allocations" else None)
         client = MetadataClient(args.url, timeout_s=10, retries=2)
-        publisher = SeedPublisher(client, counting, identity_for(args.protocol, args.mode), worker_rank=0,
-                                  tensors=describe(tensors), heartbeat_interval_s=5)
-        publisher.start()
-        publisher.mark_ready()
+        # The product's path: start_seed computes the digests on the GPU and publishes them.
+        publisher = start_seed(tensors, counting, identity_for(args.protocol, args.mode), client, worker_rank=0,
+                               heartbeat_interval_s=5, ready=True)
         result.update(status="ready", registrations=counting.regions, register_s=counting.register_s,
                       session=engine.session_id)
         emit(work / "seed.json", result)
@@ -218,11 +217,14 @@ def run_target(args) -> None:
         engine = MooncakeEngine.create("127.0.0.1", protocol=args.protocol)
         counting = CountingEngine(engine, None)
         client = MetadataClient(args.url, timeout_s=10, retries=2)
+        # The product's path: the target checks every tensor against the published digests on the GPU.
         report = pull_weights(client, counting, identity_for(args.protocol, args.mode), worker_rank=0,
                               tensors=describe(tensors),
-                              options=PullOptions(wait_timeout_s=args.wait_s, poll_interval_s=0.2))
+                              options=PullOptions(wait_timeout_s=args.wait_s, poll_interval_s=0.2, verify="require"),
+                              verifier=digest_verifier(tensors))
         result.update(bytes=report.bytes, reads=report.reads, pull_s=report.seconds, pull_gbps=report.gb_per_s,
-                      registrations=counting.regions, register_s=counting.register_s)
+                      registrations=counting.regions, register_s=counting.register_s,
+                      verified_in_pull=report.verified, verify_in_pull_s=report.verify_seconds)
         expected = json.loads((work / "digests.json").read_text())
         start = time.perf_counter()
         bad = [name for name, t in tensors.items() if not verify(t, expected[name])]
@@ -278,7 +280,7 @@ def run_pair(args, url: str, protocol: str, mode: str, first: bool, timeout_s: f
     common = [sys.executable, __file__, "--device", args.device, "--size-gb", str(args.size_gb), "--url", url,
               "--protocol", protocol, "--mode", mode, "--workdir", str(work), "--wait-s", str(args.wait_s)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if protocol == "nvlink" and args.nvlink_ipc:
+    if protocol in ("nvlink", "nvlink_intra") and args.nvlink_ipc:
         env["MC_USE_NVLINK_IPC"] = "1"  # Mooncake: CUDA IPC handles, not fabric handles (cuMemCreate only)
     logs = {role: open(work / f"{role}.log", "w") for role in ("seed", "target")}
     seed = subprocess.Popen(common + ["--role", "seed"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
@@ -346,7 +348,8 @@ def summary(runs: list[dict]) -> None:
                   f"first: {', '.join(t['bad'][:6])}")
         if t.get("registrations") is not None:
             print(f"    target: {t['registrations']} registration(s) in {t.get('register_s', 0) * 1e3:.1f} ms, "
-                  f"{t.get('reads')} reads; a flipped byte caught: {t.get('flip_detected')}; "
+                  f"{t.get('reads')} reads; verified in the pull: {t.get('verified_in_pull')} tensors in "
+                  f"{t.get('verify_in_pull_s', 0):.3f} s; a flipped byte caught: {t.get('flip_detected')}; "
                   f"spot-checked {', '.join(t.get('spot', []))}")
         if r["note"]:
             print(f"    note: {r['note']}")
@@ -363,7 +366,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu for a smoke test")
     p.add_argument("--size-gb", type=float, default=4.0)
-    p.add_argument("--protocols", default="tcp,nvlink")
+    p.add_argument("--protocols", default="tcp,nvlink_intra")
     p.add_argument("--modes", default=",".join(MODES), help=f"registration modes, of {', '.join(MODES)}")
     p.add_argument("--no-nvlink-ipc", dest="nvlink_ipc", action="store_false",
                    help="leave MC_USE_NVLINK_IPC unset for nvlink (Mooncake then uses fabric handles "

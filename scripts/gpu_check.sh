@@ -90,7 +90,7 @@ check 45 "digest benchmark" $PY benchmarks/digest_speed.py --device cuda --gb 1 
 
 step "c+d. seed -> target over Mooncake on the GPU, with digests and a device-copy ceiling"
 check 210 "gpu_check.py" $PY scripts/gpu_check.py --device cuda --size-gb "${SIZE_GB:-4}" \
-  --protocols "${PROTOCOLS:-tcp,nvlink}" --run-timeout-s 70 --wait-s 60 --budget-s 190
+  --protocols "${PROTOCOLS:-tcp,nvlink_intra}" --run-timeout-s 70 --wait-s 60 --budget-s 190
 
 step "done in $(( $(date +%s) - T0 )) s"
 if [ -n "${TEE_PID:-}" ]; then exec >&- 2>&-; wait "$TEE_PID" 2>/dev/null; fi  # let tee finish the log

@@ -16,7 +16,9 @@ from sglang_mx.transfer.plan import Read, coalesce_ranges
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = ("tcp", "rdma", "nvlink", "efa")
+# "nvlink" is multi-node NVLink (Mooncake built with USE_MNNVL); "nvlink_intra" is NVLink between GPUs of
+# one node (CUDA IPC; in the CUDA wheels, e.g. mooncake-transfer-engine-cuda13 0.3.14).
+PROTOCOLS = ("tcp", "rdma", "nvlink", "nvlink_intra", "efa")
 # Reads per batch_transfer_sync_read call: bounds the size of one Mooncake batch.
 MAX_BATCH = 1024
 
