@@ -1,13 +1,26 @@
-"""Which tensors of a loaded model a seed publishes and a target fills.
+"""Which tensors of a loaded model a seed publishes and a target fills, and the rule for the rest.
 
-Everything the forward pass reads that came from the checkpoint: parameters,
-persistent buffers, and plain tensor attributes that post-processing hangs on
-modules (quantization scales, fused or transposed copies). Non-persistent
-buffers are caches each instance computes from its config (RoPE's
-cos_sin_cache, whose length may differ between a running instance and a fresh
-one) and stay local. The walk is deterministic, so a seed and a target built
-from the same model code and identity get the same names in the same order.
-torch only; no SGLang.
+The rule (strict: what is not known to be safe to leave out moves):
+
+- Published and pulled: parameters; buffers, persistent or not (post-processing
+  builds weight-derived non-persistent buffers, e.g. a bf16 dequantized copy of a
+  block-FP8 weight); tensor attributes of modules and of parameters, `_`-prefixed
+  ones included (e.g. `weight._mxscale_w_scale`); tensors held in lists, tuples
+  and dicts on modules (`attr.0`, `attr.key`).
+- Left local, by rule: caches each instance computes from its config, named in
+  CONFIG_CACHES (RoPE's `cos_sin_cache`, whose length differs between a running
+  instance and a fresh one); runtime state that must never be copied from a live
+  seed, any tensor whose name contains a RUNTIME_STATE word (Marlin workspaces,
+  locks). A config cache not in the list fails the strict size check loudly.
+- Python values that post-processing derives from weight values cannot move as
+  bytes: `refresh_derived` recomputes the ones we know after the pull
+  (`k_scale_float`/`v_scale_float` from `k_scale`/`v_scale`), and
+  `uncarried_state` names the ones we cannot recompute (a scale's `power_of_two`),
+  so such a model is refused before any byte moves instead of served with flags
+  computed from dummy values.
+
+The walk is deterministic, so a seed and a target built from the same model code
+and identity get the same names in the same order. torch only; no SGLang.
 """
 
 from __future__ import annotations
@@ -60,24 +73,84 @@ def layout_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+# Buffers each instance computes from its config (never from weights): left local.
+CONFIG_CACHES = ("cos_sin_cache", "inv_freq", "cos_cached", "sin_cached")
+# Runtime state a live seed must never hand out (kernel workspaces, locks): left local.
+RUNTIME_STATE = ("workspace", "lock")
+# Python attributes that post-processing computes from a tensor's values: name -> the tensor it reads.
+DERIVED_SCALARS = {"k_scale_float": "k_scale", "v_scale_float": "v_scale"}
+# Value-derived Python flags on parameters that we cannot recompute: a model with them is refused.
+UNCARRIED_FLAGS = ("power_of_two",)
+
+
+def refresh_derived(model: torch.nn.Module) -> list[str]:
+    """After a pull: recompute the DERIVED_SCALARS from the pulled tensors; returns their names."""
+    refreshed = []
+    for module_name, module in model.named_modules():
+        for attr, source in DERIVED_SCALARS.items():
+            tensor = getattr(module, source, None)
+            if isinstance(getattr(module, attr, None), float) and isinstance(tensor, torch.Tensor):
+                setattr(module, attr, float(tensor.reshape(-1)[0].item()) if tensor.numel() else 0.0)
+                refreshed.append(f"{module_name}.{attr}" if module_name else attr)
+    return refreshed
+
+
+def uncarried_state(model: torch.nn.Module) -> list[str]:
+    """Names of value-derived Python flags (UNCARRIED_FLAGS) the model holds; a peer load cannot carry them."""
+    found = []
+    for name, param in model.named_parameters(remove_duplicate=False):
+        found += [f"{name}.{flag}" for flag in UNCARRIED_FLAGS if hasattr(param, flag)]
+    return found
+
+
+def _local_only(name: str) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf in CONFIG_CACHES or any(word in name.lower() for word in RUNTIME_STATE)
+
+
+def _tensors_in(attr: str, value) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for a tensor attribute, or for the tensors in a list/tuple/dict attribute."""
+    if isinstance(value, torch.Tensor):
+        yield attr, value
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            if isinstance(item, torch.Tensor):
+                yield f"{attr}.{i}", item
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, torch.Tensor) and isinstance(key, (str, int)):
+                yield f"{attr}.{key}", item
+
+
 def _walk(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     seen: set[int] = set()
     for module_name, module in model.named_modules(remove_duplicate=False):
         prefix = f"{module_name}." if module_name else ""
-        own = dict(module.named_parameters(recurse=False, remove_duplicate=False))
-        local_only = getattr(module, "_non_persistent_buffers_set", set())
-        own.update((n, b) for n, b in module.named_buffers(recurse=False, remove_duplicate=False)
-                   if n not in local_only)
+        params = dict(module.named_parameters(recurse=False, remove_duplicate=False))
+        own = dict(params)
+        own.update(module.named_buffers(recurse=False, remove_duplicate=False))
+        registered = set(own) | set(getattr(module, "_parameters", {})) | set(getattr(module, "_buffers", {}))
         for attr, value in vars(module).items():
-            if attr.startswith("_") or attr in own or attr in local_only:
+            if attr in registered or attr in ("_parameters", "_buffers", "_modules"):
                 continue
-            if isinstance(value, torch.Tensor):
-                own[attr] = value
+            own.update(_tensors_in(attr, value))
+        for pname, param in params.items():  # tensors post-processing hangs on parameters
+            if param is not None:
+                own.update((f"{pname}.{n}", t) for n, t in _tensors_in_vars(param))
         for attr, tensor in own.items():
-            if tensor is None or id(tensor) in seen:
+            if tensor is None or id(tensor) in seen or _local_only(prefix + attr):
                 continue
             seen.add(id(tensor))
             yield prefix + attr, tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor
+
+
+def _tensors_in_vars(param: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    try:
+        attrs = vars(param)
+    except TypeError:  # a tensor subclass without __dict__
+        return
+    for attr, value in attrs.items():
+        yield from _tensors_in(attr, value)
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:

@@ -146,7 +146,7 @@ def load_from_peer(load_config, model_config, device_config, *, role: Role, info
     from sglang.srt.configs.load_config import LoadFormat
     from sglang.srt.model_loader.loader import DefaultModelLoader, DummyModelLoader
 
-    from sglang_mx.model_tensors import collect_tensors, layout_fingerprint
+    from sglang_mx.model_tensors import collect_tensors, layout_fingerprint, refresh_derived, uncarried_state
     from sglang_mx.target import load_with_fallback, pull_into
     from sglang_mx.transfer.engine import MooncakeEngine
 
@@ -167,8 +167,17 @@ def load_from_peer(load_config, model_config, device_config, *, role: Role, info
         return model
 
     def pull(model):
+        uncarried = uncarried_state(model)
+        if uncarried:  # flags post-processing computed from dummy values: never serve them
+            raise MxError(f"the model holds value-derived state sglang-mx cannot carry from a peer "
+                          f"({', '.join(uncarried[:5])}{' ...' if len(uncarried) > 5 else ''}); load it from disk "
+                          "(fallback: disk)")
         pull_into(collect_tensors(model), engine, dataclasses.replace(info, layout_fingerprint=layout_fingerprint(model)),
                   role.config)
+        refreshed = refresh_derived(model)
+        if refreshed:
+            log.info("modelexpress: recomputed %d value-derived attribute(s) from the pulled weights: %s",
+                     len(refreshed), ", ".join(refreshed[:5]))
         return model.eval()
 
     def from_disk():
