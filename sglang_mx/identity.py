@@ -109,6 +109,7 @@ class RankInfo:
     # sglang_mx.model_tensors.layout_fingerprint of the published tensors (names, shapes,
     # dtypes, strides, in order): two builds that lay tensors out differently never pair.
     layout_fingerprint: str = ""
+    role: str = ""  # "draft" for a speculative-decoding draft model; "" for the served model
 
     @property
     def worker_rank(self) -> int:
@@ -117,9 +118,12 @@ class RankInfo:
 
 def identity_for(info: RankInfo, config: MxConfig) -> SourceIdentity:
     """The SourceIdentity of an SGLang instance; anything that changes bytes is in it."""
+    model_name = config.model_name or info.model_path
+    if info.role and config.model_name:
+        model_name = f"{config.model_name}:{info.role}"  # model_name names the served model, not its draft
     return SourceIdentity(
         mx_version=MX_VERSION,
-        model_name=config.model_name or info.model_path,
+        model_name=model_name,
         backend_framework=BackendFramework.SGLANG,
         tensor_parallel_size=info.tp_size,
         pipeline_parallel_size=info.pp_size,
@@ -136,6 +140,7 @@ def identity_for(info: RankInfo, config: MxConfig) -> SourceIdentity:
             **info.layout,
             **info.byte_settings,
             **({"layout_fingerprint": info.layout_fingerprint} if info.layout_fingerprint else {}),
+            **({"role": info.role} if info.role else {}),
         },
     )
 

@@ -58,3 +58,13 @@ def test_gpu_facts_fill_modelexpress_identity_fields():
                                                 layout_fingerprint="00ff"), MxConfig())
     assert (identity.torch_version, identity.cuda_version, identity.gpu_arch) == ("2.11.0", "13.0", "sm_90")
     assert identity.extra_parameters["layout_fingerprint"] == "00ff"
+
+
+def test_a_draft_model_has_an_identity_of_its_own():
+    served = identity_for(INFO, MxConfig(model_name="meta/llama"))
+    draft = identity_for(dataclasses.replace(INFO, role="draft"), MxConfig(model_name="meta/llama"))
+    assert draft.model_name == "meta/llama:draft" and draft.extra_parameters["role"] == "draft"
+    assert mx_source_id(draft) != mx_source_id(served)
+    # Without model_name the draft's own path names it.
+    path_draft = identity_for(dataclasses.replace(INFO, role="draft", model_path="/models/draft"), MxConfig())
+    assert path_draft.model_name == "/models/draft"

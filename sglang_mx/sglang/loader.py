@@ -97,7 +97,8 @@ def byte_settings(server_args, environ=None) -> dict[str, str]:
 def rank_info(model_config, device, *, tp_size: int, tp_rank: int, pp_size: int, pp_rank: int,
               width: Callable[[str], object], server_args=None) -> RankInfo:
     """The RankInfo of one rank; `width(key)` gives a LAYOUT_KEYS width, raising
-    AttributeError when this SGLang build does not define it."""
+    AttributeError when this SGLang build does not define it. A speculative
+    draft model (`model_config.is_draft_model`) gets role "draft": its own identity."""
     import sglang
     import torch
 
@@ -130,6 +131,7 @@ def rank_info(model_config, device, *, tp_size: int, tp_rank: int, pp_size: int,
         torch_version=torch.__version__,
         cuda_version=cuda_version,
         gpu_arch=gpu_arch,
+        role="draft" if getattr(model_config, "is_draft_model", False) else "",
     )
 
 

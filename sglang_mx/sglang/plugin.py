@@ -14,7 +14,8 @@ the logic lives there and in the modules it calls. Hooks:
   Mooncake TransferEngine whenever this backend loads or publishes.
 - `RemoteInstanceModelLoader.load_model` (target): build the model with dummy
   weights and post-process it, pull every tensor from a seed, or fall back.
-- `ModelRunner.load_model` (after): note this rank's identity facts.
+- `ModelRunner.load_model` (after): note this rank's identity facts (a
+  speculative draft model's too: it seeds and loads as role "draft").
 - `RemoteInstanceWeightTransporter.maybe_register_and_publish_weight_info`:
   publish with our own registration instead of SGLang's (which walks the CUDA
   allocator and would register the weights a second time).
@@ -102,7 +103,8 @@ def _around_remote_load(original, self, *, model_config, device_config, **kwargs
 
 
 def _after_runner_load(result, self, *args, **kwargs):
-    if not getattr(self, "is_draft_worker", False) and getattr(self, "model", None) is not None:
+    # Draft models too: they publish and load under their own identity (role "draft").
+    if getattr(self, "model", None) is not None:
         _state.rank_infos[id(self.model)] = _rank_info(self.model_config, self.device, self.server_args)
         _state.runners[id(self.model)] = self
     return None
