@@ -139,6 +139,15 @@ def engine():
 
 
 @pytest.fixture
+def seeds():
+    """Seed processes (tests.procs.SeedProcess) a test starts: append them; all killed at teardown."""
+    started = []
+    yield started
+    for seed in started:
+        seed.kill()
+
+
+@pytest.fixture
 def wait_for() -> Callable[..., object]:
     """`wait_for(predicate, timeout_s=..., what=...)`: poll with a bounded deadline."""
     return wait_until

@@ -16,14 +16,6 @@ IDENTITY = SourceIdentity(model_name="test/model", tensor_parallel_size=1, dtype
 SIZE_MB = 8
 
 
-@pytest.fixture
-def seeds():
-    started: list[SeedProcess] = []
-    yield started
-    for seed in started:
-        seed.kill()
-
-
 def _assert_exact(local):
     for name, tensor in weights.build(SIZE_MB).items():
         assert torch.equal(weights.as_bytes(local[name]), weights.as_bytes(tensor)), name

@@ -19,14 +19,6 @@ IDENTITY = SourceIdentity(model_name="test/model", tensor_parallel_size=1, dtype
 SIZE_MB = 8
 
 
-@pytest.fixture
-def seeds():
-    started: list[SeedProcess] = []
-    yield started
-    for seed in started:
-        seed.kill()
-
-
 def _pull(client, engine, local, verify="if_present", **options):
     options = {"wait_timeout_s": 5, "poll_interval_s": 0.2, **options}
     return pull_weights(client, engine, IDENTITY, worker_rank=0, tensors=describe(local),
