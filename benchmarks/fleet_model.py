@@ -93,7 +93,7 @@ VARIANTS = (
 
 def table(*, model_gb: float, link_gb_s: float, nic_gb_s: float, overhead_s: float,
           sizes=(10, 100, 1000)) -> str:
-    lines = [f"| variant | " + " | ".join(f"N = {n:,}" for n in sizes) + " |",
+    lines = ["| variant | " + " | ".join(f"N = {n:,}" for n in sizes) + " |",
              "|---|" + "---:|" * len(sizes)]
     for label, extra in VARIANTS:
         fleet = Fleet(model_gb=model_gb, link_gb_s=link_gb_s, nic_gb_s=nic_gb_s, overhead_s=overhead_s, **extra)

@@ -355,6 +355,9 @@ def pull_into(
         report.tensors, report.bytes / 1e9, report.seconds, report.gb_per_s,
         report.seed_session_id, report.seed_worker_id, report.verified, report.verify_seconds,
     )
+    if len(report.served) > 1 or report.rounds > 1:
+        log.info("modelexpress: striped over %d seed(s) in %d round(s): %s", len(report.served), report.rounds,
+                 ", ".join(f"{worker} {n / 1e9:.3f} GB" for worker, n in report.served.items()))
     return report
 
 
