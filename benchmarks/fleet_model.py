@@ -9,11 +9,11 @@ taken from published figures), the NIC limit of every instance (`nic_gb_s`,
 egress for a seed and ingress for a target), and a fixed cost per pull
 (`overhead_s`: listing, leases, digest check). Every target starts at t=0.
 
-The model is event-driven and fluid: targets start pulling while the sources'
-NICs can feed them at full speed (or, with `max_readers`, while leases are
-free: a striped target holds one on each of its up to `max_seeds` sources);
-every pulling target moves at min(stripes x link, its NIC, its share of all
-sources' egress). When a
+The model is event-driven and fluid: targets start pulling at once, or with
+`max_readers` while leases are free (a striped target holds one on each of its
+up to `max_seeds` sources); every pulling target moves at min(stripes x link,
+its NIC, its share of all sources' egress); a target keeps its sources until it
+is done. When a
 target completes it becomes a source itself if `cascade`. Not modelled: the
 metadata server (one ListSources and GetMetadata per target per round; see
 benchmarks/metadata_load.py), a network core slower than the NICs, failures.
@@ -35,7 +35,7 @@ class Fleet:
     overhead_s: float = 0.5
     cascade: bool = False
     max_seeds: int = 1
-    max_readers: int = 0  # 0: as many links as fill a NIC
+    max_readers: int = 0  # leases per source; 0: no cap (every target starts at once)
 
     def target_gb_s(self, sources: int) -> float:
         """The most one target pulls at: its stripes' links, or its NIC."""
@@ -43,10 +43,10 @@ class Fleet:
 
     def slots(self, sources: int) -> int:
         """Targets pulling at once: max_readers leases per source (a striped target holds one on each
-        of its sources), or by default as many as the sources' NICs feed at full speed."""
+        of its sources); no cap: all of them."""
         if self.max_readers:
             return max(1, sources * self.max_readers // min(self.max_seeds, sources))
-        return max(1, math.floor(sources * self.nic_gb_s / self.target_gb_s(sources) + 1e-9))
+        return 1 << 62
 
 
 def time_to_all_ready(fleet: Fleet, targets: int, seeds: int = 1) -> float:
@@ -75,19 +75,22 @@ def time_to_all_ready(fleet: Fleet, targets: int, seeds: int = 1) -> float:
 def _pull_waves(fleet: Fleet, targets: int, seeds: int) -> int:
     """How many pulls happen one after another on the longest path (each pays overhead_s once)."""
     if not fleet.cascade:
-        return math.ceil(targets / fleet.slots(seeds))
+        return math.ceil(targets / min(fleet.slots(seeds), targets))
     ready, waves = seeds, 0
     while ready < seeds + targets:
-        ready += fleet.slots(ready)
+        ready += min(fleet.slots(ready), seeds + targets)
         waves += 1
     return waves
 
 
+# Without cascade no cap is best (the seed's NIC is shared by all at once); with cascade each source
+# takes max_readers = ceil(NIC / link) readers, as many links as fill its NIC, so later targets wait for
+# the new sources instead of crowding the first one (with no cap every target would start on the seed).
 VARIANTS = (
     ("one seed", dict()),
     ("striping (4)", dict(max_seeds=4)),
-    ("cascade", dict(cascade=True)),
-    ("cascade + striping (4)", dict(cascade=True, max_seeds=4)),
+    ("cascade", dict(cascade=True, capped=True)),
+    ("cascade + striping (4)", dict(cascade=True, max_seeds=4, capped=True)),
 )
 
 
@@ -96,6 +99,9 @@ def table(*, model_gb: float, link_gb_s: float, nic_gb_s: float, overhead_s: flo
     lines = ["| variant | " + " | ".join(f"N = {n:,}" for n in sizes) + " |",
              "|---|" + "---:|" * len(sizes)]
     for label, extra in VARIANTS:
+        extra = dict(extra)
+        if extra.pop("capped", False):
+            extra["max_readers"] = max(1, math.ceil(nic_gb_s / link_gb_s))
         fleet = Fleet(model_gb=model_gb, link_gb_s=link_gb_s, nic_gb_s=nic_gb_s, overhead_s=overhead_s, **extra)
         lines.append(f"| {label} | " + " | ".join(f"{time_to_all_ready(fleet, n):,.1f} s" for n in sizes) + " |")
     return "\n".join(lines)
