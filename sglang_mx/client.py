@@ -103,13 +103,14 @@ class MetadataClient:
         response = self._call("GetMetadata", self._stub.GetMetadata, wire.get_request(mx_source_id, worker_id))
         return wire.stored_from_response(response, mx_source_id, worker_id)
 
-    def update_status(self, mx_source_id: str, worker_id: str, worker_rank: int, status: SourceStatus) -> None:
-        """Set a worker's status.
+    def update_status(self, mx_source_id: str, worker_id: str, worker_rank: int, status: SourceStatus,
+                      *, source_load: float | None = None) -> None:
+        """Set a worker's status (and, when given, the reads it is serving: `source_load`).
 
         Raises RequestRejectedError when the server refuses (it does not know the
         worker: restarted, or reaped it), ServerError when it cannot be reached.
         """
-        request = wire.update_status_request(mx_source_id, worker_id, worker_rank, status)
+        request = wire.update_status_request(mx_source_id, worker_id, worker_rank, status, source_load)
         response = self._call("UpdateStatus", self._stub.UpdateStatus, request)
         if not response.success:
             raise RequestRejectedError(f"{status.name} refused: {response.message}", url=self.url, rpc="UpdateStatus")

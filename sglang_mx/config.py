@@ -38,6 +38,11 @@ class MxConfig:
     # without digests is not used), "if_present" (check when published), or "off".
     verify: str = "if_present"
     max_candidates: int = 5
+    # Targets: read disjoint stripes from up to this many READY seeds at once.
+    max_seeds: int = 1
+    # Seeds: serve at most this many reader leases at once (0: no cap); the count is reported as source_load.
+    max_readers: int = 0
+    reader_lease_s: float = 60.0  # a lease not released within this expires (its target died)
     heartbeat_interval_s: float = 30.0
     timeout_s: float = 10.0  # per-RPC deadline
     # A file holding the metadata server's bearer token; `parse_config` reads (and checks) it, once.
@@ -61,11 +66,15 @@ class MxConfig:
             raise ConfigError(f"verify {self.verify!r} is not allowed; allowed: {', '.join(map(repr, VERIFY_MODES))}")
         if self.model_name is not None and not self.model_name.strip():
             raise ConfigError("model_name is empty; leave it out to use --model-path")
-        for key in ("wait_timeout_s", "heartbeat_interval_s", "timeout_s"):
+        for key in ("wait_timeout_s", "heartbeat_interval_s", "timeout_s", "reader_lease_s"):
             if getattr(self, key) < 0 or (key != "wait_timeout_s" and getattr(self, key) == 0):
                 raise ConfigError(f"{key}={getattr(self, key)} is out of range; allowed: a positive number of seconds")
         if self.max_candidates < 1:
             raise ConfigError(f"max_candidates={self.max_candidates} is out of range; allowed: an integer >= 1")
+        if self.max_seeds < 1:
+            raise ConfigError(f"max_seeds={self.max_seeds} is out of range; allowed: an integer >= 1")
+        if self.max_readers < 0:
+            raise ConfigError(f"max_readers={self.max_readers} is out of range; allowed: an integer >= 0 (0: no cap)")
 
 
 _NUMBER = ((int, float), "a number")
@@ -80,6 +89,9 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "fallback": _STRING,
     "verify": _STRING,
     "max_candidates": ((int,), "an integer"),
+    "max_seeds": ((int,), "an integer"),
+    "max_readers": ((int,), "an integer"),
+    "reader_lease_s": _NUMBER,
     "heartbeat_interval_s": _NUMBER,
     "timeout_s": _NUMBER,
     "auth_token_file": _STRING,

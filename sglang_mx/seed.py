@@ -21,6 +21,7 @@ import torch
 from sglang_mx.client import MetadataClient
 from sglang_mx.digest import digest_many
 from sglang_mx.errors import MxError, RequestRejectedError, ServerError
+from sglang_mx.leases import LeaseServer, ReaderLeases
 from sglang_mx.transfer.engine import MooncakeEngine
 from sglang_mx.transfer.tensors import describe
 from sglang_mx.records import SourceIdentity, SourceStatus, TensorDescriptor, WorkerRecord
@@ -42,7 +43,13 @@ class SeedPublisher:
         worker_id: str | None = None,
         heartbeat_interval_s: float = 30.0,
         accelerator: str = "",
+        max_readers: int | None = None,
+        lease_ttl_s: float = 60.0,
+        load_report_gap_s: float = 0.2,
     ) -> None:
+        """`max_readers`: serve reader leases (sglang_mx.leases) capped at that many (0: no cap) and
+        report their count as source_load; None: no lease endpoint. A change of the count is
+        heartbeated at once, at most one heartbeat per `load_report_gap_s`."""
         if heartbeat_interval_s <= 0:
             raise MxError(f"heartbeat_interval_s={heartbeat_interval_s} must be > 0")
         self._client = client
@@ -53,6 +60,11 @@ class SeedPublisher:
         self._tensors = tuple(tensors)
         self._heartbeat_interval_s = heartbeat_interval_s
         self._accelerator = accelerator
+        self.leases = None if max_readers is None else ReaderLeases(
+            max_readers=max_readers, ttl_s=lease_ttl_s, on_change=lambda active: self._load_changed.set())
+        self._lease_server: LeaseServer | None = None
+        self._load_report_gap_s = load_report_gap_s
+        self._load_changed = threading.Event()
         self.mx_source_id = ""
         self._regions: list[tuple[int, int]] = []
         self._status = SourceStatus.UNKNOWN
@@ -67,6 +79,9 @@ class SeedPublisher:
         """Register the tensors' memory and publish them as INITIALIZING."""
         try:
             self._regions = self._engine.register((t.addr, t.size) for t in self._tensors)
+            if self.leases is not None:
+                host = self._engine.session_id.rsplit(":", 1)[0]
+                self._lease_server = LeaseServer(self.leases, worker_id=self.worker_id, host=host).start()
             self._status = SourceStatus.INITIALIZING
             self._publish()
         except BaseException:
@@ -93,6 +108,7 @@ class SeedPublisher:
                 return
             self._closed = True
         self._stop.set()
+        self._load_changed.set()  # wakes the heartbeat
         if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
             self._heartbeat.join(timeout=5)
         if self.mx_source_id:
@@ -101,6 +117,9 @@ class SeedPublisher:
                 log.info("seed rank %d worker %s marked STALE", self.worker_rank, self.worker_id)
             except ServerError as e:
                 log.warning("could not mark worker %s STALE: %s", self.worker_id, e)
+        if self._lease_server is not None:
+            self._lease_server.stop()
+            self._lease_server = None
         self._engine.unregister(self._regions)
         self._regions = []
 
@@ -119,6 +138,7 @@ class SeedPublisher:
             tensors=self._tensors,
             status=self._status,
             accelerator=self._accelerator,
+            worker_grpc_endpoint=self._lease_server.endpoint if self._lease_server else "",
         )
 
     def _publish(self) -> None:
@@ -126,8 +146,9 @@ class SeedPublisher:
 
     def _set_status(self, status: SourceStatus) -> None:
         self._status = status
+        load = None if self.leases is None else float(self.leases.active())
         try:
-            self._client.update_status(self.mx_source_id, self.worker_id, self.worker_rank, status)
+            self._client.update_status(self.mx_source_id, self.worker_id, self.worker_rank, status, source_load=load)
         except RequestRejectedError as e:
             # The server forgot us (restarted, or reaped us during a partition).
             log.warning("metadata server %s refused worker %s's %s (%s); publishing again", self._client.url,
@@ -135,7 +156,16 @@ class SeedPublisher:
             self._publish()
 
     def _heartbeat_loop(self) -> None:
-        while not self._stop.wait(self._heartbeat_interval_s):
+        """READY every heartbeat_interval_s, and soon after the reader count changes (rate-limited)."""
+        while True:
+            self._load_changed.wait(self._heartbeat_interval_s)
+            if self._stop.is_set():
+                return
+            if self._load_changed.is_set():  # gather a burst of lease changes into one heartbeat
+                self._stop.wait(self._load_report_gap_s)
+                self._load_changed.clear()
+                if self._stop.is_set():
+                    return
             try:
                 self._set_status(SourceStatus.READY)
             except ServerError as e:
@@ -176,12 +206,16 @@ def start_seed(
     accelerator: str = "",
     ready: bool = False,
     digests: bool = True,
+    max_readers: int | None = 0,
+    lease_ttl_s: float = 60.0,
 ) -> SeedPublisher:
     """Register and publish one rank's `tensors` as INITIALIZING (READY at once with `ready`).
 
     With `digests`, every tensor's content digest is computed first (on its own
     device, after every kernel queued before: sglang_mx.digest synchronizes) and
     published with its descriptor, for targets to verify their pulls against.
+    The seed serves reader leases capped at `max_readers` (0: no cap; None: no
+    lease endpoint) and heartbeats their count as source_load.
     The publisher closes (STALE, memory unregistered) at interpreter exit and on
     SIGTERM; call `mark_ready()` once the rank serves.
     """
@@ -192,7 +226,8 @@ def start_seed(
                  time.perf_counter() - start)
     publisher = SeedPublisher(
         client, engine, identity, worker_rank=worker_rank, tensors=describe(tensors, published), worker_id=worker_id,
-        heartbeat_interval_s=heartbeat_interval_s, accelerator=accelerator,
+        heartbeat_interval_s=heartbeat_interval_s, accelerator=accelerator, max_readers=max_readers,
+        lease_ttl_s=lease_ttl_s,
     )
     close_on_exit(publisher)
     publisher.start()

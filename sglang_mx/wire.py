@@ -231,9 +231,12 @@ def get_request(mx_source_id: str, worker_id: str) -> pb.GetMetadataRequest:
 
 
 def update_status_request(mx_source_id: str, worker_id: str, worker_rank: int,
-                          status: SourceStatus) -> pb.UpdateStatusRequest:
-    return pb.UpdateStatusRequest(mx_source_id=mx_source_id, worker_id=worker_id, worker_rank=worker_rank,
-                                  status=int(status))
+                          status: SourceStatus, source_load: float | None = None) -> pb.UpdateStatusRequest:
+    request = pb.UpdateStatusRequest(mx_source_id=mx_source_id, worker_id=worker_id, worker_rank=worker_rank,
+                                     status=int(status))
+    if source_load is not None:
+        request.source_load = source_load
+    return request
 
 
 def refs_from_response(response: pb.ListSourcesResponse, status: SourceStatus) -> list[SourceRef]:
@@ -279,3 +282,27 @@ def get_response(stored: StoredWorker | None, *, mx_source_id: str = "", worker_
 
 def update_status_response(*, success: bool, message: str) -> pb.UpdateStatusResponse:
     return pb.UpdateStatusResponse(success=success, message=message)
+
+
+# --- Reader leases: a seed's WorkerService (PrepareTensorRead / ReleaseTensorRead) ---
+
+WORKER_SERVICE_NAME = "model_express.p2p.WorkerService"
+WorkerServiceStub = pb_grpc.WorkerServiceStub
+WorkerServiceServicer = pb_grpc.WorkerServiceServicer
+add_worker_servicer_to_server = pb_grpc.add_WorkerServiceServicer_to_server
+
+
+def prepare_read_request(mx_source_id: str, worker_id: str) -> pb.PrepareTensorReadRequest:
+    return pb.PrepareTensorReadRequest(mx_source_id=mx_source_id, worker_id=worker_id)
+
+
+def prepare_read_response(lease_id: str) -> pb.PrepareTensorReadResponse:
+    return pb.PrepareTensorReadResponse(lease_id=lease_id)
+
+
+def release_read_request(mx_source_id: str, worker_id: str, lease_id: str) -> pb.ReleaseTensorReadRequest:
+    return pb.ReleaseTensorReadRequest(mx_source_id=mx_source_id, worker_id=worker_id, lease_id=lease_id)
+
+
+def release_read_response() -> pb.ReleaseTensorReadResponse:
+    return pb.ReleaseTensorReadResponse()

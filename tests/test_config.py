@@ -46,3 +46,15 @@ def test_rejections_name_the_key_and_the_allowed_values(raw, message):
 
 def test_zero_wait_is_allowed():
     assert parse_config('{"wait_timeout_s": 0}', env={}).wait_timeout_s == 0
+
+
+def test_fleet_keys_parse_and_are_checked():
+    config = parse_config('{"max_seeds": 3, "max_readers": 2, "reader_lease_s": 30}', env={})
+    assert (config.max_seeds, config.max_readers, config.reader_lease_s) == (3, 2, 30)
+    assert (MxConfig().max_seeds, MxConfig().max_readers) == (1, 0)
+    for raw, message in [('{"max_seeds": 0}', "max_seeds=0 is out of range; allowed: an integer >= 1"),
+                         ('{"max_readers": -1}', "max_readers=-1 is out of range; allowed: an integer >= 0"),
+                         ('{"reader_lease_s": 0}', "reader_lease_s=0 is out of range"),
+                         ('{"max_seeds": 1.5}', "key 'max_seeds' must be an integer, got 1.5")]:
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+            parse_config(raw, env={})

@@ -28,7 +28,7 @@ def test_fails_over_from_a_killed_seed_to_a_live_one(server, client, engine, see
     dead.kill()  # the newest READY record: tried first, now gone without a word
     local = weights.build(SIZE_MB, filled=False)
     report = pull_weights(client, engine, IDENTITY, worker_rank=0, tensors=describe(local),
-                          options=PullOptions(wait_timeout_s=5))
+                          options=PullOptions(wait_timeout_s=5, spread=False))  # newest first
     assert report.seed_worker_id == live.worker_id
     assert [f.seed for f in report.failures] == [f"worker {dead.worker_id} (rank 0)"]
     assert "Mooncake return code" in report.failures[0].reason

@@ -74,7 +74,7 @@ class FakeEngine:
 
 def pull(client, engine, clock, **options):
     return pull_weights(client, engine, IDENTITY, worker_rank=0, tensors=LOCAL,
-                        options=PullOptions(**options), clock=clock, sleep=clock.sleep)
+                        options=PullOptions(spread=False, **options), clock=clock, sleep=clock.sleep)
 
 
 def test_waits_polling_until_a_seed_appears():

@@ -20,7 +20,7 @@ SIZE_MB = 8
 
 
 def _pull(client, engine, local, verify="if_present", **options):
-    options = {"wait_timeout_s": 5, "poll_interval_s": 0.2, **options}
+    options = {"wait_timeout_s": 5, "poll_interval_s": 0.2, "spread": False, **options}  # newest first
     return pull_weights(client, engine, IDENTITY, worker_rank=0, tensors=describe(local),
                         options=PullOptions(verify=verify, **options),
                         verifier=None if verify == "off" else digest_verifier(local))

@@ -224,3 +224,118 @@ class P2pService(object):
             timeout,
             metadata,
             _registered_method=True)
+
+
+class WorkerServiceStub(object):
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.PrepareTensorRead = channel.unary_unary(
+                '/model_express.p2p.WorkerService/PrepareTensorRead',
+                request_serializer=p2p__pb2.PrepareTensorReadRequest.SerializeToString,
+                response_deserializer=p2p__pb2.PrepareTensorReadResponse.FromString,
+                _registered_method=True)
+        self.ReleaseTensorRead = channel.unary_unary(
+                '/model_express.p2p.WorkerService/ReleaseTensorRead',
+                request_serializer=p2p__pb2.ReleaseTensorReadRequest.SerializeToString,
+                response_deserializer=p2p__pb2.ReleaseTensorReadResponse.FromString,
+                _registered_method=True)
+
+
+class WorkerServiceServicer(object):
+    """Missing associated documentation comment in .proto file."""
+
+    def PrepareTensorRead(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseTensorRead(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_WorkerServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'PrepareTensorRead': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrepareTensorRead,
+                    request_deserializer=p2p__pb2.PrepareTensorReadRequest.FromString,
+                    response_serializer=p2p__pb2.PrepareTensorReadResponse.SerializeToString,
+            ),
+            'ReleaseTensorRead': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseTensorRead,
+                    request_deserializer=p2p__pb2.ReleaseTensorReadRequest.FromString,
+                    response_serializer=p2p__pb2.ReleaseTensorReadResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'model_express.p2p.WorkerService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('model_express.p2p.WorkerService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class WorkerService(object):
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def PrepareTensorRead(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/model_express.p2p.WorkerService/PrepareTensorRead',
+            p2p__pb2.PrepareTensorReadRequest.SerializeToString,
+            p2p__pb2.PrepareTensorReadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseTensorRead(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/model_express.p2p.WorkerService/ReleaseTensorRead',
+            p2p__pb2.ReleaseTensorReadRequest.SerializeToString,
+            p2p__pb2.ReleaseTensorReadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

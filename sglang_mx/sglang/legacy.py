@@ -64,6 +64,7 @@ def load_model(model_loader, *, model_config, device_config):
         info=_rank_info(model_config, device_config.device, get_global_server_args()),
         transfer_engine=load_config.remote_instance_weight_loader_transfer_engine,
         session_id="",  # 0.5.10's LoadConfig lacks it; a target only reads, so it is not published
+        pulled=_state.pulled,
     )
 
 
@@ -78,14 +79,17 @@ def publish_after_load(model_runner) -> None:
     if not role.seed:
         log.info("modelexpress: not publishing this instance (source=false)")
         return
-    _state.publishers.append(loader.publish(
+    publisher = loader.publish(
         model_runner.model,
         model_runner.remote_instance_transfer_engine,
         model_runner.remote_instance_transfer_engine_session_id,
         _rank_info(model_runner.model_config, model_runner.device, server_args=model_runner.server_args),
         role,
         instance_id=_state.instance_id,
-    ))
+    )
+    _state.publishers.append(publisher)
+    if id(model_runner.model) in _state.pulled:  # cascade: a verified pull seeds at once
+        loader.mark_ready([publisher])
 
 
 def mark_ready() -> None:

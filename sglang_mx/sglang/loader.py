@@ -52,6 +52,9 @@ class ProcessState:
     runners: dict = dataclasses.field(default_factory=dict)  # id(model) -> SGLang ModelRunner (plugin)
     publishers: list = dataclasses.field(default_factory=list)  # the live SeedPublishers
     sources: list = dataclasses.field(default_factory=list)  # what this process publishes (Source)
+    # id(model) of models whose weights came from a peer (pulled, and verified per `verify`): their
+    # weights are final (post-processing ran before the pull), so they go READY as soon as published.
+    pulled: set = dataclasses.field(default_factory=set)
 
     def role(self, server_args) -> Role:
         """This process's role, parsed from SGLang's ServerArgs on first use."""
@@ -138,12 +141,13 @@ def rank_info(model_config, device, *, tp_size: int, tp_rank: int, pp_size: int,
 # --- the target's load ------------------------------------------------------------
 
 def load_from_peer(load_config, model_config, device_config, *, role: Role, info: RankInfo, transfer_engine,
-                   session_id: str):
+                   session_id: str, pulled: set | None = None):
     """Build the model with dummy weights, post-process it, and pull every tensor
     from a READY seed; with fallback=disk, load from disk when no seed serves.
 
     `--model-loader-extra-config` belongs to the disk loaders: the dummy build runs
     without it (SGLang's dummy loader refuses any), a fallback load with it.
+    A model filled from a peer is added (by id) to `pulled`: it may seed at once.
     """
     from sglang.srt.configs.load_config import LoadFormat
     from sglang.srt.model_loader.loader import DefaultModelLoader, DummyModelLoader
@@ -180,6 +184,8 @@ def load_from_peer(load_config, model_config, device_config, *, role: Role, info
         if refreshed:
             log.info("modelexpress: recomputed %d value-derived attribute(s) from the pulled weights: %s",
                      len(refreshed), ", ".join(refreshed[:5]))
+        if pulled is not None:
+            pulled.add(id(model))
         return model.eval()
 
     def from_disk():
@@ -251,7 +257,7 @@ def publish(model, transfer_engine, session_id: str, info: RankInfo, role: Role,
         collect_tensors(model), MooncakeEngine.wrap(transfer_engine, session_id), identity_for(info, config),
         MetadataClient.for_config(config), worker_rank=info.worker_rank,
         worker_id=f"{instance_id}-rank{info.worker_rank}", heartbeat_interval_s=config.heartbeat_interval_s,
-        accelerator=info.device,
+        accelerator=info.device, max_readers=config.max_readers, lease_ttl_s=config.reader_lease_s,
     )
 
 
@@ -295,7 +301,7 @@ def republish(state: ProcessState) -> None:
 
 
 def mark_ready(publishers) -> None:
-    """Once the rank serves: every publisher of this process goes READY."""
+    """Every publisher of `publishers` goes READY (once the rank serves, or at once after a pull)."""
     for publisher in publishers:
         publisher.mark_ready()
         log.info("modelexpress: worker %s (rank %d) is READY on %s", publisher.worker_id,

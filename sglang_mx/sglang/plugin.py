@@ -19,7 +19,9 @@ the logic lives there and in the modules it calls. Hooks:
 - `RemoteInstanceWeightTransporter.maybe_register_and_publish_weight_info`:
   publish with our own registration instead of SGLang's (which walks the CUDA
   allocator and would register the weights a second time).
-- `Scheduler.run_event_loop` (before): mark READY once the rank serves.
+- `Scheduler.run_event_loop` (before): mark READY once the rank serves. A rank
+  whose weights were pulled from a peer goes READY at publication instead
+  (cascade: its weights are final, so it seeds others before it serves).
 - The scheduler's in-place weight updaters (`SchedulerWeightUpdaterManager`:
   from disk, tensor, distributed, IPC, begin_weight_update, memory release) and
   EPLB's `ExpertLocationUpdater.update`: before the first byte changes, every
@@ -99,6 +101,7 @@ def _around_remote_load(original, self, *, model_config, device_config, **kwargs
         load_config, model_config, device_config, role=role, info=info,
         transfer_engine=load_config.remote_instance_weight_loader_transfer_engine,
         session_id=load_config.remote_instance_weight_loader_transfer_engine_session_id,
+        pulled=_state.pulled,
     )
 
 
@@ -120,8 +123,12 @@ def _around_publish(original, self, *args, **kwargs):
     if not role.seed:
         log.info("modelexpress: not publishing this instance (source=false)")
         return None
-    _state.publishers.append(loader.publish(
-        self.model, self.engine, self.session_id, info, role, instance_id=_state.instance_id))
+    publisher = loader.publish(self.model, self.engine, self.session_id, info, role, instance_id=_state.instance_id)
+    _state.publishers.append(publisher)
+    if id(self.model) in _state.pulled:
+        # Cascade: pulled weights are final (post-processed before the pull) and passed the
+        # configured verify, so this target seeds others now, before it serves its first request.
+        loader.mark_ready([publisher])
     runner = _state.runners.get(id(self.model))
     _state.sources.append(loader.Source(
         engine=self.engine, session_id=self.session_id, role=role,

@@ -1,0 +1,93 @@
+"""Striping: cut one rank's bytes into parts read from different seeds at once. Pure functions.
+
+The unit is a destination: one distinct (addr, size) of our memory, with every
+tensor name that lives there (tied weights share one). Destinations are laid
+end to end in address order and the byte line is cut into `parts` stripes of
+nearly equal bytes; a cut may fall inside a tensor, so one tensor can be read
+from two seeds. Each stripe then becomes Mooncake reads against one seed's own
+addresses (`reads_for`), since every seed keeps its tensors elsewhere.
+
+What is good after a striped pull is decided per tensor by its digest: a
+destination whose pieces all completed is checked; one with any piece on a seed
+that failed is read again from the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Sequence
+
+from sglang_mx.records import TensorDescriptor
+from sglang_mx.transfer.plan import Read, merge_reads
+
+# Below this a stripe is not worth a seed of its own (a lease, a Mooncake session).
+MIN_STRIPE_BYTES = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Destination:
+    """One distinct region of our memory and the names of the tensors stored there."""
+
+    addr: int
+    size: int
+    names: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """Bytes [offset, offset + length) of one destination."""
+
+    dest: Destination
+    offset: int
+    length: int
+
+
+def destinations(local: Sequence[TensorDescriptor]) -> list[Destination]:
+    """Our tensors with bytes, grouped by identical (addr, size), in address order."""
+    names: dict[tuple[int, int], list[str]] = {}
+    for t in local:
+        if t.size > 0:
+            names.setdefault((t.addr, t.size), []).append(t.name)
+    return [Destination(addr, size, tuple(n)) for (addr, size), n in sorted(names.items())]
+
+
+def stripe_count(total_bytes: int, seeds: int, *, min_stripe_bytes: int = MIN_STRIPE_BYTES) -> int:
+    """How many stripes to cut: one per seed, but none smaller than `min_stripe_bytes` (at least 1)."""
+    return max(1, min(seeds, total_bytes // max(min_stripe_bytes, 1)))
+
+
+def split(dests: Sequence[Destination], parts: int) -> list[list[Piece]]:
+    """Cut the destinations' bytes, in order, into `parts` stripes whose sizes differ by at most one byte.
+
+    Returns exactly `parts` lists (some empty when there are fewer bytes than parts).
+    """
+    if parts < 1:
+        raise ValueError(f"parts={parts} must be >= 1")
+    total = sum(d.size for d in dests)
+    bounds = [total * i // parts for i in range(parts + 1)]  # stripe i covers [bounds[i], bounds[i+1])
+    stripes: list[list[Piece]] = [[] for _ in range(parts)]
+    start = 0  # where the current destination begins on the byte line
+    part = 0
+    for dest in dests:
+        end = start + dest.size
+        pos = start
+        while pos < end:
+            while bounds[part + 1] <= pos:
+                part += 1
+            cut = min(end, bounds[part + 1])
+            stripes[part].append(Piece(dest, pos - start, cut - pos))
+            pos = cut
+        start = end
+    return stripes
+
+
+def reads_for(pieces: Sequence[Piece], remote_addr: Mapping[str, int]) -> list[Read]:
+    """The reads that fill `pieces` from one seed whose tensor `name` starts at `remote_addr[name]`."""
+    return merge_reads(
+        Read(p.dest.addr + p.offset, remote_addr[p.dest.names[0]] + p.offset, p.length) for p in pieces
+    )
+
+
+def names_in(pieces: Sequence[Piece]) -> set[str]:
+    """Every tensor name that has bytes in `pieces`."""
+    return {name for p in pieces for name in p.dest.names}

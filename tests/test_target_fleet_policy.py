@@ -1,0 +1,160 @@
+"""pull_weights with several seeds: striping, re-reading only what failed, busy seeds (fakes, fake clock).
+
+FakeClient and FakeEngine are stand-ins named as such; real processes are in
+tests/test_target_striping.py and tests/test_fleet_scaleout.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from sglang_mx import leases
+from sglang_mx.errors import NoSourceError, TransferError
+from sglang_mx.records import SourceIdentity, SourceRef, SourceStatus, StoredWorker, TensorDescriptor, WorkerRecord
+from sglang_mx.target import PullOptions, pull_weights
+
+IDENTITY = SourceIdentity(model_name="test/model", tensor_parallel_size=1)
+MB = 1 << 20
+# Three 2 MiB tensors back to back: 6 MiB, so up to six 1 MiB stripes.
+LOCAL = [TensorDescriptor(name=f"w{i}", addr=0x10_0000_0000 + i * 2 * MB, size=2 * MB, digest="") for i in range(3)]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+class FakeClient:
+    """Every listed worker publishes the same layout at its own base address, with digests."""
+
+    url = "fake:1"
+
+    def __init__(self, workers: list[str], loads: dict[str, float] | None = None) -> None:
+        self.workers = workers
+        self.loads = loads or {}
+
+    def list_sources(self, identity, *, status, worker_rank):
+        return [SourceRef(mx_source_id="id", worker_id=w, model_name="test/model", worker_rank=0,
+                          status=SourceStatus.READY, updated_at_ms=1, source_load=self.loads.get(w))
+                for w in self.workers]
+
+    def get_metadata(self, mx_source_id, worker_id):
+        base = 0x70_0000_0000 + 0x1_0000_0000 * self.workers.index(worker_id)
+        tensors = tuple(TensorDescriptor(name=t.name, addr=base + (t.addr - LOCAL[0].addr), size=t.size,
+                                         digest=f"d:{t.name}") for t in LOCAL)
+        record = WorkerRecord(worker_rank=0, transfer_engine_session_id=f"{worker_id}:1", tensors=tensors,
+                              worker_grpc_endpoint=f"{worker_id}:2")
+        return StoredWorker(mx_source_id=mx_source_id, worker_id=worker_id, identity=IDENTITY, worker=record)
+
+
+class FakeEngine:
+    """Records the bytes read per session; sessions in `failing` fail their reads."""
+
+    def __init__(self, failing=()) -> None:
+        self.failing = set(failing)
+        self.bytes: dict[str, int] = {}
+
+    def register(self, ranges):
+        return []
+
+    def unregister(self, regions):
+        pass
+
+    def read(self, session, reads):
+        self.bytes[session] = self.bytes.get(session, 0) + sum(r.length for r in reads)
+        if session in self.failing:
+            raise TransferError("batch_transfer_sync_read failed", seed=session, code=-1)
+
+
+class Leases:
+    """Stands in for sglang_mx.leases.acquire: workers in `busy` refuse; counts grants and releases."""
+
+    def __init__(self, busy=()) -> None:
+        self.busy = set(busy)
+        self.granted: list[str] = []
+        self.released: list[str] = []
+
+    def acquire(self, endpoint, mx_source_id, worker_id, *, timeout_s):
+        if worker_id in self.busy:
+            raise leases.SeedBusyError(worker_id, "at max_readers")
+        self.granted.append(worker_id)
+        outer = self
+
+        class Lease:
+            def release(self):
+                outer.released.append(worker_id)
+
+        return Lease()
+
+
+@pytest.fixture
+def fake_leases(monkeypatch):
+    book = Leases()
+    monkeypatch.setattr(leases, "acquire", book.acquire)
+    return book
+
+
+def pull(client, engine, clock, verifier=None, **options):
+    options = {"wait_timeout_s": 5, "poll_interval_s": 1.0, "spread": False, **options}
+    return pull_weights(client, engine, IDENTITY, worker_rank=0, tensors=LOCAL, options=PullOptions(**options),
+                        clock=clock, sleep=clock.sleep, verifier=verifier)
+
+
+def test_three_seeds_serve_a_third_each(fake_leases):
+    engine = FakeEngine()
+    report = pull(FakeClient(["a", "b", "c"]), engine, FakeClock(), max_seeds=3)
+    assert engine.bytes == {"a:1": 2 * MB, "b:1": 2 * MB, "c:1": 2 * MB}
+    assert report.served == {"a": 2 * MB, "b": 2 * MB, "c": 2 * MB} and report.rounds == 1
+    assert sorted(fake_leases.granted) == sorted(fake_leases.released) == ["a", "b", "c"]
+
+
+def test_a_failed_stripe_is_read_again_from_the_others_only(fake_leases):
+    engine = FakeEngine(failing={"b:1"})
+    report = pull(FakeClient(["a", "b", "c"]), engine, FakeClock(), max_seeds=3)
+    assert report.rounds == 2 and [f.seed for f in report.failures] == ["worker b (rank 0)"]
+    # Round 2 cut b's 2 MiB over a and c: 1 MiB each, nothing else again.
+    assert engine.bytes == {"a:1": 3 * MB, "b:1": 2 * MB, "c:1": 3 * MB}
+    assert report.served == {"a": 3 * MB, "c": 3 * MB}
+    assert sorted(fake_leases.released) == ["a", "b", "c"]
+
+
+def test_a_tensor_failing_its_digest_blames_its_seed_and_is_read_again(fake_leases):
+    engine = FakeEngine()
+    wrong_once = {"w2"}
+
+    def verifier(expected):
+        assert expected == {n: f"d:{n}" for n in expected}
+        bad = [n for n in expected if n in wrong_once]
+        wrong_once.clear()
+        return bad
+
+    report = pull(FakeClient(["a", "b", "c"]), engine, FakeClock(), verifier=verifier, max_seeds=3,
+                  verify="require")
+    assert [f.seed for f in report.failures] == ["worker c (rank 0)"] and "w2" in report.failures[0].reason
+    assert report.served == {"a": 3 * MB, "b": 3 * MB}
+    assert report.verified == 3
+
+
+def test_least_loaded_seeds_are_taken_first(fake_leases):
+    engine = FakeEngine()
+    pull(FakeClient(["a", "b", "c"], loads={"a": 4.0, "b": 0.0, "c": 1.0}), engine, FakeClock(), max_seeds=2)
+    assert set(engine.bytes) == {"b:1", "c:1"}
+
+
+def test_busy_seeds_are_skipped_and_waited_for(fake_leases):
+    fake_leases.busy = {"a"}
+    clock = FakeClock()
+    report = pull(FakeClient(["a", "b"]), FakeEngine(), clock)
+    assert report.served == {"b": 6 * MB} and clock.sleeps == []
+    fake_leases.busy = {"a", "b"}
+    with pytest.raises(NoSourceError, match=r"within 2 s \(the READY seeds were all at max_readers\)"):
+        pull(FakeClient(["a", "b"]), FakeEngine(), clock, wait_timeout_s=2)
+    assert clock.sleeps == [1.0, 1.0]
