@@ -7,6 +7,7 @@ the header ModelExpress's own client sends when its token file is present
 
 from __future__ import annotations
 
+import ipaddress
 import pathlib
 
 from sglang_mx.errors import ConfigError
@@ -48,3 +49,23 @@ def read_pem_file(path: str, *, what: str) -> bytes:
 def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     """The call metadata that carries `token` (none without one)."""
     return ((AUTH_METADATA_KEY, f"Bearer {check_token(token)}"),) if token is not None else ()
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address, no port) names this machine only: localhost, 127/8, ::1."""
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def url_host(url: str) -> str:
+    """The host part of 'host:port', '[v6]:port', 'unix:...' ('localhost' for unix sockets)."""
+    if url.startswith(("unix:", "unix-abstract:")):
+        return "localhost"
+    if url.startswith("["):
+        return url[1:].split("]", 1)[0]
+    return url.rsplit(":", 1)[0] if url.count(":") == 1 else url

@@ -146,13 +146,15 @@ def test_update_status_with_empty_source_id_fails(stub):
     assert response.success is False and "mx_source_id is empty" in response.message
 
 
-def test_update_status_without_worker_id_updates_the_rank(client, make_identity, make_worker):
+def test_update_status_without_worker_id_is_refused_and_changes_nothing(stub, client, make_identity, make_worker):
+    """An empty worker_id once flipped every worker of the rank; ModelExpress 0.7.0's client always names one."""
     identity = make_identity()
     source = client.publish(identity, make_worker(worker_rank=0, status=SourceStatus.INITIALIZING), "a")
     client.publish(identity, make_worker(worker_rank=0, status=SourceStatus.INITIALIZING), "b")
-    client.publish(identity, make_worker(worker_rank=1, status=SourceStatus.INITIALIZING), "c")
-    client.update_status(source, "", 0, SourceStatus.READY)
-    assert sorted(r.worker_id for r in client.list_sources(identity, status=SourceStatus.READY)) == ["a", "b"]
+    response = stub.UpdateStatus(pb.UpdateStatusRequest(mx_source_id=source, worker_rank=0,
+                                                        status=pb.SOURCE_STATUS_STALE), timeout=5)
+    assert response.success is False and "worker_id is empty" in response.message
+    assert sorted(r.worker_id for r in client.list_sources(identity, status=SourceStatus.INITIALIZING)) == ["a", "b"]
 
 
 def test_ready_filter_drops_silent_records_before_the_reaper_runs(make_server, make_identity, make_worker):
