@@ -14,10 +14,17 @@ identity with `--tensors` tensors each (ranks 0-7), then for `--seconds` runs, i
 
 Modes (`--modes`, default all three):
 
-- load: the steady loop above; requests/s and p50/p99 latency per RPC and store.
+- load: the steady loop above; requests/s and p50/p99 latency per RPC and store, and the
+  ListSources latency of a PROBE: one more target in a process of its own, listing every
+  20 ms (the load generator's own event loop, busy with 200 targets, adds its delays to
+  the latencies it measures; the probe's do not have them).
 - burst: `--burst` targets start at once (a fresh connection each), each doing what a starting
   target does for its rank (ListSources, then GetMetadata of the first worker listed); the time
   until the LAST one holds its metadata, the median of `--repeats` bursts.
+
+GetMetadata answers are taken as bytes and decoded by sample (load) or after the clock stops
+(burst): one Python process plays all the targets, and decoding hundreds of 1 MB answers on its
+event loop would measure this process, not the server.
 - cpu: the server process's CPU time (user + system, from /proc) per call, over 200 sequential
   GetMetadata calls of one big record, then 200 ListSources calls: what one call costs the
   server, independent of queueing.
@@ -31,8 +38,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import pathlib
+import shlex
 import shutil
 import socket
 import statistics
@@ -87,7 +96,8 @@ def _wait_serving(address: str, proc: subprocess.Popen, what: str, timeout_s: fl
 class Processes:
     """The server (and redis-server) of one store; stops them on exit."""
 
-    def __init__(self, store: str, workdir: pathlib.Path, server_root: pathlib.Path = ROOT) -> None:
+    def __init__(self, store: str, workdir: pathlib.Path, server_root: pathlib.Path = ROOT,
+                 server_args: tuple[str, ...] = ()) -> None:
         self.procs: list[subprocess.Popen] = []
         self.workdir = workdir
         args = []
@@ -114,7 +124,7 @@ class Processes:
         self.log = open(workdir / f"server-{store}.log", "w")
         server = subprocess.Popen(
             [sys.executable, "-m", "sglang_mx.cli", "--log-level", "WARNING", "server", "--host", "127.0.0.1",
-             "--port", str(self.port), *args],
+             "--port", str(self.port), *args, *server_args],
             cwd=server_root, stdout=self.log, stderr=subprocess.STDOUT,
             env=dict(os.environ, PYTHONPATH=str(server_root)))
         self.procs.append(server)
@@ -184,17 +194,20 @@ async def run_load(address: str, source: str, workers: list[tuple[str, int]], *,
         rank = i % RANKS
         async with grpc.aio.insecure_channel(address, options=options) as channel:
             stub = wire.P2pServiceStub(channel)
+            get_raw = _raw_get(channel)
             request = pb.ListSourcesRequest(identity=wire.identity_to_pb(IDENTITY), status_filter=pb.SOURCE_STATUS_READY,
                                             worker_rank_filter=rank)
+            calls = 0
             while time.monotonic() < stop_at:
                 listed = await timed("ListSources", stub.ListSources(request, timeout=60))
                 if not listed or not listed.instances:
                     errors["ListSources"] += listed is not None
                     continue
                 ref = listed.instances[0]
-                got = await timed("GetMetadata", stub.GetMetadata(
+                got = await timed("GetMetadata", get_raw(
                     pb.GetMetadataRequest(mx_source_id=ref.mx_source_id, worker_id=ref.worker_id), timeout=60))
-                if got is not None and len(got.worker.tensor_source.tensors) != expect_tensors:
+                calls += 1
+                if got is not None and not _check(got, expect_tensors, full=calls % 20 == 1):
                     errors["GetMetadata"] += 1
 
     async def seed(worker_id: str, rank: int, channel) -> None:
@@ -217,8 +230,31 @@ async def run_load(address: str, source: str, workers: list[tuple[str, int]], *,
             for kind, lat in latencies.items()}
 
 
+def _raw_get(channel):
+    """GetMetadata answering the response's bytes: this one process plays hundreds of targets, and
+    decoding every answer here would measure this process instead of the server (`_check` decodes
+    a sample)."""
+    return channel.unary_unary(f"/{wire.SERVICE_NAME}/GetMetadata",
+                               request_serializer=pb.GetMetadataRequest.SerializeToString)
+
+
+_checked_sizes: set[int] = set()
+
+
+def _check(response: bytes, expect_tensors: int, *, full: bool) -> bool:
+    """Whether a GetMetadata answer holds the whole record: decoded when `full` (and for every size
+    not seen decoded before), otherwise compared by size with answers decoded before."""
+    if full or len(response) not in _checked_sizes:
+        got = pb.GetMetadataResponse.FromString(response)
+        if not got.found or len(got.worker.tensor_source.tensors) != expect_tensors:
+            return False
+        _checked_sizes.add(len(response))
+    return True
+
+
 async def run_burst(address: str, *, targets: int, expect_tensors: int) -> dict:
-    """`targets` starting targets at once; seconds until each holds its rank's metadata."""
+    """`targets` starting targets at once; seconds until each holds its rank's metadata (its bytes:
+    each is decoded and checked after the clock stops, as every target would on its own machine)."""
     options = [("grpc.max_receive_message_length", MESSAGE_LIMIT), ("grpc.use_local_subchannel_pool", 1)]
     start = time.perf_counter()
 
@@ -233,16 +269,14 @@ async def run_burst(address: str, *, targets: int, expect_tensors: int) -> dict:
                 if not listed.instances:
                     return None
                 ref = listed.instances[0]
-                got = await stub.GetMetadata(pb.GetMetadataRequest(mx_source_id=ref.mx_source_id,
-                                                                   worker_id=ref.worker_id), timeout=120)
+                got = await _raw_get(channel)(pb.GetMetadataRequest(mx_source_id=ref.mx_source_id,
+                                                                    worker_id=ref.worker_id), timeout=120)
             except grpc.aio.AioRpcError:
                 return None
-            if len(got.worker.tensor_source.tensors) != expect_tensors:
-                return None
-            return time.perf_counter() - start
+            return time.perf_counter() - start, got
 
     done = await asyncio.gather(*(target(i) for i in range(targets)))
-    ok = [t for t in done if t is not None]
+    ok = [d[0] for d in done if d is not None and _check(d[1], expect_tensors, full=True)]
     return {"last": max(ok) if ok else float("nan"), "p50": statistics.median(ok) if ok else float("nan"),
             "errors": len(done) - len(ok)}
 
@@ -273,6 +307,29 @@ def server_cpu_per_call(address: str, pid: int, source: str, worker_id: str, cal
     return out
 
 
+def _probe(address: str, seconds: float) -> None:
+    """`--probe`: ListSources every 20 ms for `seconds`; prints the latencies (s) as one JSON list."""
+
+    lat = []
+    with grpc.insecure_channel(address) as channel:
+        stub = wire.P2pServiceStub(channel)
+        request = pb.ListSourcesRequest(identity=wire.identity_to_pb(IDENTITY), status_filter=pb.SOURCE_STATUS_READY,
+                                        worker_rank_filter=1)
+        stub.ListSources(request, timeout=60)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            start = time.perf_counter()
+            stub.ListSources(request, timeout=60)
+            lat.append(time.perf_counter() - start)
+            time.sleep(0.02)
+    print(json.dumps(lat))
+
+
+def _start_probe(address: str, seconds: float) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, __file__, "--probe", address, "--seconds", str(seconds)],
+                            stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
 def _percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -295,7 +352,13 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="bursts per store; the median is reported (default 3)")
     parser.add_argument("--server-root", type=pathlib.Path, default=ROOT, metavar="DIR",
                         help="checkout the server runs from (default: this one)")
+    parser.add_argument("--server-args", default="", metavar="ARGS",
+                        help="more `sglang-mx server` flags, one string (e.g. '--workers 8')")
+    parser.add_argument("--probe", metavar="ADDRESS", help=argparse.SUPPRESS)  # the probe process
     args = parser.parse_args()
+    if args.probe:
+        _probe(args.probe, args.seconds)
+        return 0
     modes = set(args.modes.split(","))
     if modes - {"load", "burst", "cpu"}:
         parser.error(f"--modes {args.modes}: allowed: load, burst, cpu")
@@ -305,7 +368,7 @@ def main() -> int:
         for store in args.stores.split(","):
             workdir = pathlib.Path(tmp) / store
             workdir.mkdir()
-            with Processes(store, workdir, args.server_root.resolve()) as procs:
+            with Processes(store, workdir, args.server_root.resolve(), tuple(shlex.split(args.server_args))) as procs:
                 t0 = time.monotonic()
                 source, workers = publish(procs.address, args.publishers, args.tensors)
                 print(f"{store}: published {len(workers)} workers x {args.tensors} tensors in "
@@ -322,10 +385,14 @@ def main() -> int:
                 if "load" in modes:
                     print(f"{store}: {args.clients} targets for {args.seconds:g} s ...", file=sys.stderr)
                     cpu0 = _cpu_seconds(procs.procs[-1].pid)
+                    probe = _start_probe(procs.address, max(args.seconds - 2, 1))
                     results = asyncio.run(run_load(procs.address, source, workers, clients=args.clients,
                                                    seconds=args.seconds, heartbeat_interval_s=args.heartbeat_interval,
                                                    expect_tensors=args.tensors))
                     busy = (_cpu_seconds(procs.procs[-1].pid) - cpu0) / args.seconds
+                    probed = json.loads(probe.communicate(timeout=120)[0])
+                    results["probe ListSources"] = {"calls": len(probed), "rate": len(probed) / args.seconds,
+                                                    "errors": 0, "latencies": probed}
                     print(f"{store}: server busy {busy:.2f} cores during the load", file=sys.stderr)
                     for kind, r in results.items():
                         rows.append((store, kind, r["calls"], r["rate"],
@@ -349,10 +416,10 @@ def main() -> int:
     if rows:
         print(f"\nload: {args.clients} targets (ListSources + GetMetadata of a {args.tensors}-tensor worker), "
               f"{args.publishers} seeds heartbeating every {args.heartbeat_interval:g} s, {args.seconds:g} s per store\n")
-        print(f"| {'store':<6} | {'rpc':<12} | {'calls':>7} | {'req/s':>8} | {'p50 ms':>8} | {'p99 ms':>8} | errors |")
-        print(f"|{'-' * 8}|{'-' * 14}|{'-' * 9}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 8}|")
+        print(f"| {'store':<6} | {'rpc':<17} | {'calls':>7} | {'req/s':>8} | {'p50 ms':>8} | {'p99 ms':>8} | errors |")
+        print(f"|{'-' * 8}|{'-' * 19}|{'-' * 9}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 8}|")
         for store, kind, calls, rate, p50, p99, errs in rows:
-            print(f"| {store:<6} | {kind:<12} | {calls:>7} | {rate:>8.1f} | {p50:>8.1f} | {p99:>8.1f} | {errs:>6} |")
+            print(f"| {store:<6} | {kind:<17} | {calls:>7} | {rate:>8.1f} | {p50:>8.1f} | {p99:>8.1f} | {errs:>6} |")
     return 0
 
 

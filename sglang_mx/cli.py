@@ -39,6 +39,9 @@ def _add_server(sub) -> None:
                    help=f"most workers one source may hold (default {d.max_workers_per_source})")
     p.add_argument("--max-sources", type=int, default=d.max_sources, metavar="N",
                    help=f"most sources the server holds (default {d.max_sources})")
+    p.add_argument("--workers", type=int, default=d.workers, metavar="N",
+                   help=f"threads answering GetMetadata and PublishMetadata (default 4 for memory, 16 for redis); "
+                        f"listings and heartbeats have {d.fast_workers} of their own")
     p.add_argument("--max-concurrent-rpcs", type=int, default=d.max_concurrent_rpcs, metavar="N",
                    help=f"calls in progress past this are refused RESOURCE_EXHAUSTED (default {d.max_concurrent_rpcs})")
     p.add_argument("--auth-token-file", metavar="FILE",
@@ -142,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_message_mb=args.max_message_mb, store=args.store, redis_url=args.redis_url,
                 redis_prefix=args.redis_prefix, max_tensors=args.max_tensors, max_record_mb=args.max_record_mb,
                 max_workers_per_source=args.max_workers_per_source, max_sources=args.max_sources,
-                max_concurrent_rpcs=args.max_concurrent_rpcs, auth_token_file=args.auth_token_file,
+                max_concurrent_rpcs=args.max_concurrent_rpcs, workers=args.workers, auth_token_file=args.auth_token_file,
                 writer_token_file=args.writer_token_file, reader_token_file=args.reader_token_file,
                 allow_unauthenticated=args.allow_unauthenticated, tls_cert_file=args.tls_cert,
                 tls_key_file=args.tls_key, tls_client_ca_file=args.tls_client_ca, metrics_port=args.metrics_port,

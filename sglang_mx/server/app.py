@@ -100,7 +100,7 @@ class MetadataServer:
         # Two thread pools: reads of big records (and publishes) never hold up listings and heartbeats.
         self._pools = [
             futures.ThreadPoolExecutor(max_workers=options.fast_workers, thread_name_prefix="mx-fast"),
-            futures.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="mx-bulk"),
+            futures.ThreadPoolExecutor(max_workers=options.bulk_workers, thread_name_prefix="mx-bulk"),
         ]
         fast, bulk = self._pools
         interceptors: list[grpc.ServerInterceptor] = [_PoolRouter({

@@ -71,16 +71,21 @@ class MemoryStore(SourceStore):
                                entry.updated_at_ms)
 
     def list(self, query: SourceQuery) -> list[SourceRef]:
+        rank, status, since, model = query.worker_rank, query.status, query.min_updated_at_ms, query.model_name
         with self._lock:
             if query.mx_source_id is not None:
                 groups = [(query.mx_source_id, self._sources.get(query.mx_source_id, {}))]
             else:
                 groups = list(self._sources.items())
+            # Filter on the entries' own fields first: a ref is built only for what is returned.
             refs = [
-                ref
+                _ref(source_id, worker_id, entry)
                 for source_id, workers in groups
                 for worker_id, entry in workers.items()
-                if query.matches(ref := _ref(source_id, worker_id, entry))
+                if (rank is None or entry.record.worker_rank == rank)
+                and (status is None or entry.status == status)
+                and (since is None or entry.updated_at_ms >= since)
+                and (model is None or entry.record.model_name == model)
             ]
         refs.sort(key=lambda r: r.updated_at_ms, reverse=True)
         return refs[: query.limit] if query.limit is not None else refs

@@ -87,6 +87,23 @@ redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
 return 1
 """
 
+# KEYS: index. ARGV: record key prefix, min updated_at ('-inf' = any), rank, status, model ('' = any).
+# Filters in Redis on the small fields (never the blobs); returns worker_id followed by the
+# _SMALL_FIELDS of each match, flat.
+_LIST = """
+local out = {}
+for _, wid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[2], '+inf')) do
+  local f = redis.call('HMGET', ARGV[1] .. wid, 'status', 'updated_at', 'rank', 'model', 'accelerator',
+                       'topology', 'load')
+  if f[1] and (ARGV[3] == '' or f[3] == ARGV[3]) and (ARGV[4] == '' or f[1] == ARGV[4])
+     and (ARGV[5] == '' or f[4] == ARGV[5]) then
+    out[#out + 1] = wid
+    for i = 1, 7 do out[#out + 1] = f[i] or false end
+  end
+end
+return out
+"""
+
 # KEYS: record, index, sources. ARGV: worker_id, source_id, stale_before, delete_before, STALE value.
 # Decides from the record as it is now, so a second reaper finds nothing left to do.
 _REAP_ONE = """
@@ -171,6 +188,7 @@ class RedisStore(SourceStore):
                               "expected redis://[:password@]host:port/db, rediss://... or unix://...") from e
         self._put = self._r.register_script(_PUT)
         self._update_one = self._r.register_script(_UPDATE_ONE)
+        self._list = self._r.register_script(_LIST)
         self._reap_one = self._r.register_script(_REAP_ONE)
         self._closed = threading.Event()
         try:
@@ -262,18 +280,19 @@ class RedisStore(SourceStore):
             sources = [query.mx_source_id]
         else:
             sources = sorted(s.decode() for s in self._r.smembers(self._sources_key()))
-        low = "-inf" if query.min_updated_at_ms is None else query.min_updated_at_ms
+        args = ["-inf" if query.min_updated_at_ms is None else str(query.min_updated_at_ms),
+                "" if query.worker_rank is None else str(query.worker_rank),
+                "" if query.status is None else str(int(query.status)),
+                "" if query.model_name is None else query.model_name]
         pipe = self._r.pipeline(transaction=False)
-        for source_id in sources:
-            pipe.zrangebyscore(self._index_key(source_id), low, "+inf")
-        pairs = [(s, w.decode()) for s, members in zip(sources, pipe.execute()) for w in members]
-        pipe = self._r.pipeline(transaction=False)
-        for source_id, worker_id in pairs:
-            pipe.hmget(self._record_key(source_id, worker_id), _SMALL_FIELDS)  # never the tensor blob
-        refs = [
-            ref for (source_id, worker_id), row in zip(pairs, pipe.execute())
-            if (ref := _ref(source_id, worker_id, row)) is not None and query.matches(ref)
-        ]
+        for source_id in sources:  # one script per source: it reads the index and the small fields
+            self._list(keys=[self._index_key(source_id)], args=[self._record_prefix(source_id), *args], client=pipe)
+        refs = []
+        for source_id, flat in zip(sources, pipe.execute()):
+            for i in range(0, len(flat), 1 + len(_SMALL_FIELDS)):
+                ref = _ref(source_id, flat[i].decode(errors="replace"), flat[i + 1: i + 1 + len(_SMALL_FIELDS)])
+                if ref is not None and query.matches(ref):
+                    refs.append(ref)
         refs.sort(key=lambda r: (r.updated_at_ms, r.mx_source_id, r.worker_id), reverse=True)
         return refs[: query.limit] if query.limit is not None else refs
 
