@@ -234,3 +234,24 @@ def test_unreachable_at_startup_names_the_url_without_its_password(unused_port):
 def test_bad_configuration_is_refused(kwargs, named):
     with pytest.raises(ConfigError, match=named.replace("(", r"\(")):
         make_store(**kwargs)
+
+
+def test_records_written_by_the_previous_version_are_served_and_claimable(store, rclient):
+    """Earlier servers kept status inside the worker bytes and no owner: the small fields win, and
+    the first writer to publish or heartbeat it takes it over."""
+    from sglang_mx import wire
+    from sglang_mx.records import SourceQuery
+
+    worker = _worker(20, status=SourceStatus.INITIALIZING)
+    rclient.hset(_record_key(store, "old"), mapping={
+        "identity": wire.identity_to_pb(IDENTITY).SerializeToString(),
+        "worker": wire.worker_to_pb(worker).SerializeToString(),  # status INITIALIZING inside
+        "status": int(SourceStatus.READY), "updated_at": T0 + 5, "rank": 0, "model": IDENTITY.model_name,
+        "accelerator": "", "topology": "{}"})
+    rclient.zadd(store._index_key(SRC), {"old": T0 + 5})
+    rclient.sadd(store._sources_key(), SRC)
+    got = store.get(SRC, "old")
+    assert (got.worker.status, got.worker.updated_at_ms, got.worker.tensors) == (SourceStatus.READY, T0 + 5,
+                                                                               worker.tensors)
+    assert [r.worker_id for r in store.list(SourceQuery(worker_rank=0, status=SourceStatus.READY))] == ["old"]
+    assert store.update_status(SRC, "old", 0, SourceStatus.READY, T0 + 6, owner="seeds") == 1

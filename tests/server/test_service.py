@@ -277,3 +277,22 @@ def test_large_record_round_trips(client, make_identity):
     source = client.publish(make_identity(), worker, "big")
     got = client.get_metadata(source, "big")
     assert got.worker.tensors == tensors
+
+
+def test_get_metadata_answers_the_published_bytes_without_decoding_them(server, channel, make_identity):
+    """The answer holds the published WorkerMetadata bytes verbatim (status and time apart)."""
+    from sglang_mx.records import WorkerBytes
+
+    worker = WorkerRecord(worker_rank=0, transfer_engine_session_id="h:1", status=SourceStatus.READY,
+                          tensors=tuple(TensorDescriptor(f"t{i}", 4096 * (i + 1), 64) for i in range(1000)))
+    request = pb.PublishMetadataRequest(identity=wire.identity_to_pb(make_identity()), worker=wire.worker_to_pb(worker),
+                                        worker_id="w0")
+    published = request.worker.SerializeToString()
+    response = wire.P2pServiceStub(channel).PublishMetadata(request, timeout=5)
+    raw = channel.unary_unary(f"/{wire.SERVICE_NAME}/GetMetadata")(
+        pb.GetMetadataRequest(mx_source_id=response.mx_source_id, worker_id="w0").SerializeToString(), timeout=5)
+    stored = server._store.get_bytes(response.mx_source_id, "w0")
+    assert isinstance(stored, WorkerBytes) and stored.worker_bytes in raw
+    parsed = pb.WorkerMetadata.FromString(published)
+    parsed.ClearField("status")
+    assert stored.worker_bytes == parsed.SerializeToString()  # what was published, less the status
