@@ -8,20 +8,36 @@ the header ModelExpress's own client sends when its token file is present
 from __future__ import annotations
 
 import ipaddress
+import logging
+import os
 import pathlib
+import stat
 
 from sglang_mx.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 AUTH_METADATA_KEY = "authorization"  # gRPC metadata keys are lowercase
 MX_TOKEN_PATH_ENV = "MX_AUTH_TOKEN_PATH"  # what ModelExpress's client reads
 
 
+MAX_TOKEN_FILE_BYTES = 64 * 1024
+
+
 def read_token_file(path: str, *, what: str = "auth token file") -> str:
-    """The token in `path`, surrounding whitespace stripped; ConfigError if unreadable or empty."""
+    """The token in `path`, surrounding whitespace stripped; ConfigError if unreadable, empty or
+    over MAX_TOKEN_FILE_BYTES. Warns when group or others may read it."""
     try:
+        info = os.stat(path)
+        if info.st_size > MAX_TOKEN_FILE_BYTES:
+            raise ConfigError(f"{what} {path!r} is {info.st_size} bytes; a token file holds at most "
+                              f"{MAX_TOKEN_FILE_BYTES}")
         token = pathlib.Path(path).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{what} {path!r} cannot be read: {e}") from None
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        log.warning("%s %r can be read by group or others (mode %o): chmod 600 it", what, path,
+                    stat.S_IMODE(info.st_mode))
     if not token:
         raise ConfigError(f"{what} {path!r} is empty; put the shared token in it")
     return check_token(token, what=f"{what} {path!r}")

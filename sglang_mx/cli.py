@@ -31,6 +31,9 @@ def _add_server(sub) -> None:
     p.add_argument("--redis-prefix", default=d.redis_prefix, metavar="PREFIX",
                    help=f"prefix of every Redis key (default {d.redis_prefix!r}); servers sharing records use "
                         "the same one")
+    p.add_argument("--redis-cache-mb", type=int, default=d.redis_cache_mb, metavar="MB",
+                   help=f"record blobs this server keeps from Redis, checked against the record's version on "
+                        f"every read (default {d.redis_cache_mb}; 0: none)")
     p.add_argument("--max-tensors", type=int, default=d.max_tensors, metavar="N",
                    help=f"most tensor descriptors one worker may publish (default {d.max_tensors})")
     p.add_argument("--max-record-mb", type=int, default=d.max_record_mb, metavar="MB",
@@ -143,9 +146,10 @@ def main(argv: list[str] | None = None) -> int:
                 host=args.host, port=args.port, heartbeat_timeout_s=args.heartbeat_timeout,
                 reaper_interval_s=args.reaper_interval, gc_timeout_s=args.gc_timeout,
                 max_message_mb=args.max_message_mb, store=args.store, redis_url=args.redis_url,
-                redis_prefix=args.redis_prefix, max_tensors=args.max_tensors, max_record_mb=args.max_record_mb,
-                max_workers_per_source=args.max_workers_per_source, max_sources=args.max_sources,
-                max_concurrent_rpcs=args.max_concurrent_rpcs, workers=args.workers, auth_token_file=args.auth_token_file,
+                redis_prefix=args.redis_prefix, redis_cache_mb=args.redis_cache_mb, max_tensors=args.max_tensors,
+                max_record_mb=args.max_record_mb, max_workers_per_source=args.max_workers_per_source,
+                max_sources=args.max_sources, max_concurrent_rpcs=args.max_concurrent_rpcs, workers=args.workers,
+                auth_token_file=args.auth_token_file,
                 writer_token_file=args.writer_token_file, reader_token_file=args.reader_token_file,
                 allow_unauthenticated=args.allow_unauthenticated, tls_cert_file=args.tls_cert,
                 tls_key_file=args.tls_key, tls_client_ca_file=args.tls_client_ca, metrics_port=args.metrics_port,

@@ -54,7 +54,7 @@ class MetadataServer:
         self.options = options
         if store is None:
             store = make_store(options.store, redis_url=options.redis_url, redis_prefix=options.redis_prefix,
-                               record_ttl_s=options.record_ttl_s)
+                               record_ttl_s=options.record_ttl_s, redis_cache_mb=options.redis_cache_mb)
         self._store = store
         self.metrics = None
         try:

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 import grpc
 
-from sglang_mx.auth import AUTH_METADATA_KEY, check_token
+from sglang_mx.auth import AUTH_METADATA_KEY, MAX_TOKEN_FILE_BYTES, check_token
 from sglang_mx.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,6 @@ WRITE_METHODS = frozenset(SERVICE + m for m in ("PublishMetadata", "UpdateStatus
 KNOWN_METHODS = READ_METHODS | WRITE_METHODS
 # Load balancers and orchestrators probe health without credentials.
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
-MAX_TOKEN_FILE_BYTES = 64 * 1024
 
 _PRINCIPAL: contextvars.ContextVar[str] = contextvars.ContextVar("sglang_mx_principal", default="")
 

@@ -33,6 +33,7 @@ class ServerOptions:
     store: str = "memory"  # one of STORE_KINDS
     redis_url: str = DEFAULT_REDIS_URL
     redis_prefix: str = DEFAULT_REDIS_PREFIX
+    redis_cache_mb: int = 256  # record blobs this server keeps from Redis (0: none)
     max_tensors: int = DEFAULT_MAX_TENSORS  # per published worker
     max_record_mb: int = DEFAULT_MAX_RECORD_MB  # identity + worker of one published worker, serialized
     max_workers_per_source: int = 4096
@@ -64,6 +65,8 @@ class ServerOptions:
                      "fast_workers", "max_concurrent_rpcs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.redis_cache_mb < 0:
+            raise ConfigError(f"redis_cache_mb={self.redis_cache_mb} must be >= 0")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ConfigError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):

@@ -6,8 +6,10 @@ Layout, under a configurable key prefix P (default "mx:"):
   `worker` hold the protobuf bytes the worker was published as (the tensor
   list: the only big field; status and updated_at are not in them), served as
   they are; `status`, `updated_at`, `rank`, `model`, `accelerator`, `topology`
-  (JSON), `load`, `owner` are small fields. The length prefix keeps ids
-  containing ':' from colliding.
+  (JSON), `load`, `owner`, `version` (new at every publish) are small fields.
+  The length prefix keeps ids containing ':' from colliding. Each server keeps
+  the blobs it read in a bounded cache, keyed by `version`: GetMetadata reads
+  the small fields and fetches the blobs only for a version it does not hold.
 - `P src:<src>`: ZSET worker_id -> updated_at (ms): the per-source index;
   listing and reaping read it, never SCAN/KEYS.
 - `P sources`: SET of source ids that have workers.
@@ -23,9 +25,11 @@ expired is skipped by readers and removed by the next reap.
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import logging
+import os
 import threading
 import urllib.parse
 from typing import Callable, Iterable, TypeVar
@@ -167,10 +171,12 @@ class RedisStore(SourceStore):
         *,
         prefix: str = DEFAULT_PREFIX,
         record_ttl_s: float | None = None,
+        cache_bytes: int = 256 * 1024 * 1024,
         connect_timeout_s: float = 2.0,
         timeout_s: float = 5.0,
     ) -> None:
         self.url = redact_url(url)
+        self._cache = _BlobCache(cache_bytes)
         if record_ttl_s is not None and record_ttl_s <= 0:
             raise ConfigError(f"record_ttl_s={record_ttl_s} must be > 0 seconds (or None for no TTL)")
         self.prefix = prefix
@@ -225,6 +231,7 @@ class RedisStore(SourceStore):
             "accelerator": record.accelerator,
             "topology": json.dumps(dict(record.topology), sort_keys=True),
             "owner": record.owner,
+            "version": (version := os.urandom(8).hex()),
         }
         pairs = [item for pair in fields.items() for item in pair]
         # One script: the owner and capacity checks and the write happen at once (a fresh record:
@@ -243,6 +250,8 @@ class RedisStore(SourceStore):
         if result == -3:
             raise CapacityError(f"this server holds {capacity.max_sources} sources, its limit "
                                 f"(--max-sources {capacity.max_sources}); no new source is accepted")
+        self._cache.put((record.mx_source_id, record.worker_id), version.encode(), record.identity_bytes,
+                        record.worker_bytes)
 
     @_guarded
     def update_status(
@@ -265,11 +274,22 @@ class RedisStore(SourceStore):
 
     @_guarded
     def get_bytes(self, mx_source_id: str, worker_id: str) -> WorkerBytes | None:
-        identity, worker, status, updated_at = self._r.hmget(
-            self._record_key(mx_source_id, worker_id), ["identity", "worker", "status", "updated_at"]
-        )
-        if worker is None or identity is None:
+        key = self._record_key(mx_source_id, worker_id)
+        # The blobs change only with a publish, which gives the record a new `version`: read the
+        # small fields first and the blobs only when this process does not hold that version.
+        # Redis answers small replies quickly, instead of every call queueing it behind megabytes.
+        version, status, updated_at = self._r.hmget(key, ["version", "status", "updated_at"])
+        if status is None:
             return None
+        cached = self._cache.get((mx_source_id, worker_id), version)
+        if cached is not None:
+            return WorkerBytes(cached[0], cached[1], SourceStatus(int(status)), int(updated_at))
+        identity, worker, version, status, updated_at = self._r.hmget(
+            key, ["identity", "worker", "version", "status", "updated_at"])  # one read: one version
+        if worker is None or identity is None or status is None:
+            return None
+        if version is not None:  # records of the previous version have none: never cached
+            self._cache.put((mx_source_id, worker_id), version, identity, worker)
         return WorkerBytes(identity, worker, SourceStatus(int(status)), int(updated_at))
 
     @_guarded
@@ -353,6 +373,41 @@ def _decode_ref(source_id, worker_id, status, updated_at, rank, model, accelerat
         topology=topology,
         source_load=None if load is None else float(load),
     )
+
+
+class _BlobCache:
+    """(source, worker) -> (version, identity bytes, worker bytes), least recently used first out,
+    at most `max_bytes` of blobs. Thread-safe."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max = max_bytes
+        self._lock = threading.Lock()
+        self._items: collections.OrderedDict[tuple[str, str], tuple[bytes, bytes, bytes]] = collections.OrderedDict()
+        self._bytes = 0
+
+    def get(self, key: tuple[str, str], version: bytes | None) -> tuple[bytes, bytes] | None:
+        if version is None:
+            return None
+        with self._lock:
+            item = self._items.get(key)
+            if item is None or item[0] != version:
+                return None
+            self._items.move_to_end(key)
+            return item[1], item[2]
+
+    def put(self, key: tuple[str, str], version: bytes, identity: bytes, worker: bytes) -> None:
+        size = len(identity) + len(worker)
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= len(old[1]) + len(old[2])
+            if size > self._max:
+                return
+            self._items[key] = (version, identity, worker)
+            self._bytes += size
+            while self._bytes > self._max:
+                _, (_, i, w) = self._items.popitem(last=False)
+                self._bytes -= len(i) + len(w)
 
 
 def _chunks(items: list[str], size: int) -> Iterable[list[str]]:

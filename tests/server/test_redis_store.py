@@ -255,3 +255,27 @@ def test_records_written_by_the_previous_version_are_served_and_claimable(store,
                                                                                worker.tensors)
     assert [r.worker_id for r in store.list(SourceQuery(worker_rank=0, status=SourceStatus.READY))] == ["old"]
     assert store.update_status(SRC, "old", 0, SourceStatus.READY, T0 + 6, owner="seeds") == 1
+
+
+def test_get_reads_the_blobs_only_for_a_version_it_does_not_hold(store, redis_server, redis_prefix, rclient):
+    """A second read of an unchanged record fetches only small fields; a publish through another
+    replica (a new version) is seen at once; a cache of 0 bytes always reads the blobs."""
+    store.publish(SRC, "w", IDENTITY, _worker(2000))
+    replica = RedisStore(redis_server.url, prefix=redis_prefix)
+    try:
+        assert replica.get(SRC, "w").worker.tensors == _worker(2000).tensors  # first read: the blobs
+        commands = _monitored(rclient, lambda: replica.get_bytes(SRC, "w"))
+        assert [c.split(" ", 1)[0].lower() for c in commands] == ["hmget"]
+        assert " worker" not in commands[0] and " identity" not in commands[0], commands
+        store.publish(SRC, "w", IDENTITY, _worker(3, status=SourceStatus.INITIALIZING))
+        got = replica.get(SRC, "w")
+        assert got.worker.tensors == _worker(3).tensors and got.worker.status == SourceStatus.INITIALIZING
+    finally:
+        replica.close()
+    uncached = RedisStore(redis_server.url, prefix=redis_prefix, cache_bytes=0)
+    try:
+        uncached.get_bytes(SRC, "w")
+        commands = _monitored(rclient, lambda: uncached.get_bytes(SRC, "w"))
+        assert len(commands) == 2 and " worker" in commands[1]
+    finally:
+        uncached.close()
