@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 from concurrent import futures
 
@@ -205,8 +206,17 @@ class MetadataServer:
         self.stop()
 
 
+# GIL switch interval of a process that only serves (Python's default: 5 ms). grpcio's one
+# thread that accepts calls and delivers their events must win the GIL for each event; with
+# handler threads running, a 5 ms interval makes it wait up to that long each time. Measured
+# with 200 targets on 2 cores: a probe's ListSources p50 14 ms with 0.5 ms, 60-160 ms with 5 ms.
+SERVING_SWITCH_INTERVAL_S = 0.0005
+
+
 def serve_forever(options: ServerOptions, store: SourceStore | None = None) -> None:
-    """Run until SIGTERM or SIGINT, then stop cleanly."""
+    """Run until SIGTERM or SIGINT, then stop cleanly. Meant for a process of its own (the CLI):
+    it sets the process's GIL switch interval and signal handlers."""
+    sys.setswitchinterval(SERVING_SWITCH_INTERVAL_S)
     server = MetadataServer(options, store).start()
 
     def _on_signal(signum, _frame):
