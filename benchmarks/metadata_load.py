@@ -1,7 +1,8 @@
 """Load on ONE metadata server: many targets looking up a big record while seeds heartbeat.
 
     .venv/bin/python benchmarks/metadata_load.py [--clients 200] [--publishers 50] [--tensors 10000] \\
-        [--seconds 15] [--stores memory,redis]
+        [--seconds 15] [--stores memory,redis] [--modes load,burst,cpu] [--burst 200] [--repeats 3] \\
+        [--server-root DIR]
 
 For each store it starts `sglang-mx server` (and, for redis, a redis-server of its own in a
 temporary directory) on free ports of 127.0.0.1, publishes `--publishers` READY workers of one
@@ -11,16 +12,36 @@ identity with `--tensors` tensors each (ranks 0-7), then for `--seconds` runs, i
   its rank), then GetMetadata of the first worker listed (the whole tensor list), as a target does;
 - one heartbeat loop per published worker: UpdateStatus READY every `--heartbeat-interval` s.
 
-It prints one table: requests/s and p50/p99 latency per RPC and store. The server and this
-process share the machine's cores: on a small machine the numbers are a lower bound.
+Modes (`--modes`, default all three):
+
+- load: the steady loop above; requests/s and p50/p99 latency per RPC and store, and the
+  ListSources latency of a PROBE: one more target in a process of its own, listing every
+  20 ms (the load generator's own event loop, busy with 200 targets, adds its delays to
+  the latencies it measures; the probe's do not have them).
+- burst: `--burst` targets start at once (a fresh connection each), each doing what a starting
+  target does for its rank (ListSources, then GetMetadata of the first worker listed); the time
+  until the LAST one holds its metadata, the median of `--repeats` bursts.
+
+GetMetadata answers are taken as bytes and decoded by sample (load) or after the clock stops
+(burst): one Python process plays all the targets, and decoding hundreds of 1 MB answers on its
+event loop would measure this process, not the server.
+- cpu: the server process's CPU time (user + system, from /proc) per call, over 200 sequential
+  GetMetadata calls of one big record, then 200 ListSources calls: what one call costs the
+  server, independent of queueing.
+
+`--server-root DIR` runs the server from another checkout (for a baseline: a git worktree of
+an older commit); the load generator is always this one. The server and this process share the
+machine's cores: on a small machine the numbers are a lower bound.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import pathlib
+import shlex
 import shutil
 import socket
 import statistics
@@ -75,7 +96,8 @@ def _wait_serving(address: str, proc: subprocess.Popen, what: str, timeout_s: fl
 class Processes:
     """The server (and redis-server) of one store; stops them on exit."""
 
-    def __init__(self, store: str, workdir: pathlib.Path) -> None:
+    def __init__(self, store: str, workdir: pathlib.Path, server_root: pathlib.Path = ROOT,
+                 server_args: tuple[str, ...] = ()) -> None:
         self.procs: list[subprocess.Popen] = []
         self.workdir = workdir
         args = []
@@ -102,8 +124,9 @@ class Processes:
         self.log = open(workdir / f"server-{store}.log", "w")
         server = subprocess.Popen(
             [sys.executable, "-m", "sglang_mx.cli", "--log-level", "WARNING", "server", "--host", "127.0.0.1",
-             "--port", str(self.port), *args],
-            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+             "--port", str(self.port), *args, *server_args],
+            cwd=server_root, stdout=self.log, stderr=subprocess.STDOUT,
+            env=dict(os.environ, PYTHONPATH=str(server_root)))
         self.procs.append(server)
         _wait_serving(self.address, server, f"sglang-mx server --store {store}")
 
@@ -171,17 +194,20 @@ async def run_load(address: str, source: str, workers: list[tuple[str, int]], *,
         rank = i % RANKS
         async with grpc.aio.insecure_channel(address, options=options) as channel:
             stub = wire.P2pServiceStub(channel)
+            get_raw = _raw_get(channel)
             request = pb.ListSourcesRequest(identity=wire.identity_to_pb(IDENTITY), status_filter=pb.SOURCE_STATUS_READY,
                                             worker_rank_filter=rank)
+            calls = 0
             while time.monotonic() < stop_at:
                 listed = await timed("ListSources", stub.ListSources(request, timeout=60))
                 if not listed or not listed.instances:
                     errors["ListSources"] += listed is not None
                     continue
                 ref = listed.instances[0]
-                got = await timed("GetMetadata", stub.GetMetadata(
+                got = await timed("GetMetadata", get_raw(
                     pb.GetMetadataRequest(mx_source_id=ref.mx_source_id, worker_id=ref.worker_id), timeout=60))
-                if got is not None and len(got.worker.tensor_source.tensors) != expect_tensors:
+                calls += 1
+                if got is not None and not _check(got, expect_tensors, full=calls % 20 == 1):
                     errors["GetMetadata"] += 1
 
     async def seed(worker_id: str, rank: int, channel) -> None:
@@ -204,6 +230,106 @@ async def run_load(address: str, source: str, workers: list[tuple[str, int]], *,
             for kind, lat in latencies.items()}
 
 
+def _raw_get(channel):
+    """GetMetadata answering the response's bytes: this one process plays hundreds of targets, and
+    decoding every answer here would measure this process instead of the server (`_check` decodes
+    a sample)."""
+    return channel.unary_unary(f"/{wire.SERVICE_NAME}/GetMetadata",
+                               request_serializer=pb.GetMetadataRequest.SerializeToString)
+
+
+_checked_sizes: set[int] = set()
+
+
+def _check(response: bytes, expect_tensors: int, *, full: bool) -> bool:
+    """Whether a GetMetadata answer holds the whole record: decoded when `full` (and for every size
+    not seen decoded before), otherwise compared by size with answers decoded before."""
+    if full or len(response) not in _checked_sizes:
+        got = pb.GetMetadataResponse.FromString(response)
+        if not got.found or len(got.worker.tensor_source.tensors) != expect_tensors:
+            return False
+        _checked_sizes.add(len(response))
+    return True
+
+
+async def run_burst(address: str, *, targets: int, expect_tensors: int) -> dict:
+    """`targets` starting targets at once; seconds until each holds its rank's metadata (its bytes:
+    each is decoded and checked after the clock stops, as every target would on its own machine)."""
+    options = [("grpc.max_receive_message_length", MESSAGE_LIMIT), ("grpc.use_local_subchannel_pool", 1)]
+    start = time.perf_counter()
+
+    async def target(i: int) -> float | None:
+        rank = i % RANKS
+        async with grpc.aio.insecure_channel(address, options=options) as channel:
+            stub = wire.P2pServiceStub(channel)
+            try:
+                listed = await stub.ListSources(pb.ListSourcesRequest(
+                    identity=wire.identity_to_pb(IDENTITY), status_filter=pb.SOURCE_STATUS_READY,
+                    worker_rank_filter=rank), timeout=120)
+                if not listed.instances:
+                    return None
+                ref = listed.instances[0]
+                got = await _raw_get(channel)(pb.GetMetadataRequest(mx_source_id=ref.mx_source_id,
+                                                                    worker_id=ref.worker_id), timeout=120)
+            except grpc.aio.AioRpcError:
+                return None
+            return time.perf_counter() - start, got
+
+    done = await asyncio.gather(*(target(i) for i in range(targets)))
+    ok = [d[0] for d in done if d is not None and _check(d[1], expect_tensors, full=True)]
+    return {"last": max(ok) if ok else float("nan"), "p50": statistics.median(ok) if ok else float("nan"),
+            "errors": len(done) - len(ok)}
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc/<pid>/stat."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu_per_call(address: str, pid: int, source: str, worker_id: str, calls: int = 200) -> dict[str, float]:
+    """Server CPU ms per call: `calls` sequential GetMetadata, then `calls` ListSources."""
+    options = [("grpc.max_receive_message_length", MESSAGE_LIMIT)]
+    out = {}
+    with grpc.insecure_channel(address, options=options) as channel:
+        stub = wire.P2pServiceStub(channel)
+        get = pb.GetMetadataRequest(mx_source_id=source, worker_id=worker_id)
+        listing = pb.ListSourcesRequest(identity=wire.identity_to_pb(IDENTITY), status_filter=pb.SOURCE_STATUS_READY,
+                                        worker_rank_filter=0)
+        for name, method, request in (("GetMetadata", stub.GetMetadata, get), ("ListSources", stub.ListSources,
+                                                                                 listing)):
+            for _ in range(5):  # warm up
+                method(request, timeout=60)
+            before = _cpu_seconds(pid)
+            for _ in range(calls):
+                method(request, timeout=60)
+            out[name] = (_cpu_seconds(pid) - before) / calls * 1000
+    return out
+
+
+def _probe(address: str, seconds: float) -> None:
+    """`--probe`: ListSources every 20 ms for `seconds`; prints the latencies (s) as one JSON list."""
+
+    lat = []
+    with grpc.insecure_channel(address) as channel:
+        stub = wire.P2pServiceStub(channel)
+        request = pb.ListSourcesRequest(identity=wire.identity_to_pb(IDENTITY), status_filter=pb.SOURCE_STATUS_READY,
+                                        worker_rank_filter=1)
+        stub.ListSources(request, timeout=60)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            start = time.perf_counter()
+            stub.ListSources(request, timeout=60)
+            lat.append(time.perf_counter() - start)
+            time.sleep(0.02)
+    print(json.dumps(lat))
+
+
+def _start_probe(address: str, seconds: float) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, __file__, "--probe", address, "--seconds", str(seconds)],
+                            stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
 def _percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -221,34 +347,79 @@ def main() -> int:
     parser.add_argument("--heartbeat-interval", type=float, default=1.0, metavar="S",
                         help="each seed's UpdateStatus period (default 1; real seeds: 30)")
     parser.add_argument("--stores", default="memory,redis", help="comma-separated: memory, redis (default both)")
+    parser.add_argument("--modes", default="load,burst,cpu", help="comma-separated: load, burst, cpu (default all)")
+    parser.add_argument("--burst", type=int, default=200, help="targets starting at once in burst mode (default 200)")
+    parser.add_argument("--repeats", type=int, default=3, help="bursts per store; the median is reported (default 3)")
+    parser.add_argument("--server-root", type=pathlib.Path, default=ROOT, metavar="DIR",
+                        help="checkout the server runs from (default: this one)")
+    parser.add_argument("--server-args", default="", metavar="ARGS",
+                        help="more `sglang-mx server` flags, one string (e.g. '--workers 8')")
+    parser.add_argument("--probe", metavar="ADDRESS", help=argparse.SUPPRESS)  # the probe process
     args = parser.parse_args()
+    if args.probe:
+        _probe(args.probe, args.seconds)
+        return 0
+    modes = set(args.modes.split(","))
+    if modes - {"load", "burst", "cpu"}:
+        parser.error(f"--modes {args.modes}: allowed: load, burst, cpu")
 
-    rows = []
+    rows, bursts, cpu = [], [], []
     with tempfile.TemporaryDirectory(prefix="mx-load-") as tmp:
         for store in args.stores.split(","):
             workdir = pathlib.Path(tmp) / store
             workdir.mkdir()
-            with Processes(store, workdir) as procs:
+            with Processes(store, workdir, args.server_root.resolve(), tuple(shlex.split(args.server_args))) as procs:
                 t0 = time.monotonic()
                 source, workers = publish(procs.address, args.publishers, args.tensors)
                 print(f"{store}: published {len(workers)} workers x {args.tensors} tensors in "
-                      f"{time.monotonic() - t0:.1f} s; {args.clients} targets for {args.seconds:g} s ...",
-                      file=sys.stderr)
-                results = asyncio.run(run_load(procs.address, source, workers, clients=args.clients,
-                                               seconds=args.seconds, heartbeat_interval_s=args.heartbeat_interval,
-                                               expect_tensors=args.tensors))
-                for kind, r in results.items():
-                    rows.append((store, kind, r["calls"], r["rate"],
-                                 _percentile(r["latencies"], 50) * 1000, _percentile(r["latencies"], 99) * 1000,
-                                 r["errors"]))
+                      f"{time.monotonic() - t0:.1f} s", file=sys.stderr)
+                if "cpu" in modes:
+                    per_call = server_cpu_per_call(procs.address, procs.procs[-1].pid, source, workers[0][0])
+                    cpu.append((store, per_call["GetMetadata"], per_call["ListSources"]))
+                if "burst" in modes:
+                    runs = [asyncio.run(run_burst(procs.address, targets=args.burst, expect_tensors=args.tensors))
+                            for _ in range(args.repeats)]
+                    print(f"{store}: bursts (last, s): {[round(r['last'], 3) for r in runs]}", file=sys.stderr)
+                    middle = sorted(runs, key=lambda r: r["last"])[len(runs) // 2]
+                    bursts.append((store, middle["last"], middle["p50"], sum(r["errors"] for r in runs)))
+                if "load" in modes:
+                    print(f"{store}: {args.clients} targets for {args.seconds:g} s ...", file=sys.stderr)
+                    cpu0 = _cpu_seconds(procs.procs[-1].pid)
+                    probe = _start_probe(procs.address, max(args.seconds - 2, 1))
+                    results = asyncio.run(run_load(procs.address, source, workers, clients=args.clients,
+                                                   seconds=args.seconds, heartbeat_interval_s=args.heartbeat_interval,
+                                                   expect_tensors=args.tensors))
+                    busy = (_cpu_seconds(procs.procs[-1].pid) - cpu0) / args.seconds
+                    probed = json.loads(probe.communicate(timeout=120)[0])
+                    results["probe ListSources"] = {"calls": len(probed), "rate": len(probed) / args.seconds,
+                                                    "errors": 0, "latencies": probed}
+                    print(f"{store}: server busy {busy:.2f} cores during the load", file=sys.stderr)
+                    for kind, r in results.items():
+                        rows.append((store, kind, r["calls"], r["rate"],
+                                     _percentile(r["latencies"], 50) * 1000, _percentile(r["latencies"], 99) * 1000,
+                                     r["errors"]))
 
-    print(f"\n{args.clients} targets (ListSources + GetMetadata of a {args.tensors}-tensor worker), "
-          f"{args.publishers} seeds heartbeating every {args.heartbeat_interval:g} s, {args.seconds:g} s per store, "
-          f"{os.cpu_count()} CPU cores shared by server and clients\n")
-    print(f"| {'store':<6} | {'rpc':<12} | {'calls':>7} | {'req/s':>8} | {'p50 ms':>8} | {'p99 ms':>8} | errors |")
-    print(f"|{'-' * 8}|{'-' * 14}|{'-' * 9}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 8}|")
-    for store, kind, calls, rate, p50, p99, errs in rows:
-        print(f"| {store:<6} | {kind:<12} | {calls:>7} | {rate:>8.1f} | {p50:>8.1f} | {p99:>8.1f} | {errs:>6} |")
+    print(f"\nserver: {args.server_root.resolve()}; {args.publishers} workers x {args.tensors} tensors published; "
+          f"{os.cpu_count()} CPU cores shared by server and clients")
+    if cpu:
+        print("\nserver CPU per call (200 sequential calls each)\n")
+        print(f"| {'store':<6} | {'GetMetadata ms':>14} | {'ListSources ms':>14} |")
+        print(f"|{'-' * 8}|{'-' * 16}|{'-' * 16}|")
+        for store, get_ms, list_ms in cpu:
+            print(f"| {store:<6} | {get_ms:>14.2f} | {list_ms:>14.2f} |")
+    if bursts:
+        print(f"\nburst: {args.burst} targets start at once (ListSources + GetMetadata), median of {args.repeats}\n")
+        print(f"| {'store':<6} | {'last has metadata s':>19} | {'median target s':>15} | errors |")
+        print(f"|{'-' * 8}|{'-' * 21}|{'-' * 17}|{'-' * 8}|")
+        for store, last, p50, errs in bursts:
+            print(f"| {store:<6} | {last:>19.3f} | {p50:>15.3f} | {errs:>6} |")
+    if rows:
+        print(f"\nload: {args.clients} targets (ListSources + GetMetadata of a {args.tensors}-tensor worker), "
+              f"{args.publishers} seeds heartbeating every {args.heartbeat_interval:g} s, {args.seconds:g} s per store\n")
+        print(f"| {'store':<6} | {'rpc':<17} | {'calls':>7} | {'req/s':>8} | {'p50 ms':>8} | {'p99 ms':>8} | errors |")
+        print(f"|{'-' * 8}|{'-' * 19}|{'-' * 9}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 8}|")
+        for store, kind, calls, rate, p50, p99, errs in rows:
+            print(f"| {store:<6} | {kind:<17} | {calls:>7} | {rate:>8.1f} | {p50:>8.1f} | {p99:>8.1f} | {errs:>6} |")
     return 0
 
 

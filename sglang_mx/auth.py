@@ -7,20 +7,37 @@ the header ModelExpress's own client sends when its token file is present
 
 from __future__ import annotations
 
+import ipaddress
+import logging
+import os
 import pathlib
+import stat
 
 from sglang_mx.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 AUTH_METADATA_KEY = "authorization"  # gRPC metadata keys are lowercase
 MX_TOKEN_PATH_ENV = "MX_AUTH_TOKEN_PATH"  # what ModelExpress's client reads
 
 
+MAX_TOKEN_FILE_BYTES = 64 * 1024
+
+
 def read_token_file(path: str, *, what: str = "auth token file") -> str:
-    """The token in `path`, surrounding whitespace stripped; ConfigError if unreadable or empty."""
+    """The token in `path`, surrounding whitespace stripped; ConfigError if unreadable, empty or
+    over MAX_TOKEN_FILE_BYTES. Warns when group or others may read it."""
     try:
+        info = os.stat(path)
+        if info.st_size > MAX_TOKEN_FILE_BYTES:
+            raise ConfigError(f"{what} {path!r} is {info.st_size} bytes; a token file holds at most "
+                              f"{MAX_TOKEN_FILE_BYTES}")
         token = pathlib.Path(path).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{what} {path!r} cannot be read: {e}") from None
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        log.warning("%s %r can be read by group or others (mode %o): chmod 600 it", what, path,
+                    stat.S_IMODE(info.st_mode))
     if not token:
         raise ConfigError(f"{what} {path!r} is empty; put the shared token in it")
     return check_token(token, what=f"{what} {path!r}")
@@ -48,3 +65,23 @@ def read_pem_file(path: str, *, what: str) -> bytes:
 def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     """The call metadata that carries `token` (none without one)."""
     return ((AUTH_METADATA_KEY, f"Bearer {check_token(token)}"),) if token is not None else ()
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address, no port) names this machine only: localhost, 127/8, ::1."""
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def url_host(url: str) -> str:
+    """The host part of 'host:port', '[v6]:port', 'unix:...' ('localhost' for unix sockets)."""
+    if url.startswith(("unix:", "unix-abstract:")):
+        return "localhost"
+    if url.startswith("["):
+        return url[1:].split("]", 1)[0]
+    return url.rsplit(":", 1)[0] if url.count(":") == 1 else url

@@ -31,13 +31,36 @@ def _add_server(sub) -> None:
     p.add_argument("--redis-prefix", default=d.redis_prefix, metavar="PREFIX",
                    help=f"prefix of every Redis key (default {d.redis_prefix!r}); servers sharing records use "
                         "the same one")
+    p.add_argument("--redis-cache-mb", type=int, default=d.redis_cache_mb, metavar="MB",
+                   help=f"record blobs this server keeps from Redis, checked against the record's version on "
+                        f"every read (default {d.redis_cache_mb}; 0: none)")
     p.add_argument("--max-tensors", type=int, default=d.max_tensors, metavar="N",
                    help=f"most tensor descriptors one worker may publish (default {d.max_tensors})")
+    p.add_argument("--max-record-mb", type=int, default=d.max_record_mb, metavar="MB",
+                   help=f"largest published worker record, serialized (default {d.max_record_mb})")
+    p.add_argument("--max-workers-per-source", type=int, default=d.max_workers_per_source, metavar="N",
+                   help=f"most workers one source may hold (default {d.max_workers_per_source})")
+    p.add_argument("--max-sources", type=int, default=d.max_sources, metavar="N",
+                   help=f"most sources the server holds (default {d.max_sources})")
+    p.add_argument("--workers", type=int, default=d.workers, metavar="N",
+                   help=f"threads answering GetMetadata and PublishMetadata (default 4 for memory, 16 for redis); "
+                        f"listings and heartbeats have {d.fast_workers} of their own")
+    p.add_argument("--max-concurrent-rpcs", type=int, default=d.max_concurrent_rpcs, metavar="N",
+                   help=f"calls in progress past this are refused RESOURCE_EXHAUSTED (default {d.max_concurrent_rpcs})")
     p.add_argument("--auth-token-file", metavar="FILE",
-                   help="require 'authorization: Bearer <token>' on every P2pService call, the token being "
-                        "this file's content (health stays open)")
+                   help="tokens that may call every RPC, one per line ('TOKEN' or 'NAME TOKEN'); every "
+                        "P2pService call must then carry 'authorization: Bearer <token>' (health stays open)")
+    p.add_argument("--writer-token-file", metavar="FILE",
+                   help="writer tokens (PublishMetadata, UpdateStatus, and reading), one per line")
+    p.add_argument("--reader-token-file", metavar="FILE",
+                   help="reader tokens (ListSources, GetMetadata only), one per line")
+    p.add_argument("--allow-unauthenticated", action="store_true",
+                   help="serve a non-loopback --host without any token (anyone who reaches the port may "
+                        "publish, change and read records)")
     p.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain: serve TLS (with --tls-key)")
     p.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", metavar="FILE",
+                   help="PEM CA bundle: require client certificates signed by it (mutual TLS)")
     p.add_argument("--metrics-port", type=int, metavar="PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (off by default)")
 
@@ -51,6 +74,10 @@ def _add_sources(sub) -> None:
                    help="print again every SECONDS (default 2) until Ctrl-C")
     p.add_argument("--auth-token-file", metavar="FILE", help="file holding the server's bearer token")
     p.add_argument("--tls-ca-file", metavar="FILE", help="PEM CA bundle: connect with TLS")
+    p.add_argument("--tls-cert-file", metavar="FILE", help="this client's PEM certificate (mutual TLS)")
+    p.add_argument("--tls-key-file", metavar="FILE", help="this client's PEM key (mutual TLS)")
+    p.add_argument("--allow-plaintext-token", action="store_true",
+                   help="send the token without TLS to a non-loopback server")
     p.add_argument("--timeout", type=float, default=10.0, metavar="S", help="per-call deadline (default 10)")
 
 
@@ -69,7 +96,9 @@ def _sources(args) -> int:
     if args.watch is not None and args.watch <= 0:
         raise ConfigError(f"--watch {args.watch:g} must be a positive number of seconds")
     token = read_token_file(args.auth_token_file, what="--auth-token-file") if args.auth_token_file else None
-    with MetadataClient(args.url, timeout_s=args.timeout, auth_token=token, tls_ca_file=args.tls_ca_file) as client:
+    with MetadataClient(args.url, timeout_s=args.timeout, auth_token=token, tls_ca_file=args.tls_ca_file,
+                        tls_cert_file=args.tls_cert_file, tls_key_file=args.tls_key_file,
+                        allow_plaintext_token=args.allow_plaintext_token) as client:
         if args.watch is None:
             fleet.show(client, sys.stdout, model_name=args.model, as_json=args.json)
         else:
@@ -117,8 +146,13 @@ def main(argv: list[str] | None = None) -> int:
                 host=args.host, port=args.port, heartbeat_timeout_s=args.heartbeat_timeout,
                 reaper_interval_s=args.reaper_interval, gc_timeout_s=args.gc_timeout,
                 max_message_mb=args.max_message_mb, store=args.store, redis_url=args.redis_url,
-                redis_prefix=args.redis_prefix, max_tensors=args.max_tensors, auth_token_file=args.auth_token_file,
-                tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, metrics_port=args.metrics_port,
+                redis_prefix=args.redis_prefix, redis_cache_mb=args.redis_cache_mb, max_tensors=args.max_tensors,
+                max_record_mb=args.max_record_mb, max_workers_per_source=args.max_workers_per_source,
+                max_sources=args.max_sources, max_concurrent_rpcs=args.max_concurrent_rpcs, workers=args.workers,
+                auth_token_file=args.auth_token_file,
+                writer_token_file=args.writer_token_file, reader_token_file=args.reader_token_file,
+                allow_unauthenticated=args.allow_unauthenticated, tls_cert_file=args.tls_cert,
+                tls_key_file=args.tls_key, tls_client_ca_file=args.tls_client_ca, metrics_port=args.metrics_port,
             ))
             return 0
         if args.command == "sources":

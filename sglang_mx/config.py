@@ -12,7 +12,7 @@ import json
 import os
 from typing import Any, Mapping
 
-from sglang_mx.auth import MX_TOKEN_PATH_ENV, read_pem_file, read_token_file
+from sglang_mx.auth import MX_TOKEN_PATH_ENV, is_loopback, read_pem_file, read_token_file, url_host
 from sglang_mx.errors import ConfigError
 
 DEFAULT_URL = "localhost:8001"
@@ -48,6 +48,11 @@ class MxConfig:
     # A file holding the metadata server's bearer token; `parse_config` reads (and checks) it, once.
     auth_token_file: str | None = None
     tls_ca_file: str | None = None  # PEM CA bundle: talk TLS to the server, checking its certificate
+    # This client's PEM certificate and key, for a server that requires them (mutual TLS).
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    # Send the token over plaintext to a non-loopback server (anyone on the path can read it).
+    allow_plaintext_token: bool = False
     # Not a key: the token `parse_config` read from auth_token_file (kept out of repr and logs).
     auth_token: str | None = dataclasses.field(default=None, repr=False, compare=False)
 
@@ -75,6 +80,16 @@ class MxConfig:
             raise ConfigError(f"max_seeds={self.max_seeds} is out of range; allowed: an integer >= 1")
         if self.max_readers < 0:
             raise ConfigError(f"max_readers={self.max_readers} is out of range; allowed: an integer >= 0 (0: no cap)")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigError("tls_cert_file and tls_key_file go together: give both (a client certificate) or neither")
+        if self.tls_cert_file is not None and self.tls_ca_file is None:
+            raise ConfigError("tls_cert_file (a client certificate) needs tls_ca_file: mutual TLS is TLS")
+        if self.auth_token_file is not None and self.tls_ca_file is None and not self.allow_plaintext_token:
+            host = url_host(self.url.split("://", 1)[-1].rstrip("/"))
+            if not is_loopback(host):
+                raise ConfigError(
+                    f"auth_token_file is set and {self.url} is not a loopback address: the token would travel in "
+                    "plaintext; set tls_ca_file (TLS), or allow_plaintext_token: true on a network you trust")
 
 
 _NUMBER = ((int, float), "a number")
@@ -96,6 +111,9 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "timeout_s": _NUMBER,
     "auth_token_file": _STRING,
     "tls_ca_file": _STRING,
+    "tls_cert_file": _STRING,
+    "tls_key_file": _STRING,
+    "allow_plaintext_token": ((bool,), "true or false"),
 }
 
 
@@ -133,8 +151,9 @@ def parse_config(raw: str | Mapping[str, Any] | None, env: Mapping[str, str] | N
     if "auth_token_file" not in values and env.get(MX_TOKEN_PATH_ENV):
         values["auth_token_file"] = env[MX_TOKEN_PATH_ENV]
     config = MxConfig(**values)  # checks the values before any file is touched
-    if config.tls_ca_file is not None:
-        read_pem_file(config.tls_ca_file, what="tls_ca_file")
+    for key in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+        if getattr(config, key) is not None:
+            read_pem_file(getattr(config, key), what=key)
     if config.auth_token_file is None:
         return config
     return dataclasses.replace(config, auth_token=read_token_file(config.auth_token_file, what="auth_token_file"))

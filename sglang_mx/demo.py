@@ -136,7 +136,8 @@ def run_demo(size_gb: float, protocol: str, host: str) -> int:
     from sglang_mx.server import MetadataServer, ServerOptions
 
     with tempfile.TemporaryDirectory(prefix="sglang-mx-demo-") as tmp, \
-            MetadataServer(ServerOptions(host=host, port=0)) as server:
+            MetadataServer(ServerOptions(host=host, port=0, allow_unauthenticated=True)) as server:
+        # allow_unauthenticated: a demo of one machine's processes, on the address --host names
         ckpt = os.path.join(tmp, "model.safetensors")
         common = ["--url", server.address, "--file", ckpt, "--size-gb", str(size_gb), "--protocol", protocol,
                   "--host", host]

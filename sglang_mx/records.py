@@ -147,3 +147,38 @@ class SourceQuery:
             and (self.worker_rank is None or ref.worker_rank == self.worker_rank)
             and (self.min_updated_at_ms is None or ref.updated_at_ms >= self.min_updated_at_ms)
         )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EncodedWorker:
+    """One published worker as a store keeps it: the wire bytes it arrived as, plus the few
+    fields the server indexes and updates.
+
+    `worker_bytes` is a serialized WorkerMetadata WITHOUT status and updated_at (the store
+    keeps those apart and `sglang_mx.wire` appends the current ones when answering), so a
+    status change never rewrites the tensor list. `owner` is the principal that published it
+    ("" when the server runs without tokens).
+    """
+
+    mx_source_id: str
+    worker_id: str
+    model_name: str
+    worker_rank: int
+    status: SourceStatus
+    updated_at_ms: int
+    identity_bytes: bytes
+    worker_bytes: bytes
+    accelerator: str = ""
+    topology: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    owner: str = ""
+    tensor_count: int = 0  # for logs
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerBytes:
+    """What GetMetadata serves: the stored bytes and the current status and time."""
+
+    identity_bytes: bytes
+    worker_bytes: bytes
+    status: SourceStatus
+    updated_at_ms: int

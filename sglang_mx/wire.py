@@ -6,12 +6,17 @@ converts in both directions and exposes the generated service stubs.
 
 from __future__ import annotations
 
-from sglang_mx._proto import p2p_pb2 as pb
-from sglang_mx._proto import p2p_pb2_grpc as pb_grpc
+import dataclasses
+
 from typing import Sequence
 
+import grpc
+
+from sglang_mx._proto import p2p_pb2 as pb
+from sglang_mx._proto import p2p_pb2_grpc as pb_grpc
 from sglang_mx.records import (
     BackendFramework,
+    EncodedWorker,
     SourceIdentity,
     SourceQuery,
     SourceRef,
@@ -19,6 +24,7 @@ from sglang_mx.records import (
     SourceType,
     StoredWorker,
     TensorDescriptor,
+    WorkerBytes,
     WorkerRecord,
 )
 
@@ -27,7 +33,6 @@ SERVICE_NAME = "model_express.p2p.P2pService"
 # Re-exported so that the client and server never import _proto themselves.
 P2pServiceStub = pb_grpc.P2pServiceStub
 P2pServiceServicer = pb_grpc.P2pServiceServicer
-add_servicer_to_server = pb_grpc.add_P2pServiceServicer_to_server
 messages = pb  # for tests and benchmarks that speak raw protobuf on purpose
 
 
@@ -41,6 +46,10 @@ def _enum(enum_type, value: int, field: str):
     except ValueError:
         allowed = ", ".join(f"{m.value} ({m.name})" for m in enum_type)
         raise WireError(f"{field}={value} is not a known value; allowed: {allowed}") from None
+
+
+def status_from_pb(value: int, field: str = "status") -> SourceStatus:
+    return _enum(SourceStatus, value, field)
 
 
 # --- SourceIdentity -------------------------------------------------------
@@ -306,3 +315,120 @@ def release_read_request(mx_source_id: str, worker_id: str, lease_id: str) -> pb
 
 def release_read_response() -> pb.ReleaseTensorReadResponse:
     return pb.ReleaseTensorReadResponse()
+
+
+# --- Stored bytes (server side) ---------------------------------------------
+#
+# The server keeps a published worker as the bytes it arrived as and answers
+# GetMetadata by framing those bytes, never decoding them. A protobuf message is
+# the concatenation of its fields' encodings, in any order, and for a scalar
+# field that appears twice the last one wins; WorkerMetadata.status (4) and
+# updated_at (5) are removed from the stored bytes at publish and appended with
+# their current values at answer time.
+
+_MASK64 = (1 << 64) - 1
+
+
+def _varint(value: int) -> bytes:
+    value &= _MASK64  # negative int64 values take ten bytes, as protobuf encodes them
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _length_delimited(field: int, *parts: bytes) -> list[bytes]:
+    return [_varint(field << 3 | 2), _varint(sum(map(len, parts))), *parts]
+
+
+def _status_suffix(status: SourceStatus, updated_at_ms: int) -> bytes:
+    return _varint(4 << 3) + _varint(int(status)) + _varint(5 << 3) + _varint(updated_at_ms)
+
+
+def encode_published(request: pb.PublishMetadataRequest, *, mx_source_id: str, status: SourceStatus,
+                     updated_at_ms: int, owner: str = "") -> EncodedWorker:
+    """The record a validated PublishMetadataRequest stores; edits `request` in place.
+
+    The worker's tensors move from the deprecated `tensors` field to `tensor_source` (when
+    only the former is set), status and updated_at are cleared (the store keeps them apart)
+    and unknown fields are dropped; then identity and worker are serialized once.
+    """
+    worker = request.worker
+    if not worker.HasField("tensor_source") and len(worker.tensors):
+        worker.tensor_source.tensors.extend(worker.tensors)
+    worker.ClearField("tensors")  # tensor_source supersedes it: readers never look at it
+    worker.ClearField("status")
+    worker.ClearField("updated_at")
+    worker.DiscardUnknownFields()
+    request.identity.DiscardUnknownFields()
+    return EncodedWorker(
+        mx_source_id=mx_source_id,
+        worker_id=request.worker_id,
+        model_name=request.identity.model_name,
+        worker_rank=worker.worker_rank,
+        status=status,
+        updated_at_ms=updated_at_ms,
+        identity_bytes=request.identity.SerializeToString(),
+        worker_bytes=worker.SerializeToString(),
+        accelerator=worker.accelerator,
+        topology=dict(worker.topology),
+        owner=owner,
+        tensor_count=len(worker.tensor_source.tensors),
+    )
+
+
+def encode_record(mx_source_id: str, worker_id: str, identity: SourceIdentity, worker: WorkerRecord, *,
+                  owner: str = "") -> EncodedWorker:
+    """The stored form of plain records (for stores fed directly, as tests do)."""
+    request = pb.PublishMetadataRequest(identity=identity_to_pb(identity), worker=worker_to_pb(worker),
+                                        worker_id=worker_id)
+    return encode_published(request, mx_source_id=mx_source_id, status=worker.status,
+                            updated_at_ms=worker.updated_at_ms, owner=owner)
+
+
+def decode_stored(mx_source_id: str, worker_id: str, stored: WorkerBytes) -> StoredWorker:
+    """Plain records of stored bytes (for tools and tests; the server serves the bytes)."""
+    worker = worker_from_pb(pb.WorkerMetadata.FromString(stored.worker_bytes))
+    return StoredWorker(
+        mx_source_id=mx_source_id, worker_id=worker_id,
+        identity=identity_from_pb(pb.SourceIdentity.FromString(stored.identity_bytes)),
+        worker=dataclasses.replace(worker, status=stored.status, updated_at_ms=stored.updated_at_ms),
+    )
+
+
+def get_response_bytes(stored: WorkerBytes | None, *, mx_source_id: str, worker_id: str) -> bytes:
+    """A serialized GetMetadataResponse, framed around the stored bytes without decoding them."""
+    if stored is None:
+        return pb.GetMetadataResponse(found=False, mx_source_id=mx_source_id,
+                                      worker_id=worker_id).SerializeToString()
+    return b"".join([
+        b"\x08\x01",  # found = true
+        *_length_delimited(2, stored.worker_bytes, _status_suffix(stored.status, stored.updated_at_ms)),
+        *_length_delimited(3, mx_source_id.encode()),
+        *_length_delimited(4, worker_id.encode()),
+        *_length_delimited(5, stored.identity_bytes),
+    ])
+
+
+# --- Serving ------------------------------------------------------------------
+
+def _passthrough(response: bytes) -> bytes:
+    return response
+
+
+def add_servicer_to_server(servicer: P2pServiceServicer, server: grpc.Server) -> None:
+    """Register the four RPCs; GetMetadata's handler answers bytes (`get_response_bytes`) that go out as they are."""
+    handlers = {
+        "PublishMetadata": (servicer.PublishMetadata, pb.PublishMetadataRequest, pb.PublishMetadataResponse),
+        "ListSources": (servicer.ListSources, pb.ListSourcesRequest, pb.ListSourcesResponse),
+        "GetMetadata": (servicer.GetMetadata, pb.GetMetadataRequest, None),
+        "UpdateStatus": (servicer.UpdateStatus, pb.UpdateStatusRequest, pb.UpdateStatusResponse),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {
+        name: grpc.unary_unary_rpc_method_handler(
+            behavior, request_deserializer=request.FromString,
+            response_serializer=_passthrough if response is None else response.SerializeToString)
+        for name, (behavior, request, response) in handlers.items()
+    }),))

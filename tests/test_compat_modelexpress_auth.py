@@ -1,4 +1,4 @@
-"""The REAL ModelExpress 0.7.0 client against our server with a bearer token required.
+"""The REAL ModelExpress 0.7.0 client against our server with a bearer token required (both stores).
 
 ModelExpress's client reads its token from the file named by MX_AUTH_TOKEN_PATH and
 sends `authorization: Bearer <token>` on every call (modelexpress/auth.py); our
@@ -35,10 +35,14 @@ def _run_peer(url: str, token_path: str | None) -> subprocess.CompletedProcess:
                           timeout=120, env=env)
 
 
-@pytest.fixture
-def auth_server(make_server, tmp_path):
+@pytest.fixture(params=["memory", "redis"])
+def auth_server(request, make_server, tmp_path):
     (tmp_path / "server-token").write_text(TOKEN + "\n")
-    return make_server(auth_token_file=str(tmp_path / "server-token"))
+    store = {"store": request.param}
+    if request.param == "redis":
+        store.update(redis_url=request.getfixturevalue("redis_server").url,
+                     redis_prefix=request.getfixturevalue("redis_prefix"))
+    return make_server(auth_token_file=str(tmp_path / "server-token"), **store)
 
 
 def test_modelexpress_client_with_the_token_is_served(auth_server, tmp_path):
@@ -66,3 +70,18 @@ def test_modelexpress_client_without_the_token_is_refused(auth_server, tmp_path,
     assert ("wrong bearer token" if token else "missing bearer token") in done.stderr
     with MetadataClient(auth_server.address, auth_token=TOKEN, timeout_s=5) as client:
         assert client.list_sources() == [], "a refused client must not have stored anything"
+
+
+def test_modelexpress_client_with_a_writer_token_of_a_role_split_server(make_server, tmp_path):
+    """Separate reader and writer tokens: ModelExpress's seed side works with a writer token and is
+    refused with a reader token (PERMISSION_DENIED on its first publish)."""
+    (tmp_path / "writers").write_text(f"mx-seeds {TOKEN}\n")
+    (tmp_path / "readers").write_text("reader-token-0123\n")
+    server = make_server(writer_token_file=str(tmp_path / "writers"), reader_token_file=str(tmp_path / "readers"))
+    (tmp_path / "mx-token").write_text(TOKEN)
+    done = _run_peer(server.address, str(tmp_path / "mx-token"))
+    assert done.returncode == 0, f"ModelExpress peer failed:\n{done.stderr[-4000:]}"
+    assert json.loads(done.stdout.strip().splitlines()[-1])["publish"]["stale_ids"] == [MX_WORKER_ID]
+    (tmp_path / "mx-token").write_text("reader-token-0123")
+    done = _run_peer(server.address, str(tmp_path / "mx-token"))
+    assert done.returncode != 0 and "PERMISSION_DENIED" in done.stderr

@@ -22,6 +22,7 @@ from sglang_mx.records import (
     SourceStatus,
     SourceType,
     TensorDescriptor,
+    WorkerBytes,
     WorkerRecord,
 )
 
@@ -351,3 +352,61 @@ def test_unknown_enum_value_is_a_wire_error(convert, msg, named):
     with pytest.raises(wire.WireError, match=named) as info:
         convert(msg)
     assert "allowed:" in str(info.value)
+
+
+# --- stored bytes -------------------------------------------------------------------------------------
+
+def _stored(worker: WorkerRecord, *, legacy: bool = False) -> WorkerBytes:
+    identity = SourceIdentity(model_name="org/m", tensor_parallel_size=2)
+    if legacy:  # what earlier servers kept in Redis: status and updated_at inside the worker bytes
+        worker_bytes = wire.worker_to_pb(worker).SerializeToString()
+    else:
+        worker_bytes = wire.encode_record("src", "w", identity, worker).worker_bytes
+    return WorkerBytes(wire.identity_to_pb(identity).SerializeToString(), worker_bytes, SourceStatus.READY,
+                       1_700_000_000_123)
+
+
+def test_published_bytes_carry_no_status_and_the_answer_appends_the_current_one():
+    worker = WorkerRecord(worker_rank=3, transfer_engine_session_id="h:1", status=SourceStatus.INITIALIZING,
+                          updated_at_ms=5, tensors=(TensorDescriptor("a", 4096, 8),))
+    stored = _stored(worker)
+    parsed = pb.WorkerMetadata.FromString(stored.worker_bytes)
+    assert (parsed.status, parsed.updated_at) == (0, 0)
+    response = pb.GetMetadataResponse.FromString(wire.get_response_bytes(stored, mx_source_id="src", worker_id="w"))
+    assert response.found and (response.mx_source_id, response.worker_id) == ("src", "w")
+    assert (response.worker.status, response.worker.updated_at) == (SourceStatus.READY, 1_700_000_000_123)
+    assert response.worker.worker_rank == 3 and response.identity.model_name == "org/m"
+
+
+def test_encode_published_moves_deprecated_tensors_and_drops_unknown_fields():
+    request = pb.PublishMetadataRequest(identity=pb.SourceIdentity(model_name="m"), worker_id="w",
+                                        worker=pb.WorkerMetadata(worker_rank=1, status=2, updated_at=9))
+    request.worker.tensors.add(name="old", addr=4096, size=8)
+    data = request.SerializeToString() + b"\xf8\x07\x01"  # field 127, varint: unknown to everyone
+    record = wire.encode_published(pb.PublishMetadataRequest.FromString(data), mx_source_id="s",
+                                   status=SourceStatus.READY, updated_at_ms=7)
+    worker = pb.WorkerMetadata.FromString(record.worker_bytes)
+    assert [t.name for t in worker.tensor_source.tensors] == ["old"] and len(worker.tensors) == 0
+    assert (record.status, record.updated_at_ms, record.tensor_count, record.worker_rank) == (SourceStatus.READY, 7, 1, 1)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["stored-without-status", "legacy-with-status"])
+def test_modelexpress_own_parser_reads_the_framed_answer(legacy):
+    """The real 0.7.0 generated code parses our hand-framed GetMetadataResponse, and for a legacy
+    record (status inside the stored bytes) the appended status wins (protobuf: last one wins)."""
+    import json
+
+    if importlib.util.find_spec("modelexpress") is None:
+        pytest.skip("modelexpress is not installed")
+    worker = WorkerRecord(worker_rank=1, transfer_engine_session_id="127.0.0.1:7", status=SourceStatus.STALE,
+                          updated_at_ms=5, tensors=tuple(TensorDescriptor(f"t{i}", 4096 * (i + 1), 64)
+                                                         for i in range(300)))
+    data = wire.get_response_bytes(_stored(worker, legacy=legacy), mx_source_id="src", worker_id="w")
+    done = subprocess.run([sys.executable, str(pathlib.Path(__file__).parent / "compat" / "mx_parse.py")],
+                          input=base64.b64encode(data).decode() + "\n", capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    assert (got["found"], got["mx_source_id"], got["worker_id"], got["model_name"]) == (True, "src", "w", "org/m")
+    assert (got["status"], got["updated_at"]) == (int(SourceStatus.READY), 1_700_000_000_123)
+    assert (got["rank"], got["session"]) == (1, "127.0.0.1:7")
+    assert got["tensors"] == [[t.name, t.addr, t.size] for t in worker.tensors]

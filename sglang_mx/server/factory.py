@@ -14,6 +14,7 @@ def make_store(
     redis_url: str = DEFAULT_REDIS_URL,
     redis_prefix: str = DEFAULT_REDIS_PREFIX,
     record_ttl_s: float | None = None,
+    redis_cache_mb: int = 256,
 ) -> SourceStore:
     """A fresh store of `kind`.
 
@@ -34,5 +35,6 @@ def make_store(
         except ImportError as e:
             raise ConfigError(f"store 'redis' needs the redis package ({e}); "
                               "install it with: pip install 'sglang-mx[redis]'") from e
-        return RedisStore(redis_url, prefix=redis_prefix, record_ttl_s=record_ttl_s)
+        return RedisStore(redis_url, prefix=redis_prefix, record_ttl_s=record_ttl_s,
+                          cache_bytes=redis_cache_mb * 1024 * 1024)
     raise ConfigError(f"store={kind!r} is not a store; allowed: {', '.join(STORE_KINDS)}")

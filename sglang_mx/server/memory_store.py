@@ -5,14 +5,13 @@ from __future__ import annotations
 import dataclasses
 import threading
 
-from sglang_mx.server.store import ReapStats, SourceStore
-from sglang_mx.records import SourceIdentity, SourceQuery, SourceRef, SourceStatus, StoredWorker, WorkerRecord
+from sglang_mx.records import EncodedWorker, SourceQuery, SourceRef, SourceStatus, WorkerBytes
+from sglang_mx.server.store import Capacity, CapacityError, NotOwnerError, ReapStats, SourceStore
 
 
 @dataclasses.dataclass
 class _Entry:
-    identity: SourceIdentity
-    worker: WorkerRecord  # never mutated: replaced whole on publish
+    record: EncodedWorker  # never mutated: replaced whole on publish
     status: SourceStatus
     updated_at_ms: int
     source_load: float | None = None
@@ -24,10 +23,22 @@ class MemoryStore(SourceStore):
         # mx_source_id -> worker_id -> entry; the outer key is the list index.
         self._sources: dict[str, dict[str, _Entry]] = {}
 
-    def publish(self, mx_source_id: str, worker_id: str, identity: SourceIdentity, worker: WorkerRecord) -> None:
-        entry = _Entry(identity, worker, worker.status, worker.updated_at_ms)
+    def put(self, record: EncodedWorker, capacity: Capacity = Capacity()) -> None:
+        entry = _Entry(record, record.status, record.updated_at_ms)
         with self._lock:
-            self._sources.setdefault(mx_source_id, {})[worker_id] = entry
+            workers = self._sources.get(record.mx_source_id)
+            old = workers.get(record.worker_id) if workers else None
+            if old is not None:
+                if old.record.owner not in ("", record.owner):
+                    raise NotOwnerError(record.mx_source_id, record.worker_id)
+            else:
+                if workers is None and capacity.max_sources and len(self._sources) >= capacity.max_sources:
+                    raise CapacityError(f"this server holds {len(self._sources)} sources, its limit "
+                                        f"(--max-sources {capacity.max_sources}); no new source is accepted")
+                if workers and capacity.max_workers_per_source and len(workers) >= capacity.max_workers_per_source:
+                    raise CapacityError(f"source {record.mx_source_id} has {len(workers)} workers, the limit "
+                                        f"(--max-workers-per-source {capacity.max_workers_per_source})")
+            self._sources.setdefault(record.mx_source_id, {})[record.worker_id] = entry
 
     def update_status(
         self,
@@ -37,40 +48,44 @@ class MemoryStore(SourceStore):
         status: SourceStatus,
         now_ms: int,
         source_load: float | None = None,
+        owner: str | None = None,
     ) -> int:
         with self._lock:
-            workers = self._sources.get(mx_source_id, {})
-            if worker_id:
-                entry = workers.get(worker_id)
-                targets = [entry] if entry is not None and entry.worker.worker_rank == worker_rank else []
-            else:
-                targets = [e for e in workers.values() if e.worker.worker_rank == worker_rank]
-            for entry in targets:
-                entry.status = status
-                entry.updated_at_ms = now_ms
-                if source_load is not None:
-                    entry.source_load = source_load
-            return len(targets)
+            entry = self._sources.get(mx_source_id, {}).get(worker_id)
+            if entry is None or entry.record.worker_rank != worker_rank:
+                return 0
+            if owner is not None and entry.record.owner not in ("", owner):
+                raise NotOwnerError(mx_source_id, worker_id)
+            entry.status = status
+            entry.updated_at_ms = now_ms
+            if source_load is not None:
+                entry.source_load = source_load
+            return 1
 
-    def get(self, mx_source_id: str, worker_id: str) -> StoredWorker | None:
+    def get_bytes(self, mx_source_id: str, worker_id: str) -> WorkerBytes | None:
         with self._lock:
             entry = self._sources.get(mx_source_id, {}).get(worker_id)
             if entry is None:
                 return None
-            worker = dataclasses.replace(entry.worker, status=entry.status, updated_at_ms=entry.updated_at_ms)
-            return StoredWorker(mx_source_id=mx_source_id, worker_id=worker_id, identity=entry.identity, worker=worker)
+            return WorkerBytes(entry.record.identity_bytes, entry.record.worker_bytes, entry.status,
+                               entry.updated_at_ms)
 
     def list(self, query: SourceQuery) -> list[SourceRef]:
+        rank, status, since, model = query.worker_rank, query.status, query.min_updated_at_ms, query.model_name
         with self._lock:
             if query.mx_source_id is not None:
                 groups = [(query.mx_source_id, self._sources.get(query.mx_source_id, {}))]
             else:
                 groups = list(self._sources.items())
+            # Filter on the entries' own fields first: a ref is built only for what is returned.
             refs = [
-                ref
+                _ref(source_id, worker_id, entry)
                 for source_id, workers in groups
                 for worker_id, entry in workers.items()
-                if query.matches(ref := _ref(source_id, worker_id, entry))
+                if (rank is None or entry.record.worker_rank == rank)
+                and (status is None or entry.status == status)
+                and (since is None or entry.updated_at_ms >= since)
+                and (model is None or entry.record.model_name == model)
             ]
         refs.sort(key=lambda r: r.updated_at_ms, reverse=True)
         return refs[: query.limit] if query.limit is not None else refs
@@ -99,11 +114,11 @@ def _ref(source_id: str, worker_id: str, entry: _Entry) -> SourceRef:
     return SourceRef(
         mx_source_id=source_id,
         worker_id=worker_id,
-        model_name=entry.identity.model_name,
-        worker_rank=entry.worker.worker_rank,
+        model_name=entry.record.model_name,
+        worker_rank=entry.record.worker_rank,
         status=entry.status,
         updated_at_ms=entry.updated_at_ms,
-        accelerator=entry.worker.accelerator,
-        topology=entry.worker.topology,
+        accelerator=entry.record.accelerator,
+        topology=entry.record.topology,
         source_load=entry.source_load,
     )

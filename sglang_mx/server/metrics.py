@@ -1,6 +1,9 @@
 """Prometheus metrics of one metadata server, served over HTTP on a port of their own.
 
-- `sglang_mx_rpc_requests_total{rpc,code}`: unary calls answered, by method and gRPC code.
+- `sglang_mx_rpc_requests_total{rpc,code}`: unary calls answered, by method and gRPC code
+  (`rpc` is one of the four P2pService methods, "Health", or "other": a caller cannot make
+  new series by calling made-up method names). Calls the authentication refuses are
+  counted too (it runs first and reports them).
 - `sglang_mx_rpc_duration_seconds{rpc,code}`: their handling time (histogram).
 - `sglang_mx_sources{status}`: worker records by stored status, read from the store at
   scrape time with `SourceStore.list` (for Redis: the indexes and small fields only,
@@ -20,8 +23,9 @@ import time
 import grpc
 
 from sglang_mx.errors import ConfigError, StoreUnavailableError
-from sglang_mx.server.store import SourceStore
 from sglang_mx.records import SourceQuery, SourceStatus
+from sglang_mx.server.auth import KNOWN_METHODS, OPEN_METHOD_PREFIXES
+from sglang_mx.server.store import SourceStore
 
 try:
     import prometheus_client
@@ -85,7 +89,9 @@ class ServerMetrics:
         self._httpd = None
         self._thread = None
 
-    def observe(self, rpc: str, code: grpc.StatusCode, seconds: float) -> None:
+    def observe(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        """Count one call of `method` (the full gRPC path) answered with `code`."""
+        rpc = rpc_label(method)
         self._requests.labels(rpc, code.name).inc()
         self._latency.labels(rpc, code.name).observe(seconds)
 
@@ -104,8 +110,14 @@ class ServerMetrics:
             self._httpd = None
 
 
+def rpc_label(method: str) -> str:
+    if method in KNOWN_METHODS:
+        return method.rsplit("/", 1)[-1]
+    return "Health" if method.startswith(OPEN_METHOD_PREFIXES) else "other"
+
+
 class _MetricsInterceptor(grpc.ServerInterceptor):
-    """Times every unary handler, including the ones interceptors behind it put in place (auth)."""
+    """Times every unary handler it is handed (it runs after authentication)."""
 
     def __init__(self, metrics: ServerMetrics) -> None:
         self._metrics = metrics
@@ -114,7 +126,7 @@ class _MetricsInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
-        rpc = handler_call_details.method.rsplit("/", 1)[-1]
+        rpc = handler_call_details.method
         behavior = handler.unary_unary
         observe = self._metrics.observe
 

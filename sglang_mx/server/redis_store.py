@@ -3,16 +3,19 @@
 Layout, under a configurable key prefix P (default "mx:"):
 
 - `P rec:<len(src)>:<src>:<worker_id>`: HASH, one per worker. `identity` and
-  `worker` hold the protobuf bytes of `wire.encode_identity` / `encode_worker`
-  (the tensor list: the only big field); `status`, `updated_at`, `rank`,
-  `model`, `accelerator`, `topology` (JSON), `load` are small fields. The
-  length prefix keeps ids containing ':' from colliding.
+  `worker` hold the protobuf bytes the worker was published as (the tensor
+  list: the only big field; status and updated_at are not in them), served as
+  they are; `status`, `updated_at`, `rank`, `model`, `accelerator`, `topology`
+  (JSON), `load`, `owner`, `version` (new at every publish) are small fields.
+  The length prefix keeps ids containing ':' from colliding. Each server keeps
+  the blobs it read in a bounded cache, keyed by `version`: GetMetadata reads
+  the small fields and fetches the blobs only for a version it does not hold.
 - `P src:<src>`: ZSET worker_id -> updated_at (ms): the per-source index;
   listing and reaping read it, never SCAN/KEYS.
 - `P sources`: SET of source ids that have workers.
 
-Publish writes a record and both indexes in one MULTI/EXEC transaction, so a
-reader never sees half a record. Heartbeats and the reaper run Lua scripts
+Publish writes a record and both indexes in one Lua script (after checking the
+record's owner and the capacity limits), so a reader never sees half a record. Heartbeats and the reaper run Lua scripts
 that touch only the small fields and the index: atomic per record, O(1) in the
 number of tensors, and harmless when several replicas run them at once.
 Every write also (re)sets a TTL on the record when `record_ttl_s` is given, a
@@ -22,9 +25,11 @@ expired is skipped by readers and removed by the next reap.
 
 from __future__ import annotations
 
-import dataclasses
+import collections
 import functools
 import json
+import logging
+import os
 import threading
 import urllib.parse
 from typing import Callable, Iterable, TypeVar
@@ -33,11 +38,12 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from sglang_mx import wire
 from sglang_mx.errors import ConfigError, StoreUnavailableError
+from sglang_mx.records import EncodedWorker, SourceQuery, SourceRef, SourceStatus, WorkerBytes
 from sglang_mx.server.options import DEFAULT_REDIS_PREFIX, DEFAULT_REDIS_URL
-from sglang_mx.server.store import ReapStats, SourceStore
-from sglang_mx.records import SourceIdentity, SourceQuery, SourceRef, SourceStatus, StoredWorker, WorkerRecord
+from sglang_mx.server.store import Capacity, CapacityError, NotOwnerError, ReapStats, SourceStore
+
+log = logging.getLogger(__name__)
 
 DEFAULT_URL = DEFAULT_REDIS_URL
 DEFAULT_PREFIX = DEFAULT_REDIS_PREFIX
@@ -49,12 +55,35 @@ T = TypeVar("T")
 # a replica that was primary before a failover).
 _UNAVAILABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ReadOnlyError)
 
-_SMALL_FIELDS = ("status", "updated_at", "rank", "model", "accelerator", "topology", "load")
+_SMALL_FIELDS = ("status", "updated_at", "rank", "model", "accelerator", "topology", "load")  # what listing reads
 _STALE = str(int(SourceStatus.STALE))
 
-# KEYS: record, index. ARGV: worker_id, rank, status, now_ms, load ('' = keep), ttl_ms ('0' = none).
+# KEYS: record, index, sources. ARGV: owner, max_workers, max_sources ('0' = no limit), worker_id,
+# source_id, updated_at, ttl_ms ('0' = none), then the hash's field/value pairs.
+# Returns 1 when stored, -1: owned by another principal, -2: too many workers, -3: too many sources.
+_PUT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local owner = redis.call('HGET', KEYS[1], 'owner')
+  if owner and owner ~= '' and owner ~= ARGV[1] then return -1 end
+else
+  if ARGV[2] ~= '0' and redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[2]) then return -2 end
+  if ARGV[3] ~= '0' and redis.call('SISMEMBER', KEYS[3], ARGV[5]) == 0
+     and redis.call('SCARD', KEYS[3]) >= tonumber(ARGV[3]) then return -3 end
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 8))
+if ARGV[7] ~= '0' then redis.call('PEXPIRE', KEYS[1], ARGV[7]) end
+redis.call('ZADD', KEYS[2], ARGV[6], ARGV[4])
+redis.call('SADD', KEYS[3], ARGV[5])
+return 1
+"""
+
+# KEYS: record, index. ARGV: worker_id, rank, status, now_ms, load ('' = keep), ttl_ms ('0' = none),
+# owner ('' = no check). Returns 1 when changed, 0: no such record of that rank, -1: owned by another.
 _UPDATE_ONE = """
-if redis.call('HGET', KEYS[1], 'rank') ~= ARGV[2] then return 0 end
+local f = redis.call('HMGET', KEYS[1], 'rank', 'owner')
+if f[1] ~= ARGV[2] then return 0 end
+if ARGV[7] ~= '' and f[2] and f[2] ~= '' and f[2] ~= ARGV[7] then return -1 end
 redis.call('HSET', KEYS[1], 'status', ARGV[3], 'updated_at', ARGV[4])
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'load', ARGV[5]) end
 if ARGV[6] ~= '0' then redis.call('PEXPIRE', KEYS[1], ARGV[6]) end
@@ -62,20 +91,21 @@ redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
 return 1
 """
 
-# KEYS: index. ARGV: record key prefix, rank, status, now_ms, load, ttl_ms. Every worker of that rank.
-_UPDATE_RANK = """
-local n = 0
-for _, wid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  local key = ARGV[1] .. wid
-  if redis.call('HGET', key, 'rank') == ARGV[2] then
-    redis.call('HSET', key, 'status', ARGV[3], 'updated_at', ARGV[4])
-    if ARGV[5] ~= '' then redis.call('HSET', key, 'load', ARGV[5]) end
-    if ARGV[6] ~= '0' then redis.call('PEXPIRE', key, ARGV[6]) end
-    redis.call('ZADD', KEYS[1], ARGV[4], wid)
-    n = n + 1
+# KEYS: index. ARGV: record key prefix, min updated_at ('-inf' = any), rank, status, model ('' = any).
+# Filters in Redis on the small fields (never the blobs); returns worker_id followed by the
+# _SMALL_FIELDS of each match, flat.
+_LIST = """
+local out = {}
+for _, wid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[2], '+inf')) do
+  local f = redis.call('HMGET', ARGV[1] .. wid, 'status', 'updated_at', 'rank', 'model', 'accelerator',
+                       'topology', 'load')
+  if f[1] and (ARGV[3] == '' or f[3] == ARGV[3]) and (ARGV[4] == '' or f[1] == ARGV[4])
+     and (ARGV[5] == '' or f[4] == ARGV[5]) then
+    out[#out + 1] = wid
+    for i = 1, 7 do out[#out + 1] = f[i] or false end
   end
 end
-return n
+return out
 """
 
 # KEYS: record, index, sources. ARGV: worker_id, source_id, stale_before, delete_before, STALE value.
@@ -86,7 +116,7 @@ local marked, deleted = 0, 0
 if not f[1] then
   redis.call('ZREM', KEYS[2], ARGV[1])
 else
-  local status, at = f[1], tonumber(f[2])
+  local status, at = f[1], tonumber(f[2]) or 0  -- unreadable time: expire it
   if status ~= ARGV[5] and at < tonumber(ARGV[3]) then
     redis.call('HSET', KEYS[1], 'status', ARGV[5])
     status = ARGV[5]
@@ -141,10 +171,12 @@ class RedisStore(SourceStore):
         *,
         prefix: str = DEFAULT_PREFIX,
         record_ttl_s: float | None = None,
+        cache_bytes: int = 256 * 1024 * 1024,
         connect_timeout_s: float = 2.0,
         timeout_s: float = 5.0,
     ) -> None:
         self.url = redact_url(url)
+        self._cache = _BlobCache(cache_bytes)
         if record_ttl_s is not None and record_ttl_s <= 0:
             raise ConfigError(f"record_ttl_s={record_ttl_s} must be > 0 seconds (or None for no TTL)")
         self.prefix = prefix
@@ -160,8 +192,9 @@ class RedisStore(SourceStore):
         except ValueError as e:
             raise ConfigError(f"redis_url={self.url!r} is not a Redis URL ({e}); "
                               "expected redis://[:password@]host:port/db, rediss://... or unix://...") from e
+        self._put = self._r.register_script(_PUT)
         self._update_one = self._r.register_script(_UPDATE_ONE)
-        self._update_rank = self._r.register_script(_UPDATE_RANK)
+        self._list = self._r.register_script(_LIST)
         self._reap_one = self._r.register_script(_REAP_ONE)
         self._closed = threading.Event()
         try:
@@ -187,26 +220,38 @@ class RedisStore(SourceStore):
     # --- SourceStore --------------------------------------------------------------------------------
 
     @_guarded
-    def publish(self, mx_source_id: str, worker_id: str, identity: SourceIdentity, worker: WorkerRecord) -> None:
-        key = self._record_key(mx_source_id, worker_id)
+    def put(self, record: EncodedWorker, capacity: Capacity = Capacity()) -> None:
         fields = {
-            "identity": wire.encode_identity(identity),
-            "worker": wire.encode_worker(worker),
-            "status": int(worker.status),
-            "updated_at": worker.updated_at_ms,
-            "rank": worker.worker_rank,
-            "model": identity.model_name,
-            "accelerator": worker.accelerator,
-            "topology": json.dumps(dict(worker.topology), sort_keys=True),
+            "identity": record.identity_bytes,
+            "worker": record.worker_bytes,
+            "status": int(record.status),
+            "updated_at": record.updated_at_ms,
+            "rank": record.worker_rank,
+            "model": record.model_name,
+            "accelerator": record.accelerator,
+            "topology": json.dumps(dict(record.topology), sort_keys=True),
+            "owner": record.owner,
+            "version": (version := os.urandom(8).hex()),
         }
-        pipe = self._r.pipeline(transaction=True)  # MULTI/EXEC: all of it or nothing, seen at once
-        pipe.delete(key)  # a fresh record: no stale `load` from the previous one
-        pipe.hset(key, mapping=fields)
-        if self._ttl_ms != "0":
-            pipe.pexpire(key, int(self._ttl_ms))
-        pipe.zadd(self._index_key(mx_source_id), {worker_id: worker.updated_at_ms})
-        pipe.sadd(self._sources_key(), mx_source_id)
-        pipe.execute()
+        pairs = [item for pair in fields.items() for item in pair]
+        # One script: the owner and capacity checks and the write happen at once (a fresh record:
+        # no stale `load` from the previous one), so readers never see half a record.
+        result = int(self._put(
+            keys=[self._record_key(record.mx_source_id, record.worker_id), self._index_key(record.mx_source_id),
+                  self._sources_key()],
+            args=[record.owner, capacity.max_workers_per_source, capacity.max_sources, record.worker_id,
+                  record.mx_source_id, record.updated_at_ms, self._ttl_ms, *pairs],
+        ))
+        if result == -1:
+            raise NotOwnerError(record.mx_source_id, record.worker_id)
+        if result == -2:
+            raise CapacityError(f"source {record.mx_source_id} has {capacity.max_workers_per_source} workers, the "
+                                f"limit (--max-workers-per-source {capacity.max_workers_per_source})")
+        if result == -3:
+            raise CapacityError(f"this server holds {capacity.max_sources} sources, its limit "
+                                f"(--max-sources {capacity.max_sources}); no new source is accepted")
+        self._cache.put((record.mx_source_id, record.worker_id), version.encode(), record.identity_bytes,
+                        record.worker_bytes)
 
     @_guarded
     def update_status(
@@ -217,27 +262,35 @@ class RedisStore(SourceStore):
         status: SourceStatus,
         now_ms: int,
         source_load: float | None = None,
+        owner: str | None = None,
     ) -> int:
         load = "" if source_load is None else repr(float(source_load))
-        common = [str(worker_rank), str(int(status)), str(now_ms), load, self._ttl_ms]
-        index = self._index_key(mx_source_id)
-        if worker_id:
-            key = self._record_key(mx_source_id, worker_id)
-            return int(self._update_one(keys=[key, index], args=[worker_id, *common]))
-        return int(self._update_rank(keys=[index], args=[self._record_prefix(mx_source_id), *common]))
+        key = self._record_key(mx_source_id, worker_id)
+        result = int(self._update_one(keys=[key, self._index_key(mx_source_id)], args=[
+            worker_id, str(worker_rank), str(int(status)), str(now_ms), load, self._ttl_ms, owner or ""]))
+        if result < 0:
+            raise NotOwnerError(mx_source_id, worker_id)
+        return result
 
     @_guarded
-    def get(self, mx_source_id: str, worker_id: str) -> StoredWorker | None:
-        identity, worker, status, updated_at = self._r.hmget(
-            self._record_key(mx_source_id, worker_id), ["identity", "worker", "status", "updated_at"]
-        )
-        if worker is None or identity is None:
+    def get_bytes(self, mx_source_id: str, worker_id: str) -> WorkerBytes | None:
+        key = self._record_key(mx_source_id, worker_id)
+        # The blobs change only with a publish, which gives the record a new `version`: read the
+        # small fields first and the blobs only when this process does not hold that version.
+        # Redis answers small replies quickly, instead of every call queueing it behind megabytes.
+        version, status, updated_at = self._r.hmget(key, ["version", "status", "updated_at"])
+        if status is None:
             return None
-        record = dataclasses.replace(
-            wire.decode_worker(worker), status=SourceStatus(int(status)), updated_at_ms=int(updated_at)
-        )
-        return StoredWorker(mx_source_id=mx_source_id, worker_id=worker_id,
-                            identity=wire.decode_identity(identity), worker=record)
+        cached = self._cache.get((mx_source_id, worker_id), version)
+        if cached is not None:
+            return WorkerBytes(cached[0], cached[1], SourceStatus(int(status)), int(updated_at))
+        identity, worker, version, status, updated_at = self._r.hmget(
+            key, ["identity", "worker", "version", "status", "updated_at"])  # one read: one version
+        if worker is None or identity is None or status is None:
+            return None
+        if version is not None:  # records of the previous version have none: never cached
+            self._cache.put((mx_source_id, worker_id), version, identity, worker)
+        return WorkerBytes(identity, worker, SourceStatus(int(status)), int(updated_at))
 
     @_guarded
     def list(self, query: SourceQuery) -> list[SourceRef]:
@@ -247,18 +300,19 @@ class RedisStore(SourceStore):
             sources = [query.mx_source_id]
         else:
             sources = sorted(s.decode() for s in self._r.smembers(self._sources_key()))
-        low = "-inf" if query.min_updated_at_ms is None else query.min_updated_at_ms
+        args = ["-inf" if query.min_updated_at_ms is None else str(query.min_updated_at_ms),
+                "" if query.worker_rank is None else str(query.worker_rank),
+                "" if query.status is None else str(int(query.status)),
+                "" if query.model_name is None else query.model_name]
         pipe = self._r.pipeline(transaction=False)
-        for source_id in sources:
-            pipe.zrangebyscore(self._index_key(source_id), low, "+inf")
-        pairs = [(s, w.decode()) for s, members in zip(sources, pipe.execute()) for w in members]
-        pipe = self._r.pipeline(transaction=False)
-        for source_id, worker_id in pairs:
-            pipe.hmget(self._record_key(source_id, worker_id), _SMALL_FIELDS)  # never the tensor blob
-        refs = [
-            ref for (source_id, worker_id), row in zip(pairs, pipe.execute())
-            if (ref := _ref(source_id, worker_id, row)) is not None and query.matches(ref)
-        ]
+        for source_id in sources:  # one script per source: it reads the index and the small fields
+            self._list(keys=[self._index_key(source_id)], args=[self._record_prefix(source_id), *args], client=pipe)
+        refs = []
+        for source_id, flat in zip(sources, pipe.execute()):
+            for i in range(0, len(flat), 1 + len(_SMALL_FIELDS)):
+                ref = _ref(source_id, flat[i].decode(errors="replace"), flat[i + 1: i + 1 + len(_SMALL_FIELDS)])
+                if ref is not None and query.matches(ref):
+                    refs.append(ref)
         refs.sort(key=lambda r: (r.updated_at_ms, r.mx_source_id, r.worker_id), reverse=True)
         return refs[: query.limit] if query.limit is not None else refs
 
@@ -293,9 +347,21 @@ class RedisStore(SourceStore):
 
 
 def _ref(source_id: str, worker_id: str, row: list[bytes | None]) -> SourceRef | None:
+    """The ref of a record's small fields; None when it is gone or cannot be read (logged)."""
     status, updated_at, rank, model, accelerator, topology, load = row
     if status is None:  # the record expired or was reaped since the index was read
         return None
+    try:
+        return _decode_ref(source_id, worker_id, status, updated_at, rank, model, accelerator, topology, load)
+    except (ValueError, TypeError, AttributeError) as e:  # written by something else: skip it, list the rest
+        log.warning("skipping unreadable record %s/%s: %s", source_id, worker_id, e)
+        return None
+
+
+def _decode_ref(source_id, worker_id, status, updated_at, rank, model, accelerator, topology, load) -> SourceRef:
+    topology = json.loads(topology)
+    if not isinstance(topology, dict) or not all(isinstance(v, str) for v in topology.values()):
+        raise ValueError(f"topology {topology!r} is not a map of strings")
     return SourceRef(
         mx_source_id=source_id,
         worker_id=worker_id,
@@ -304,9 +370,44 @@ def _ref(source_id: str, worker_id: str, row: list[bytes | None]) -> SourceRef |
         status=SourceStatus(int(status)),
         updated_at_ms=int(updated_at),
         accelerator=accelerator.decode(),
-        topology=json.loads(topology),
+        topology=topology,
         source_load=None if load is None else float(load),
     )
+
+
+class _BlobCache:
+    """(source, worker) -> (version, identity bytes, worker bytes), least recently used first out,
+    at most `max_bytes` of blobs. Thread-safe."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max = max_bytes
+        self._lock = threading.Lock()
+        self._items: collections.OrderedDict[tuple[str, str], tuple[bytes, bytes, bytes]] = collections.OrderedDict()
+        self._bytes = 0
+
+    def get(self, key: tuple[str, str], version: bytes | None) -> tuple[bytes, bytes] | None:
+        if version is None:
+            return None
+        with self._lock:
+            item = self._items.get(key)
+            if item is None or item[0] != version:
+                return None
+            self._items.move_to_end(key)
+            return item[1], item[2]
+
+    def put(self, key: tuple[str, str], version: bytes, identity: bytes, worker: bytes) -> None:
+        size = len(identity) + len(worker)
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= len(old[1]) + len(old[2])
+            if size > self._max:
+                return
+            self._items[key] = (version, identity, worker)
+            self._bytes += size
+            while self._bytes > self._max:
+                _, (_, i, w) = self._items.popitem(last=False)
+                self._bytes -= len(i) + len(w)
 
 
 def _chunks(items: list[str], size: int) -> Iterable[list[str]]:

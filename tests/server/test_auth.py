@@ -113,7 +113,8 @@ def test_unknown_methods_are_refused_before_being_looked_up(auth_server):
 
 
 @pytest.mark.parametrize("content, says", [
-    ("", "is empty"), ("  \n", "is empty"), ("a\nb", "line breaks"), ("a b", "spaces"), ("t\u00e9", "non-ASCII"),
+    ("", "is empty"), ("  \n", "is empty"), ("# a comment only\n", "is empty"),
+    ("a b c", "line 1: expected 'TOKEN' or 'NAME TOKEN', found 3 words"), ("ok\nt\u00e9", "line 2 holds characters"),
 ])
 def test_bad_token_file_is_a_startup_error(tmp_path, content, says):
     path = tmp_path / "token"

@@ -8,7 +8,7 @@ import pytest
 from sglang_mx import wire
 from sglang_mx.client import MetadataClient
 from sglang_mx.errors import ServerError
-from sglang_mx.server.service import MAX_ID_CHARS, MAX_WORKER_RANK
+from sglang_mx.server.limits import MAX_ID_CHARS, MAX_WORKER_RANK
 from sglang_mx.records import SourceStatus, TensorDescriptor, WorkerRecord
 
 pb = wire.messages
@@ -75,16 +75,18 @@ def test_exact_aliases_touching_ranges_zero_sizes_and_other_devices_are_accepted
 
 
 @pytest.mark.parametrize("edit, message", [
-    ({"rank": MAX_WORKER_RANK + 1}, f"worker.worker_rank={MAX_WORKER_RANK + 1} is absurd; allowed: 0-{MAX_WORKER_RANK}"),
-    ({"rank": 2**32 - 1}, "is absurd"),
-    ({"worker_id": "w" * (MAX_ID_CHARS + 1)}, f"worker_id is {MAX_ID_CHARS + 1} characters long; allowed: at most "
+    ({"rank": MAX_WORKER_RANK + 1}, f"worker.worker_rank is {MAX_WORKER_RANK + 1}; the limit is {MAX_WORKER_RANK}"),
+    ({"rank": 2**32 - 1}, f"the limit is {MAX_WORKER_RANK}"),
+    ({"worker_id": "w" * (MAX_ID_CHARS + 1)}, f"worker_id is {MAX_ID_CHARS + 1} characters long; the limit is "
                                              f"{MAX_ID_CHARS}"),
     ({"model_name": "m" * 5000}, "identity.model_name is 5000 characters long"),
 ])
-def test_absurd_values_are_rejected(stub, make_identity, edit, message):
-    response = _publish(stub, make_identity, [("a", BASE, 8)], **edit)
-    assert response.success is False
-    assert message in response.message
+def test_absurd_values_are_invalid_argument(stub, make_identity, edit, message):
+    with pytest.raises(grpc.RpcError) as info:
+        _publish(stub, make_identity, [("a", BASE, 8)], **edit)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("PublishMetadata: ")
+    assert message in info.value.details()
     assert _nothing_stored(stub)
 
 
@@ -99,17 +101,25 @@ def test_tensor_count_cap_is_configurable(make_server, make_identity):
     with grpc.insecure_channel(server.address) as channel:
         stub = wire.P2pServiceStub(channel)
         assert _publish(stub, make_identity, [(f"t{i}", BASE + i * 8, 8) for i in range(3)]).success
-        response = _publish(stub, make_identity, [(f"t{i}", BASE + i * 8, 8) for i in range(4)], worker_id="w1")
-        assert response.success is False
-        assert "4 tensor descriptors is over this server's limit of 3 per worker" in response.message
+        with pytest.raises(grpc.RpcError) as info:
+            _publish(stub, make_identity, [(f"t{i}", BASE + i * 8, 8) for i in range(4)], worker_id="w1")
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "worker has 4 tensor descriptors; the limit is 3 per worker (--max-tensors)" in info.value.details()
 
 
-def test_update_status_and_get_refuse_over_long_ids(stub):
-    response = stub.UpdateStatus(pb.UpdateStatusRequest(mx_source_id="s" * 2000, status=2), timeout=5)
-    assert response.success is False and "mx_source_id is 2000 characters long" in response.message
-    response = stub.UpdateStatus(pb.UpdateStatusRequest(mx_source_id="s", worker_id="w" * 1025, status=2), timeout=5)
-    assert response.success is False and "worker_id is 1025 characters long" in response.message
-    assert stub.GetMetadata(pb.GetMetadataRequest(mx_source_id="s", worker_id="w" * 1025), timeout=5).found is False
+@pytest.mark.parametrize("rpc, request_, says", [
+    ("UpdateStatus", pb.UpdateStatusRequest(mx_source_id="s" * 2000, status=2),
+     "UpdateStatus: mx_source_id is 2000 characters long; the limit is 1024"),
+    ("UpdateStatus", pb.UpdateStatusRequest(mx_source_id="s", worker_id="w" * 1025, status=2),
+     "UpdateStatus: worker_id is 1025 characters long"),
+    ("GetMetadata", pb.GetMetadataRequest(mx_source_id="s", worker_id="w" * 1025), "GetMetadata: worker_id is 1025"),
+    ("ListSources", pb.ListSourcesRequest(model_name_filter="m" * 1025), "ListSources: model_name_filter is 1025"),
+], ids=["update-source", "update-worker", "get", "list"])
+def test_over_long_ids_are_invalid_argument(stub, rpc, request_, says):
+    with pytest.raises(grpc.RpcError) as info:
+        getattr(stub, rpc)(request_, timeout=5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert says in info.value.details()
 
 
 def test_updated_at_from_the_client_is_ignored(stub, client, make_identity):

@@ -97,20 +97,12 @@ def test_heartbeat_never_rewrites_the_tensor_blob(store, rclient):
     assert store.get(SRC, "big").worker.updated_at_ms == T0 + 10
     names = [c.split(" ", 1)[0].lower() for c in big]
     assert names.count("evalsha") == 10 and names.count("hset") == 20, names  # status+time, then load
-    assert set(names) <= {"evalsha", "hget", "hset", "pexpire", "zadd"}, names
+    assert set(names) <= {"evalsha", "hmget", "hset", "pexpire", "zadd"}, names
     assert not [c for c in big if " worker" in c or " identity" in c], "a heartbeat named the blob fields"
     assert sum(map(len, big)) < 5_000, "heartbeat traffic grew with the tensor count"
     # the same commands, of the same size apart from the key, whatever the tensor count
     assert names == [c.split(" ", 1)[0].lower() for c in small]
     assert sum(map(len, big)) - sum(map(len, small)) <= len(big) * 2
-
-
-def test_heartbeat_by_rank_touches_small_fields_only(store, rclient):
-    for i in range(3):
-        store.publish(SRC, f"w{i}", IDENTITY, _worker(2000, rank=0))
-    commands = _monitored(rclient, lambda: store.update_status(SRC, "", 0, SourceStatus.READY, T0 + 1))
-    assert not [c for c in commands if " worker" in c or " identity" in c]
-    assert sum(map(len, commands)) < 5_000
 
 
 # --- listing --------------------------------------------------------------------------------------
@@ -242,3 +234,48 @@ def test_unreachable_at_startup_names_the_url_without_its_password(unused_port):
 def test_bad_configuration_is_refused(kwargs, named):
     with pytest.raises(ConfigError, match=named.replace("(", r"\(")):
         make_store(**kwargs)
+
+
+def test_records_written_by_the_previous_version_are_served_and_claimable(store, rclient):
+    """Earlier servers kept status inside the worker bytes and no owner: the small fields win, and
+    the first writer to publish or heartbeat it takes it over."""
+    from sglang_mx import wire
+    from sglang_mx.records import SourceQuery
+
+    worker = _worker(20, status=SourceStatus.INITIALIZING)
+    rclient.hset(_record_key(store, "old"), mapping={
+        "identity": wire.identity_to_pb(IDENTITY).SerializeToString(),
+        "worker": wire.worker_to_pb(worker).SerializeToString(),  # status INITIALIZING inside
+        "status": int(SourceStatus.READY), "updated_at": T0 + 5, "rank": 0, "model": IDENTITY.model_name,
+        "accelerator": "", "topology": "{}"})
+    rclient.zadd(store._index_key(SRC), {"old": T0 + 5})
+    rclient.sadd(store._sources_key(), SRC)
+    got = store.get(SRC, "old")
+    assert (got.worker.status, got.worker.updated_at_ms, got.worker.tensors) == (SourceStatus.READY, T0 + 5,
+                                                                               worker.tensors)
+    assert [r.worker_id for r in store.list(SourceQuery(worker_rank=0, status=SourceStatus.READY))] == ["old"]
+    assert store.update_status(SRC, "old", 0, SourceStatus.READY, T0 + 6, owner="seeds") == 1
+
+
+def test_get_reads_the_blobs_only_for_a_version_it_does_not_hold(store, redis_server, redis_prefix, rclient):
+    """A second read of an unchanged record fetches only small fields; a publish through another
+    replica (a new version) is seen at once; a cache of 0 bytes always reads the blobs."""
+    store.publish(SRC, "w", IDENTITY, _worker(2000))
+    replica = RedisStore(redis_server.url, prefix=redis_prefix)
+    try:
+        assert replica.get(SRC, "w").worker.tensors == _worker(2000).tensors  # first read: the blobs
+        commands = _monitored(rclient, lambda: replica.get_bytes(SRC, "w"))
+        assert [c.split(" ", 1)[0].lower() for c in commands] == ["hmget"]
+        assert " worker" not in commands[0] and " identity" not in commands[0], commands
+        store.publish(SRC, "w", IDENTITY, _worker(3, status=SourceStatus.INITIALIZING))
+        got = replica.get(SRC, "w")
+        assert got.worker.tensors == _worker(3).tensors and got.worker.status == SourceStatus.INITIALIZING
+    finally:
+        replica.close()
+    uncached = RedisStore(redis_server.url, prefix=redis_prefix, cache_bytes=0)
+    try:
+        uncached.get_bytes(SRC, "w")
+        commands = _monitored(rclient, lambda: uncached.get_bytes(SRC, "w"))
+        assert len(commands) == 2 and " worker" in commands[1]
+    finally:
+        uncached.close()

@@ -146,13 +146,15 @@ def test_update_status_with_empty_source_id_fails(stub):
     assert response.success is False and "mx_source_id is empty" in response.message
 
 
-def test_update_status_without_worker_id_updates_the_rank(client, make_identity, make_worker):
+def test_update_status_without_worker_id_is_refused_and_changes_nothing(stub, client, make_identity, make_worker):
+    """An empty worker_id once flipped every worker of the rank; ModelExpress 0.7.0's client always names one."""
     identity = make_identity()
     source = client.publish(identity, make_worker(worker_rank=0, status=SourceStatus.INITIALIZING), "a")
     client.publish(identity, make_worker(worker_rank=0, status=SourceStatus.INITIALIZING), "b")
-    client.publish(identity, make_worker(worker_rank=1, status=SourceStatus.INITIALIZING), "c")
-    client.update_status(source, "", 0, SourceStatus.READY)
-    assert sorted(r.worker_id for r in client.list_sources(identity, status=SourceStatus.READY)) == ["a", "b"]
+    response = stub.UpdateStatus(pb.UpdateStatusRequest(mx_source_id=source, worker_rank=0,
+                                                        status=pb.SOURCE_STATUS_STALE), timeout=5)
+    assert response.success is False and "worker_id is empty" in response.message
+    assert sorted(r.worker_id for r in client.list_sources(identity, status=SourceStatus.INITIALIZING)) == ["a", "b"]
 
 
 def test_ready_filter_drops_silent_records_before_the_reaper_runs(make_server, make_identity, make_worker):
@@ -275,3 +277,22 @@ def test_large_record_round_trips(client, make_identity):
     source = client.publish(make_identity(), worker, "big")
     got = client.get_metadata(source, "big")
     assert got.worker.tensors == tensors
+
+
+def test_get_metadata_answers_the_published_bytes_without_decoding_them(server, channel, make_identity):
+    """The answer holds the published WorkerMetadata bytes verbatim (status and time apart)."""
+    from sglang_mx.records import WorkerBytes
+
+    worker = WorkerRecord(worker_rank=0, transfer_engine_session_id="h:1", status=SourceStatus.READY,
+                          tensors=tuple(TensorDescriptor(f"t{i}", 4096 * (i + 1), 64) for i in range(1000)))
+    request = pb.PublishMetadataRequest(identity=wire.identity_to_pb(make_identity()), worker=wire.worker_to_pb(worker),
+                                        worker_id="w0")
+    published = request.worker.SerializeToString()
+    response = wire.P2pServiceStub(channel).PublishMetadata(request, timeout=5)
+    raw = channel.unary_unary(f"/{wire.SERVICE_NAME}/GetMetadata")(
+        pb.GetMetadataRequest(mx_source_id=response.mx_source_id, worker_id="w0").SerializeToString(), timeout=5)
+    stored = server._store.get_bytes(response.mx_source_id, "w0")
+    assert isinstance(stored, WorkerBytes) and stored.worker_bytes in raw
+    parsed = pb.WorkerMetadata.FromString(published)
+    parsed.ClearField("status")
+    assert stored.worker_bytes == parsed.SerializeToString()  # what was published, less the status

@@ -8,17 +8,22 @@ every time explicitly, so it never sleeps.
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import threading
+import time
 
 import pytest
 
 from sglang_mx.server import MemoryStore, ReapStats, SourceStore
+from sglang_mx.server.store import Capacity, CapacityError, NotOwnerError
 from sglang_mx.records import (
+    EncodedWorker,
     SourceIdentity,
     SourceQuery,
     SourceStatus,
     StoredWorker,
     TensorDescriptor,
+    WorkerBytes,
     WorkerRecord,
 )
 
@@ -40,6 +45,14 @@ def _worker(rank: int = 0, *, status: SourceStatus = SourceStatus.READY, at: int
             n: int = 3, session: str = "127.0.0.1:1", **kw) -> WorkerRecord:
     return WorkerRecord(worker_rank=rank, transfer_engine_session_id=session, tensors=_tensors(prefix, n),
                         status=status, updated_at_ms=at, **kw)
+
+
+def _encoded(worker_id: str, *, source: str = SRC_A, owner: str = "", worker_bytes: bytes = b"\x08\x00",
+             status: SourceStatus = SourceStatus.READY) -> EncodedWorker:
+    """A record as the servicer hands it to a store; the bytes are opaque to the store."""
+    return EncodedWorker(mx_source_id=source, worker_id=worker_id, model_name="org/model-a", worker_rank=0,
+                         status=status, updated_at_ms=T0, identity_bytes=b"\x1a\x0borg/model-a",
+                         worker_bytes=worker_bytes, owner=owner)
 
 
 class StoreContract:
@@ -103,16 +116,10 @@ class StoreContract:
         got = store.get(SRC_A, "w1").worker
         assert (got.status, got.updated_at_ms) == (SourceStatus.INITIALIZING, T0)
 
-    def test_update_status_without_worker_id_updates_every_worker_of_that_rank(self, store):
+    def test_update_status_with_an_empty_worker_id_changes_nothing(self, store):
         store.publish(SRC_A, "w1", ID_A, _worker(rank=0, status=SourceStatus.INITIALIZING))
-        store.publish(SRC_A, "w2", ID_A, _worker(rank=0, status=SourceStatus.INITIALIZING))
-        store.publish(SRC_A, "w3", ID_A, _worker(rank=1, status=SourceStatus.INITIALIZING))
-        store.publish(SRC_B, "w4", ID_B, _worker(rank=0, status=SourceStatus.INITIALIZING))
-        assert store.update_status(SRC_A, "", 0, SourceStatus.READY, T0 + 1) == 2
-        statuses = {w: store.get(s, w).worker.status for s, w in [(SRC_A, "w1"), (SRC_A, "w2"), (SRC_A, "w3"),
-                                                                    (SRC_B, "w4")]}
-        assert statuses == {"w1": SourceStatus.READY, "w2": SourceStatus.READY,
-                            "w3": SourceStatus.INITIALIZING, "w4": SourceStatus.INITIALIZING}
+        assert store.update_status(SRC_A, "", 0, SourceStatus.READY, T0 + 1) == 0
+        assert store.get(SRC_A, "w1").worker.status == SourceStatus.INITIALIZING
 
     def test_update_status_never_creates(self, store):
         assert store.update_status(SRC_A, "w1", 0, SourceStatus.READY, T0) == 0
@@ -137,6 +144,72 @@ class StoreContract:
         store.update_status(SRC_A, "w1", 0, SourceStatus.READY, T0 + 1, source_load=0.25)
         [ref] = store.list(SourceQuery(mx_source_id=SRC_A))
         assert ref.source_load == pytest.approx(0.25)
+
+    # --- stored bytes, owners, capacity ----------------------------------------------------------------
+
+    def test_heartbeat_cost_is_flat_in_the_tensor_count(self, store):
+        """A heartbeat sets small fields only: the same cost for a 10 MB record as for a tiny one."""
+        big = _encoded("big", worker_bytes=bytes(range(256)) * 40_000)  # 10 MB, as 100,000 tensors take
+        small = _encoded("small", worker_bytes=b"\x08\x00")
+        store.put(big)
+        store.put(small)
+
+        def median_beat_s(worker_id: str) -> float:
+            times = []
+            for i in range(41):
+                start = time.perf_counter()
+                assert store.update_status(SRC_A, worker_id, 0, SourceStatus.READY, T0 + i, owner="") == 1
+                times.append(time.perf_counter() - start)
+            return statistics.median(times)
+
+        median_beat_s("small")  # warm up (Redis: the script's first load)
+        small_s, big_s = min(median_beat_s("small") for _ in range(3)), min(median_beat_s("big") for _ in range(3))
+        assert big_s < 3 * small_s + 0.0005, f"heartbeat of a 10 MB record {big_s * 1e6:.0f} us, small " \
+                                             f"{small_s * 1e6:.0f} us"
+        got = store.get_bytes(SRC_A, "big")
+        assert got.worker_bytes == big.worker_bytes and got.identity_bytes == big.identity_bytes
+        assert (got.status, got.updated_at_ms) == (SourceStatus.READY, T0 + 40)
+
+    def test_get_bytes_serves_what_was_put_with_the_current_status(self, store):
+        record = _encoded("w1", worker_bytes=b"\x08\x05opaque", status=SourceStatus.INITIALIZING)
+        store.put(record)
+        store.update_status(SRC_A, "w1", 0, SourceStatus.READY, T0 + 7)
+        got = store.get_bytes(SRC_A, "w1")
+        assert got == WorkerBytes(record.identity_bytes, record.worker_bytes, SourceStatus.READY, T0 + 7)
+        assert store.get_bytes(SRC_A, "nope") is None
+
+    def test_only_the_owner_may_replace_or_update_a_record(self, store):
+        store.put(_encoded("w1", owner="alice", worker_bytes=b"\x08\x00alice"))
+        with pytest.raises(NotOwnerError, match="'w1' of source aaaaaaaaaaaaaaaa was published by another writer"):
+            store.put(_encoded("w1", owner="mallory", worker_bytes=b"\x08\x00mallory"))
+        with pytest.raises(NotOwnerError):
+            store.update_status(SRC_A, "w1", 0, SourceStatus.STALE, T0 + 1, owner="mallory")
+        got = store.get_bytes(SRC_A, "w1")
+        assert (got.worker_bytes, got.status, got.updated_at_ms) == (b"\x08\x00alice", SourceStatus.READY, T0)
+        assert store.update_status(SRC_A, "w1", 0, SourceStatus.STALE, T0 + 2, owner="alice") == 1
+        assert store.update_status(SRC_A, "w1", 0, SourceStatus.READY, T0 + 3) == 1  # no owner given: no check
+        store.put(_encoded("w1", owner="alice", worker_bytes=b"\x08\x00again"))
+        assert store.get_bytes(SRC_A, "w1").worker_bytes == b"\x08\x00again"
+
+    def test_a_record_without_owner_may_be_claimed(self, store):
+        store.put(_encoded("w1", owner=""))
+        assert store.update_status(SRC_A, "w1", 0, SourceStatus.READY, T0 + 1, owner="bob") == 1
+        store.put(_encoded("w1", owner="bob", worker_bytes=b"\x08\x00bob"))
+        with pytest.raises(NotOwnerError):
+            store.put(_encoded("w1", owner=""))
+
+    def test_capacity_limits_refuse_new_records_only(self, store):
+        capacity = Capacity(max_workers_per_source=2, max_sources=2)
+        store.put(_encoded("a0"), capacity)
+        store.put(_encoded("a1"), capacity)
+        with pytest.raises(CapacityError, match="max-workers-per-source 2"):
+            store.put(_encoded("a2"), capacity)
+        store.put(_encoded("a1", worker_bytes=b"\x08\x00new"), capacity)  # a replacement is not a new record
+        store.put(_encoded("b0", source=SRC_B), capacity)
+        with pytest.raises(CapacityError, match="max-sources 2"):
+            store.put(_encoded("c0", source="cccccccccccccccc"), capacity)
+        assert sorted(r.worker_id for r in store.list(SourceQuery())) == ["a0", "a1", "b0"]
+        assert store.get_bytes(SRC_A, "a1").worker_bytes == b"\x08\x00new"
 
     # --- list ---------------------------------------------------------------------------------------
 
