@@ -17,6 +17,7 @@ import threading
 import pytest
 import torch
 
+from sglang_mx.client import MetadataClient
 from sglang_mx.errors import NoSourceError
 from sglang_mx.records import SourceIdentity
 from sglang_mx.target import PullOptions, digest_verifier, pull_weights
@@ -36,8 +37,11 @@ def expected():
     return weights.build(SIZE_MB)
 
 
-def test_random_kills_end_verified_or_clearly_failed(server, client, engine, expected, monkeypatch):
+def test_random_kills_end_verified_or_clearly_failed(make_server, engine, expected, monkeypatch):
     monkeypatch.setattr(engine_module, "MAX_BATCH", 2)  # several batches per plan
+    # A killed seed leaves READY listings within a second, so each trial sees only its own seeds.
+    server = make_server(heartbeat_timeout_s=1.0, reaper_interval_s=0.2)
+    client = MetadataClient(server.address, timeout_s=5)
     rng = random.Random(20261128)
     outcomes = []
     survivor = None
@@ -45,11 +49,11 @@ def test_random_kills_end_verified_or_clearly_failed(server, client, engine, exp
         for trial in range(TRIALS):
             with_survivor = trial % 3 != 2  # every third trial: the victim is the only seed
             if with_survivor and survivor is None:
-                survivor = SeedProcess(server.address, size_mb=SIZE_MB)
+                survivor = SeedProcess(server.address, size_mb=SIZE_MB, heartbeat=0.3)
             if not with_survivor and survivor is not None:
                 survivor.kill()
                 survivor = None
-            victim = SeedProcess(server.address, size_mb=SIZE_MB)
+            victim = SeedProcess(server.address, size_mb=SIZE_MB, heartbeat=0.3)
             local = weights.build(SIZE_MB, filled=False)
             delay = rng.uniform(0.0, 0.25)
             killer = threading.Timer(delay, victim.kill)
@@ -60,7 +64,7 @@ def test_random_kills_end_verified_or_clearly_failed(server, client, engine, exp
                                       verifier=digest_verifier(local))
             except NoSourceError as e:
                 assert not with_survivor, f"trial {trial}: a live seed was there: {e}"
-                assert victim.worker_id in str(e) or "no READY seed" in str(e)
+                assert victim.worker_id in str(e) or "no READY seed" in str(e), str(e)
                 outcomes.append(("failed clearly", delay))
             else:
                 assert report.verified > 0
@@ -74,5 +78,6 @@ def test_random_kills_end_verified_or_clearly_failed(server, client, engine, exp
     finally:
         if survivor is not None:
             survivor.kill()
+        client.close()
     print("chaos outcomes:", outcomes)
     assert len(outcomes) == TRIALS
