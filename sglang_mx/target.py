@@ -6,11 +6,11 @@ within bounds); `pull_into` is what an SGLang rank calls with its config.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
-import gc
 import logging
 import time
-from typing import Callable, Mapping, Sequence, TypeVar
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -22,7 +22,8 @@ from sglang_mx.errors import (CandidateFailure, LayoutMismatchError, MxError, No
 from sglang_mx.identity import RankInfo, describe_identity, identity_for, mx_source_id
 from sglang_mx.records import SourceIdentity, SourceRef, SourceStatus, TensorDescriptor
 from sglang_mx.transfer.engine import MooncakeEngine
-from sglang_mx.transfer.plan import build_plan
+from sglang_mx.transfer.memory import populate
+from sglang_mx.transfer.plan import Read, build_plan
 from sglang_mx.transfer.tensors import describe
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,12 @@ class PullReport:
     tensors: int
     bytes: int
     reads: int
-    seconds: float  # the transfer alone
+    seconds: float  # the transfer, from the first read submitted to the last one done (verification inside it)
     verified: int = 0  # tensors whose bytes were checked against the seed's digests
-    verify_seconds: float = 0.0
+    verify_seconds: float = 0.0  # hashing, mostly while later reads were still moving
+    register_seconds: float = 0.0  # registering our memory with Mooncake
+    discover_seconds: float = 0.0  # ListSources until a candidate was found (waiting included)
+    metadata_seconds: float = 0.0  # GetMetadata and planning for the seed that served
     failures: tuple[CandidateFailure, ...] = ()  # candidates tried before the one that worked
 
     @property
@@ -76,6 +80,7 @@ def pull_weights(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
     verifier: Verifier | None = None,
+    prepare: Callable[[Read], None] | None = None,
 ) -> PullReport:
     """Fill `tensors` (our memory) from a READY seed of the same identity and rank.
 
@@ -88,13 +93,18 @@ def pull_weights(
     `verifier` checks our tensors against the seed's published digests after each
     pull (`options.verify` decides what a seed without digests means); a seed whose
     bytes differ is a failed candidate like one whose transfer failed. Without a
-    verifier (`verify: off`) nothing is checked.
+    verifier (`verify: off`) nothing is checked. Tensors are verified one read at a
+    time, as soon as that read's bytes have all arrived, while the others move.
+    `prepare(read)` readies a read's destination just before it is submitted
+    (`transfer.memory.populate` for host memory).
     """
     source_id = mx_source_id(identity)
     deadline = clock() + options.wait_timeout_s
     failures: list[CandidateFailure] = []
     tried: set[str] = set()
+    start = clock()
     regions = engine.register((t.addr, t.size) for t in tensors)
+    registered = clock()
     try:
         while True:
             refs = client.list_sources(identity, status=SourceStatus.READY, worker_rank=worker_rank)
@@ -102,13 +112,15 @@ def pull_weights(
                 if ref.worker_id in tried or len(tried) >= options.max_candidates:
                     continue
                 tried.add(ref.worker_id)
+                found = clock()
                 try:
-                    report = _pull_from(client, engine, ref, tensors, clock, options.verify, verifier)
+                    report = _pull_from(client, engine, ref, tensors, clock, options.verify, verifier, prepare)
                 except (LayoutMismatchError, TransferError, NoSourceError, VerificationError) as e:
                     log.warning("seed %s unusable: %s", ref.worker_id, e)
                     failures.append(CandidateFailure(_label(ref), str(e)))
                     continue
-                return dataclasses.replace(report, failures=tuple(failures))
+                return dataclasses.replace(report, failures=tuple(failures), register_seconds=registered - start,
+                                           discover_seconds=found - registered)
             if len(tried) >= options.max_candidates:
                 raise NoSourceError(
                     f"all {len(tried)} candidate seed(s) allowed (max_candidates) failed for "
@@ -134,7 +146,9 @@ def _pull_from(
     clock: Callable[[], float],
     verify: str,
     verifier: Verifier | None,
+    prepare: Callable[[Read], None] | None,
 ) -> PullReport:
+    metadata_start = clock()
     stored = client.get_metadata(ref.mx_source_id, ref.worker_id)
     if stored is None:
         raise NoSourceError(f"worker {ref.worker_id} vanished from the server before GetMetadata")
@@ -144,22 +158,34 @@ def _pull_from(
     label = f"{ref.worker_id}@{session}"
     plan = build_plan(tensors, stored.worker.tensors, seed=label)
     expected = _expected_digests(tensors, stored.worker.tensors, verify if verifier else "off", label)
+    by_read = _names_by_read(plan.reads, tensors, expected)
+    metadata_seconds = clock() - metadata_start
     log.info(
         "pulling %d tensors (%d bytes in %d reads) from %s", plan.tensor_count, plan.total_bytes,
         len(plan.reads), label,
     )
+    differing: list[str] = []
+    verify_seconds = 0.0
+
+    def check(index: int) -> None:  # runs as soon as read `index` has all its bytes
+        nonlocal verify_seconds
+        names = by_read[index]
+        if names:
+            begin = clock()
+            differing.extend(verifier({name: expected[name] for name in names}))
+            verify_seconds += clock() - begin
+
     start = clock()
-    engine.read(session, plan.reads)
+    # Every read has finished (or failed and been drained) when read() returns or raises.
+    engine.read(session, plan.reads, prepare=prepare, on_done=check if expected else None)
     seconds = clock() - start
-    verify_start = clock()
-    if expected:
-        differing = list(verifier(expected))
-        if differing:
-            raise VerificationError("bytes pulled do not match the seed's published digests", seed=label,
-                                    tensors=differing)
+    if differing:
+        raise VerificationError("bytes pulled do not match the seed's published digests", seed=label,
+                                tensors=[name for name in expected if name in set(differing)])
     return PullReport(
         verified=len(expected),
-        verify_seconds=clock() - verify_start,
+        verify_seconds=verify_seconds,
+        metadata_seconds=metadata_seconds,
         mx_source_id=ref.mx_source_id,
         seed_worker_id=ref.worker_id,
         seed_session_id=session,
@@ -168,6 +194,22 @@ def _pull_from(
         reads=len(plan.reads),
         seconds=seconds,
     )
+
+
+def _names_by_read(reads: Sequence[Read], tensors: Sequence[TensorDescriptor],
+                   expected: Mapping[str, str]) -> list[list[str]]:
+    """For each read (sorted by local address, as plans are), the expected tensors that lie inside it."""
+    starts = [r.local_addr for r in reads]
+    out: list[list[str]] = [[] for _ in reads]
+    for t in tensors:
+        if t.name not in expected:
+            continue
+        index = bisect.bisect_right(starts, t.addr) - 1
+        read = reads[index] if index >= 0 else None
+        if read is None or t.addr + t.size > read.local_addr + read.length:
+            raise MxError(f"tensor {t.name!r} is not inside one read of the plan")  # plans cover every tensor
+        out[index].append(t.name)
+    return out
 
 
 def _expected_digests(
@@ -197,51 +239,43 @@ def _label(ref: SourceRef) -> str:
 
 
 def pull_into(
-    tensors: Mapping[str, torch.Tensor], engine: MooncakeEngine, info: RankInfo, config: MxConfig
+    tensors: Mapping[str, torch.Tensor], engine: MooncakeEngine, info: RankInfo, config: MxConfig, *,
+    client: MetadataClient | None = None,
 ) -> PullReport:
-    """Fill `tensors` from a READY seed of this rank's identity, or raise NoSourceError."""
+    """Fill `tensors` from a READY seed of this rank's identity, or raise NoSourceError.
+
+    `client`: one already connecting (made while the model was built); it is closed here.
+    Host-memory destinations are populated (`populate`) read by read just before
+    each is submitted: they need not have been written before.
+    """
     identity = identity_for(info, config)
     log.info(
         "modelexpress: loading %d tensors of %r (rank %d) from a peer via %s",
         len(tensors), identity.model_name, info.worker_rank, config.url,
     )
-    with MetadataClient.for_config(config) as client:
+    on_host = all(t.device.type == "cpu" for t in tensors.values())
+    with client or MetadataClient.for_config(config) as client:
         report = pull_weights(client, engine, identity, worker_rank=info.worker_rank, tensors=describe(tensors),
                               options=PullOptions.from_config(config),
-                              verifier=None if config.verify == "off" else digest_verifier(tensors))
+                              verifier=None if config.verify == "off" else digest_verifier(tensors),
+                              prepare=_populate if on_host else None)
     log.info(
         "modelexpress: pulled %d tensors, %.3f GB in %.3f s (%.2f GB/s) from %s (worker %s); "
         "%d verified in %.3f s",
         report.tensors, report.bytes / 1e9, report.seconds, report.gb_per_s,
         report.seed_session_id, report.seed_worker_id, report.verified, report.verify_seconds,
     )
+    log.info(
+        "modelexpress: phases register=%.3f discover=%.3f metadata=%.3f transfer=%.3f verify=%.3f "
+        "(verify overlaps transfer)",
+        report.register_seconds, report.discover_seconds, report.metadata_seconds, report.seconds,
+        report.verify_seconds,
+    )
     return report
 
 
-M = TypeVar("M")
-
-
-def load_with_fallback(build: Callable[[], M], pull: Callable[[M], M], from_disk: Callable[[], M], *,
-                       fall_back: bool, what: str) -> M:
-    """`pull(build())`, or, when no seed could serve (an MxError) and `fall_back` is set,
-    `from_disk()` once the built model is gone.
-
-    The built model is dropped, and the failure's traceback with it (it holds the
-    frames that held the model's tensors), before the disk load allocates a second
-    copy: on a GPU two copies of the weights would not fit for any model over half
-    its memory. Without `fall_back` the error propagates.
-    """
-    model = build()
-    try:
-        return pull(model)
-    except MxError as e:
-        if not fall_back:
-            raise
-        reason = str(e)
-    del model
-    gc.collect()  # cycles through the dropped traceback's frames
-    log.warning("modelexpress: no usable seed, loading %s from disk instead (fallback=disk): %s", what, reason)
-    return from_disk()
+def _populate(read: Read) -> None:
+    populate(read.local_addr, read.length)
 
 
 def digest_verifier(tensors: Mapping[str, torch.Tensor]) -> Verifier:
