@@ -56,9 +56,12 @@ def main() -> int:
             disk_s, peer_s = weight_load_seconds(seed.log), weight_load_seconds(target.log)
             print()
             print("weight-load phase (SGLang's 'Load weight end'), one load at a time:")
-            print(f"  seed   from disk ({disk}) : {disk_s:6.2f} s  {gb / disk_s:5.2f} GB/s")
-            print(f"  target from the seed (peer)   : {peer_s:6.2f} s  {gb / peer_s:5.2f} GB/s  "
-                  f"(the Mooncake pull inside it: {gb:.3f} GB in {pull_s:.2f} s, {rate:.2f} GB/s)")
+            rows = [(f"seed   from disk ({disk})", disk_s, ""),
+                    ("target from the seed (peer)", peer_s,
+                     f"  (the Mooncake pull inside it: {gb:.3f} GB in {pull_s:.2f} s, {rate:.2f} GB/s)")]
+            width = max(len(label) for label, _, _ in rows)
+            for label, seconds, note in rows:
+                print(f"  {label:<{width}} : {seconds:6.2f} s  {gb / seconds:5.2f} GB/s{note}")
             prompt = PROMPTS[0]
             seed_tokens, target_tokens = seed.generate(prompt), target.generate(prompt)
             print(f"greedy tokens for input_ids {prompt}:")
