@@ -150,6 +150,8 @@ class MooncakeEngine:
                             break
                         pending.append((batch, index))
                         left[index] += 1
+                    if failure is None and left[index] == 0:  # nothing to move (zero length)
+                        landed.append(index)
                 except BaseException as e:  # drain what is in flight first, then re-raise
                     raised = e
             still: list[tuple[int, int]] = []

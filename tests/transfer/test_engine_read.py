@@ -105,3 +105,10 @@ def test_the_deadline_fails_the_read_but_only_after_the_reads_in_flight_ended(mo
     with pytest.raises(TransferError, match="deadline"):
         engine_with(binding).read("fake:1", [Read(1000, 9000, 10)], timeout_s=0.01)
     assert binding.in_flight() == 0
+
+
+def test_a_zero_length_read_is_done_at_once(monkeypatch):
+    monkeypatch.setattr(engine_module, "POLL_S", 0)
+    binding, done = FakeBinding(), []
+    engine_with(binding).read("fake:1", [Read(1000, 9000, 0), Read(2000, 9100, 10)], on_done=done.append)
+    assert sorted(done) == [0, 1] and binding.submitted == [(2000, 10)]
