@@ -3,8 +3,9 @@ processes, moving the same number of bytes as a weight transfer.
 
     .venv/bin/python benchmarks/loopback_socket.py --gb 1.0
 
-Run it in the same minute as `sglang-mx demo` to compare Mooncake's GB/s with
-what the loopback link itself gives.
+Both sides' pages are touched before the clock starts (a full-size receive
+buffer, written; a written payload), so it measures the link, not page faults.
+benchmarks/sglang_load.py runs it in the same repetitions as the pulls.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ CHUNK = 4 * 1024 * 1024
 
 
 def _receiver(port_q, nbytes: int, result_q) -> None:
-    buf = bytearray(nbytes)  # touched up front, like a target's allocated weights
+    buf = bytearray(b"\x01") * nbytes  # every page written up front: a ready destination
     view = memoryview(buf)
     with socket.create_server(("127.0.0.1", 0)) as srv:
         port_q.put(srv.getsockname()[1])
@@ -40,7 +41,7 @@ def measure(nbytes: int) -> float:
     port_q, result_q = ctx.Queue(), ctx.Queue()
     receiver = ctx.Process(target=_receiver, args=(port_q, nbytes, result_q))
     receiver.start()
-    payload = memoryview(bytearray(b"\x5a" * nbytes))
+    payload = memoryview(bytearray(b"\x5a") * nbytes)  # every page written: nothing faults on the way
     with socket.create_connection(("127.0.0.1", port_q.get(timeout=30))) as sock:
         sock.sendall(payload)
     seconds = result_q.get(timeout=300)

@@ -1,21 +1,33 @@
-"""SGLang weight loading: from disk against from a peer through sglang-mx.
+"""SGLang weight loading: from a cold disk, from a warm page cache, and from a peer through sglang-mx.
 
-    .venv/bin/python benchmarks/sglang_load.py [--size-gb 1.0] [--drop-caches]
+    .venv/bin/python benchmarks/sglang_load.py [--size-gb 1.0] [--repeat 3] [--drop-caches]
 
-Generates a Llama-shaped bf16 model of about --size-gb, then starts on this
-machine: the metadata server, an SGLang seed that loads it from disk (cold page
-cache with --drop-caches, which needs root), an SGLang target that loads it from
-the seed over Mooncake, and a second disk-only instance (warm page cache). It
-prints one table: SGLang's own 'Load weight end' time for each, the Mooncake
-pull's GB/s, and a plain loopback TCP socket moving the same bytes (the link's
-limit here). Run by hand; numbers go into notes with the machine they ran on.
+Generates a Llama-shaped bf16 model of about --size-gb and starts the metadata
+server and an SGLang seed (loads it from disk, publishes it; idle afterwards,
+--sleep-on-idle). Then, --repeat times, ONE load at a time, each instance
+stopped before the next starts:
+
+- disk, cold: the page cache dropped first (--drop-caches, root), then an
+  SGLang instance loading from disk;
+- peer: an SGLang target loading from the seed over Mooncake (tcp, 127.0.0.1);
+- disk, warm page cache: the files just read, so one memcpy (not the bar);
+- socket ceiling: a plain loopback TCP socket moving the pulled bytes between
+  two processes, touched pages sent into a touched buffer of the full size.
+
+The order of the cold-disk and peer loads alternates between repetitions. It
+prints the medians (and all runs) of SGLang's own 'Load weight end' time for
+each path, the peer load's phases (our log lines), and the pull's GB/s against
+the same run's socket ceiling. Run by hand; numbers go into notes with the
+machine they ran on.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
-import subprocess
+import platform
+import statistics
 import sys
 import tempfile
 
@@ -26,66 +38,97 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from loopback_socket import measure as loopback_seconds  # noqa: E402
 from sglang_mx.server import MetadataServer, ServerOptions  # noqa: E402
 from sglang_mx.sglang.launch import (  # noqa: E402
-    CPU_ENV, TARGET_ARGS, SglangServer, pull_stats, seed_args, sglang_env, weight_load_seconds,
+    TARGET_ARGS, SglangServer, drop_page_cache, make_llama, peer_phases, pull_stats, seed_args,
+    weight_load_seconds,
 )
 
-HIDDEN, INTER, VOCAB = 2048, 5632, 32000
+PROMPT = [5, 6, 7]
+PHASES = ("build", "collect", "register", "discover", "metadata", "transfer", "verify")
 
 
-def make_model(out: pathlib.Path, size_gb: float) -> pathlib.Path:
-    per_layer = 2 * (2 * HIDDEN * HIDDEN + 2 * HIDDEN * 512 + 3 * HIDDEN * INTER)
-    layers = max(1, round((size_gb * 1e9 - 2 * 2 * VOCAB * HIDDEN) / per_layer))
-    subprocess.run([sys.executable, str(CPU_ENV / "make_tiny_llama.py"), str(out), "--layers", str(layers),
-                    "--hidden", str(HIDDEN), "--intermediate", str(INTER), "--heads", "16", "--kv-heads", "4",
-                    "--vocab", str(VOCAB)], env=sglang_env(), check=True, capture_output=True)
-    return out
+def load_once(model: pathlib.Path, *args: str, name: str, mx_config: dict | None = None) -> tuple[str, list[int]]:
+    """Start one instance, wait for it, generate once, stop it; its log and tokens."""
+    server = SglangServer(model, *args, mx_config=mx_config, name=name)
+    try:
+        server.wait_ready(600)
+        return server.log, server.generate(PROMPT)
+    finally:
+        server.stop()
 
 
-def drop_page_cache() -> None:
-    subprocess.run(["sync"], check=True)
-    pathlib.Path("/proc/sys/vm/drop_caches").write_text("3\n")
+def fmt(values: list[float]) -> str:
+    return f"{statistics.median(values):6.2f}  ({', '.join(f'{v:.2f}' for v in values)})"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-gb", type=float, default=1.0)
-    parser.add_argument("--drop-caches", action="store_true", help="cold page cache for the seed (root)")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--drop-caches", action="store_true", help="cold page cache for the disk loads (root)")
     args = parser.parse_args()
+    loads: dict[str, list[float]] = {}
+    phases: dict[str, list[float]] = {k: [] for k in PHASES}
+    pulls: list[tuple[float, float]] = []  # (GB, seconds)
+    ceilings: list[float] = []  # GB/s
+    tokens_equal = True
     with tempfile.TemporaryDirectory(prefix="sglang-mx-bench-") as tmp, \
             MetadataServer(ServerOptions(host="127.0.0.1", port=0)) as meta:
-        model = make_model(pathlib.Path(tmp) / "llama", args.size_gb)
+        model = make_llama(pathlib.Path(tmp) / "llama", args.size_gb)
         size_gb = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 1e9
-        if args.drop_caches:
-            drop_page_cache()
+        cold_label = "disk, cold" if args.drop_caches else "disk, page cache as found"
+        loads = {cold_label: [], "disk, warm page cache": [], "peer (sglang-mx)": []}
         config = {"url": meta.address}
-        servers = []
+        seed = SglangServer(model, *seed_args(), mx_config={**config, "source": True}, name="seed")
         try:
-            seed = SglangServer(model, *seed_args(), mx_config={**config, "source": True}, name="seed")
-            servers.append(seed)
             seed.wait_ready(600)
-            target = SglangServer(model, *TARGET_ARGS, mx_config={**config, "source": False}, name="target")
-            servers.append(target)
-            target.wait_ready(600)
-            warm = SglangServer(model, name="disk-warm")
-            servers.append(warm)
-            warm.wait_ready(600)
-            tokens_equal = seed.generate([5, 6, 7]) == target.generate([5, 6, 7]) == warm.generate([5, 6, 7])
-            gb, pull_s, rate = pull_stats(target.log)
-            rows = [
-                ("disk, " + ("cold" if args.drop_caches else "page cache as found"), weight_load_seconds(seed.log)),
-                ("disk, warm page cache", weight_load_seconds(warm.log)),
-                ("peer (sglang-mx, Mooncake tcp)", weight_load_seconds(target.log)),
-            ]
+            expected = seed.generate(PROMPT)
+            for rep in range(args.repeat):
+                order = ("cold", "peer") if rep % 2 == 0 else ("peer", "cold")
+                for what in order:
+                    if what == "cold":
+                        if args.drop_caches and not drop_page_cache():
+                            raise SystemExit("--drop-caches needs root")
+                        log, tokens = load_once(model, name="disk-cold")
+                        loads[cold_label].append(weight_load_seconds(log))
+                        log, tokens2 = load_once(model, name="disk-warm")
+                        loads["disk, warm page cache"].append(weight_load_seconds(log))
+                        tokens_equal &= tokens == tokens2 == expected
+                    else:
+                        log, tokens = load_once(model, *TARGET_ARGS, name="target",
+                                                mx_config={**config, "source": False})
+                        loads["peer (sglang-mx)"].append(weight_load_seconds(log))
+                        tokens_equal &= tokens == expected
+                        gb, pull_s, _ = pull_stats(log)
+                        pulls.append((gb, pull_s))
+                        for key, value in peer_phases(log).items():
+                            phases.setdefault(key, []).append(value)
+                nbytes = int(pulls[-1][0] * 1e9)
+                ceilings.append(nbytes / loopback_seconds(nbytes) / 1e9)
+                print(f"repetition {rep + 1}/{args.repeat} done: " + ", ".join(
+                    f"{k} {v[-1]:.2f} s" for k, v in loads.items()) + f"; socket {ceilings[-1]:.2f} GB/s",
+                    flush=True)
         finally:
-            for server in servers:
-                server.stop()
-    socket_rate = gb * 1e9 / loopback_seconds(int(gb * 1e9)) / 1e9
-    print(f"\nmodel: Llama-shaped bf16, {size_gb:.2f} GB of safetensors; greedy tokens identical: {tokens_equal}")
-    print(f"{'load path':<34} {'SGLang load s':>14}")
-    for name, seconds in rows:
-        print(f"{name:<34} {seconds:>14.2f}")
-    print(f"\nMooncake pull: {gb:.3f} GB in {pull_s:.2f} s = {rate:.2f} GB/s; "
-          f"loopback TCP socket, same bytes: {socket_rate:.2f} GB/s ({rate / socket_rate:.0%} of it)")
+            seed.stop()
+
+    rates = [gb / s for gb, s in pulls]
+    peer = loads["peer (sglang-mx)"]
+    overhead = [load - phase for load, phase in zip(peer, phases["transfer"])]
+    print(f"\nmachine: {platform.node()}, {os.cpu_count()} CPUs, {platform.platform()}; "
+          f"load average {os.getloadavg()[0]:.1f} at the end")
+    print(f"model: Llama-shaped bf16, {size_gb:.2f} GB of safetensors; {args.repeat} repetitions, one load at a "
+          f"time, cold disk and peer alternated; greedy tokens identical: {tokens_equal}")
+    print(f"\n{'load path (SGLang load weight end)':<36} {'median s':>8}  (runs)")
+    for name, values in loads.items():
+        print(f"{name:<36} {fmt(values)}")
+    print(f"\npeer load phases, median s (runs):")
+    for key in PHASES:
+        if phases.get(key):
+            note = "  (inside transfer, as each read lands)" if key == "verify" else ""
+            print(f"  {key:<10} {fmt(phases[key])}{note}")
+    print(f"  {'overhead':<10} {fmt(overhead)}  (SGLang load minus transfer)")
+    ratio = [r / c for r, c in zip(rates, ceilings)]
+    print(f"\nMooncake pull: {pulls[0][0]:.3f} GB at {fmt(rates)} GB/s; loopback TCP socket ceiling, same bytes, "
+          f"same repetitions: {fmt(ceilings)} GB/s; pull / ceiling per repetition: {fmt(ratio)}")
     return 0 if tokens_equal else 1
 
 

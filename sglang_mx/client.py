@@ -156,6 +156,15 @@ class MetadataClient:
                 delay *= 2
         raise AssertionError("unreachable")
 
+    def connect(self) -> bool:
+        """Open the channel's connection now (within the deadline), so the first RPC need not;
+        False when the server did not answer in time (the RPCs will then say why)."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=self._timeout_s)
+            return True
+        except grpc.FutureTimeoutError:
+            return False
+
     def close(self) -> None:
         self._channel.close()
 

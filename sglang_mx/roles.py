@@ -8,8 +8,14 @@ rule tests without it.
 from __future__ import annotations
 
 import dataclasses
+import gc
+import logging
+from typing import Callable, TypeVar
 
 from sglang_mx.config import MxConfig, parse_config
+from sglang_mx.errors import MxError
+
+log = logging.getLogger(__name__)
 
 BACKEND = "modelexpress"  # --remote-instance-weight-loader-backend
 LOAD_FORMAT = "remote_instance"  # --load-format
@@ -60,3 +66,29 @@ def role_of(settings: LaunchSettings) -> Role:
 def falls_back_to_disk(config: MxConfig) -> bool:
     """After no seed could serve a target: load from disk (True) or fail the start-up (False)."""
     return config.fallback == "disk"
+
+
+M = TypeVar("M")
+
+
+def load_with_fallback(build: Callable[[], M], pull: Callable[[M], M], from_disk: Callable[[], M], *,
+                       fall_back: bool, what: str) -> M:
+    """`pull(build())`, or, when no seed could serve (an MxError) and `fall_back` is set,
+    `from_disk()` once the built model is gone.
+
+    The built model is dropped, and the failure's traceback with it (it holds the
+    frames that held the model's tensors), before the disk load allocates a second
+    copy: on a GPU two copies of the weights would not fit for any model over half
+    its memory. Without `fall_back` the error propagates.
+    """
+    model = build()
+    try:
+        return pull(model)
+    except MxError as e:
+        if not fall_back:
+            raise
+        reason = str(e)
+    del model
+    gc.collect()  # cycles through the dropped traceback's frames
+    log.warning("modelexpress: no usable seed, loading %s from disk instead (fallback=disk): %s", what, reason)
+    return from_disk()

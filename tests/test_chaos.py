@@ -2,11 +2,12 @@
 
 Each trial starts a victim seed (the newest READY record, so tried first) beside,
 in most trials, a surviving seed, and kills the victim at a random moment between
-just before the pull and well into it. Plans are cut into several Mooncake batches.
+just before the pull and well into it.
 Every trial must end with bytes equal to the checkpoint (checked by the target's
 digests and again here, byte for byte) or with a clear NoSourceError; a report of
 success over wrong bytes fails the test. Bounded: a fixed number of trials with a
-fixed random seed, each pull bounded by its wait timeout.
+fixed random seed, each pull bounded by its wait timeout. Reads are cut into 1 MiB
+batches, all in flight at once.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def expected():
 
 
 def test_random_kills_end_verified_or_clearly_failed(make_server, engine, expected, monkeypatch):
-    monkeypatch.setattr(engine_module, "MAX_BATCH", 2)  # several batches per plan
+    monkeypatch.setattr(engine_module, "PIECE_BYTES", 1 << 20)  # many batches in flight per plan
     # A killed seed leaves READY listings within a second, so each trial sees only its own seeds.
     server = make_server(heartbeat_timeout_s=1.0, reaper_interval_s=0.2)
     client = MetadataClient(server.address, timeout_s=5)

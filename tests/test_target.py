@@ -47,7 +47,7 @@ def test_only_seed_killed_fails_clearly_within_bounded_time(server, client, engi
     text = str(info.value)
     assert "no READY seed could serve 'test/model'" in text
     assert server.address in text
-    assert seeds[0].worker_id in text and "batch_transfer_sync_read" in text
+    assert seeds[0].worker_id in text and "batch_transfer_async_read" in text
     assert len(info.value.attempts) == 1
 
 

@@ -68,7 +68,7 @@ class FakeEngine:
     def unregister(self, regions):
         pass
 
-    def read(self, session, reads):
+    def read(self, session, reads, **callbacks):  # prepare/on_done are the real engine's business
         self.bytes[session] = self.bytes.get(session, 0) + sum(r.length for r in reads)
         if session in self.failing:
             raise TransferError("batch_transfer_sync_read failed", seed=session, code=-1)

@@ -66,7 +66,7 @@ class FakeEngine:
     def unregister(self, regions):
         self.registered -= 1
 
-    def read(self, session, reads):
+    def read(self, session, reads, **callbacks):
         self.reads.append(session)
         if session in self.failing:
             raise TransferError("batch_transfer_sync_read failed", seed=session, code=-1)
@@ -120,7 +120,7 @@ import weakref  # noqa: E402
 
 import torch  # noqa: E402
 
-from sglang_mx.target import load_with_fallback  # noqa: E402
+from sglang_mx.roles import load_with_fallback  # noqa: E402
 
 
 def test_fallback_frees_the_built_model_before_loading_from_disk():

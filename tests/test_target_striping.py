@@ -29,15 +29,17 @@ class KillMidRead:
     def unregister(self, regions):
         self.engine.unregister(regions)
 
-    def read(self, session, reads):
+    def read(self, session, reads, prepare=None, on_done=None):
         with self.lock:
             self.sessions.append(session)
+        offset = 0
         if session == self.victim.info["session"] and self.victim.proc.poll() is None:
             half = max(1, len(reads) // 2)
-            self.engine.read(session, reads[:half])
+            self.engine.read(session, reads[:half], prepare=prepare, on_done=on_done)
             self.victim.kill()
-            reads = reads[half:]
-        self.engine.read(session, reads)
+            reads, offset = reads[half:], half
+        shifted = None if on_done is None else (lambda i: on_done(i + offset))  # indices into the whole list
+        self.engine.read(session, reads, prepare=prepare, on_done=shifted)
 
 
 @pytest.fixture

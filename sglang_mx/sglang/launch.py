@@ -53,6 +53,30 @@ def make_tiny_llama(out: pathlib.Path) -> pathlib.Path:
     return out
 
 
+LLAMA_HIDDEN, LLAMA_INTER, LLAMA_VOCAB = 2048, 5632, 32000
+
+
+def make_llama(out: pathlib.Path, size_gb: float) -> pathlib.Path:
+    """A random Llama-shaped bf16 model (hidden 2048, as TinyLlama) of about `size_gb` GB."""
+    h, i, v = LLAMA_HIDDEN, LLAMA_INTER, LLAMA_VOCAB
+    per_layer = 2 * (2 * h * h + 2 * h * 512 + 3 * h * i)
+    layers = max(1, round((size_gb * 1e9 - 2 * 2 * v * h) / per_layer))
+    subprocess.run([sys.executable, str(CPU_ENV / "make_tiny_llama.py"), str(out), "--layers", str(layers),
+                    "--hidden", str(h), "--intermediate", str(i), "--heads", "16", "--kv-heads", "4",
+                    "--vocab", str(v)], env=sglang_env(), check=True, capture_output=True, timeout=600)
+    return out
+
+
+def drop_page_cache() -> bool:
+    """Empty the kernel's page cache (root only); False when not allowed."""
+    subprocess.run(["sync"], check=True)
+    try:
+        pathlib.Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
 class SglangServer:
     """`python -m sglang.launch_server` in its own process group."""
 
@@ -149,6 +173,27 @@ def pull_stats(log: str) -> tuple[float, float, float]:
     if not gb:
         raise AssertionError("no 'modelexpress: pulled' line in the log")
     return gb, seconds, gb / seconds if seconds else 0.0
+
+
+def _number_after(line: str, key: str) -> float:
+    return float(line.split(key, 1)[1].split()[0].rstrip(";,s"))
+
+
+def peer_phases(log: str) -> dict[str, float]:
+    """The target's phase timings (seconds) from our log lines: build, collect, register,
+    discover, metadata, transfer, verify (verify runs inside transfer)."""
+    phases: dict[str, float] = {}
+    for line in log.splitlines():
+        if "modelexpress: model built and post-processed in" in line:
+            phases["build"] = _number_after(line, "post-processed in")
+        elif "modelexpress: tensors collected and identity fingerprinted in" in line:
+            phases["collect"] = _number_after(line, "fingerprinted in")
+        elif "modelexpress: phases " in line:
+            for word in line.split("modelexpress: phases ", 1)[1].split():
+                key, _, value = word.partition("=")
+                if value:
+                    phases[key] = float(value)
+    return phases
 
 
 def seed_args() -> list[str]:

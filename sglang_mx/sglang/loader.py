@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import threading
 import time
 import uuid
 from typing import Callable
@@ -153,33 +154,41 @@ def load_from_peer(load_config, model_config, device_config, *, role: Role, info
     from sglang.srt.model_loader.loader import DefaultModelLoader, DummyModelLoader
 
     from sglang_mx.model_tensors import collect_tensors, layout_fingerprint, refresh_derived, uncarried_state
-    from sglang_mx.target import load_with_fallback, pull_into
+    from sglang_mx.roles import load_with_fallback
     from sglang_mx.transfer.engine import MooncakeEngine
 
     if transfer_engine is None:
         raise MxError(_NO_ENGINE)
     engine = MooncakeEngine.wrap(transfer_engine, session_id)
+    quantized = bool(model_config.quantization)
 
     def build():
         start = time.perf_counter()
         # SGLang's own dummy load, post-processing included: the same tensor layout
         # the seed published (quantized models rename and repack here).
         dummy = dataclasses.replace(load_config, load_format=LoadFormat.DUMMY, model_loader_extra_config={})
-        with _constant_dummy_fill():
+        with _dummy_fill(fill=quantized):
             model = DummyModelLoader(dummy).load_model(model_config=model_config, device_config=device_config)
         synchronize(device_config.device)  # post-processing kernels done before the first byte moves
-        log.info("modelexpress: model built and post-processed in %.2f s before the pull",
-                 time.perf_counter() - start)
+        log.info("modelexpress: model built and post-processed in %.3f s before the pull (weights %s)",
+                 time.perf_counter() - start, "filled with constants" if quantized else "not filled")
         return model
 
     def pull(model):
+        from sglang_mx.target import pull_into  # grpc and protobuf: imported by `early` meanwhile
+
         uncarried = uncarried_state(model)
         if uncarried:  # flags post-processing computed from dummy values: never serve them
             raise MxError(f"the model holds value-derived state sglang-mx cannot carry from a peer "
                           f"({', '.join(uncarried[:5])}{' ...' if len(uncarried) > 5 else ''}); load it from disk "
                           "(fallback: disk)")
-        pull_into(collect_tensors(model), engine, dataclasses.replace(info, layout_fingerprint=layout_fingerprint(model)),
-                  role.config)
+        start = time.perf_counter()
+        tensors = collect_tensors(model)
+        info_now = dataclasses.replace(info, layout_fingerprint=layout_fingerprint(model))
+        client = early.take()
+        log.info("modelexpress: tensors collected and identity fingerprinted in %.3f s",
+                 time.perf_counter() - start)
+        pull_into(tensors, engine, info_now, role.config, client=client)
         refreshed = refresh_derived(model)
         if refreshed:
             log.info("modelexpress: recomputed %d value-derived attribute(s) from the pulled weights: %s",
@@ -192,8 +201,49 @@ def load_from_peer(load_config, model_config, device_config, *, role: Role, info
         disk = dataclasses.replace(load_config, load_format=LoadFormat.AUTO)
         return DefaultModelLoader(disk).load_model(model_config=model_config, device_config=device_config)
 
-    return load_with_fallback(build, pull, from_disk, fall_back=falls_back_to_disk(role.config),
-                              what=model_config.model_path)
+    early = _EarlyClient(role.config)  # connects while the model builds
+    try:
+        return load_with_fallback(build, pull, from_disk, fall_back=falls_back_to_disk(role.config),
+                                  what=model_config.model_path)
+    finally:
+        early.close()
+
+
+class _EarlyClient:
+    """A metadata client made, and its channel connected, in a thread while the model builds.
+
+    The identity's layout fingerprint needs the built model, so listing waits for
+    the build; importing grpc and protobuf (0.4 s here) and the connection do not.
+    If anything goes wrong here the pull makes its own client, whose calls report it.
+    """
+
+    def __init__(self, config) -> None:
+        self._client = None
+        self._thread = threading.Thread(target=self._connect, args=(config,), name="modelexpress-connect",
+                                        daemon=True)
+        self._thread.start()
+
+    def _connect(self, config) -> None:
+        try:
+            import sglang_mx.target  # noqa: F401  (the pull's imports, grpc and protobuf among them)
+            from sglang_mx.client import MetadataClient
+
+            self._client = MetadataClient.for_config(config)
+            if not self._client.connect():
+                log.warning("modelexpress: metadata server %s did not answer while the model was built", config.url)
+        except Exception as e:  # noqa: BLE001  the pull's own client will raise the real error
+            log.warning("modelexpress: could not connect to the metadata server early: %s", e)
+
+    def take(self):
+        """The client (the caller closes it), or None."""
+        self._thread.join()
+        client, self._client = self._client, None
+        return client
+
+    def close(self) -> None:
+        client = self.take()
+        if client is not None:
+            client.close()
 
 
 def synchronize(device) -> None:
@@ -206,15 +256,21 @@ def synchronize(device) -> None:
 
 
 @contextlib.contextmanager
-def _constant_dummy_fill():
-    """Make SGLang's dummy loader fill weights with a constant, not random numbers.
+def _dummy_fill(*, fill: bool):
+    """Replace the random init of SGLang's dummy loader: no fill at all, or (`fill`) constants.
 
     Every byte is overwritten by the pull, so random init (seconds per GB on a
-    CPU: 4.9 s of a 5.7 s peer load of a 1 GB model here) is wasted; a constant
-    fill is a memset, still touches every page (so the transfer does not stall
-    on page faults), and gives post-processing harmless values. SGLang's loader
-    calls `initialize_dummy_weights` through its module globals (0.5.10 and
-    0.5.23 alike); the swap lasts for this one load, in the loading thread.
+    CPU) is wasted. An unquantized model's post-processing is at most a repack
+    of the values (same bytes moved around, e.g. the CPU AMX weight packing) and
+    the repacked tensors are what the seed published and the pull overwrites,
+    so its weights are left unwritten: fresh memory, populated (MADV_POPULATE_WRITE)
+    just before each read is submitted, which is cheaper than a fill. A quantized
+    model's post-processing computes from the values (scales, requantization) and
+    may branch on them, so it gets harmless constants, written with one intra-op
+    thread: many small parallel fills on a busy 2-core machine wait on OpenMP
+    barriers (1.3 s instead of 0.6 s per GB measured here). SGLang's loader calls
+    `initialize_dummy_weights` through its module globals (0.5.10 and 0.5.23
+    alike); the swap lasts for this one load, in the loading thread.
     """
     from sglang.srt.model_loader import loader
 
@@ -222,22 +278,31 @@ def _constant_dummy_fill():
     if original is None:  # a release that does not fill this way: leave it alone
         yield
         return
-    loader.initialize_dummy_weights = _fill_constant
+    loader.initialize_dummy_weights = _fill_constant if fill else _no_fill
     try:
         yield
     finally:
         loader.initialize_dummy_weights = original
 
 
+def _no_fill(model, *args, **kwargs) -> None:
+    pass
+
+
 def _fill_constant(model, *args, **kwargs) -> None:
     import torch
 
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if tensor.is_floating_point() and tensor.element_size() >= 2:
-                tensor.fill_(1.0 if "scale" in name else 1e-3)
-            elif tensor.numel():
-                tensor.zero_()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            for name, tensor in model.state_dict().items():
+                if tensor.is_floating_point() and tensor.element_size() >= 2:
+                    tensor.fill_(1.0 if "scale" in name else 1e-3)
+                elif tensor.numel():
+                    tensor.zero_()
+    finally:
+        torch.set_num_threads(threads)
 
 
 # --- the seed's publication ---------------------------------------------------------

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Iterable, Sequence
+import time
+from typing import Callable, Iterable, Iterator, Sequence
 
 from sglang_mx.errors import MxError, TransferError
 from sglang_mx.transfer.plan import Read, coalesce_ranges
@@ -19,8 +20,17 @@ log = logging.getLogger(__name__)
 # "nvlink" is multi-node NVLink (Mooncake built with USE_MNNVL); "nvlink_intra" is NVLink between GPUs of
 # one node (CUDA IPC; in the CUDA wheels, e.g. mooncake-transfer-engine-cuda13 0.3.14).
 PROTOCOLS = ("tcp", "rdma", "nvlink", "nvlink_intra", "efa")
-# Reads per batch_transfer_sync_read call: bounds the size of one Mooncake batch.
-MAX_BATCH = 1024
+# A read larger than this is submitted in pieces, so big tensors spread over the
+# transport's connections and finish (and get verified) sooner.
+PIECE_BYTES = 16 << 20
+# Sleep between polls of the batches in flight (5 ms measured slower on loopback).
+POLL_S = 0.001
+
+
+def _pieces(read: Read) -> Iterator[tuple[int, int, int]]:
+    for offset in range(0, read.length, PIECE_BYTES):
+        n = min(PIECE_BYTES, read.length - offset)
+        yield read.local_addr + offset, read.remote_addr + offset, n
 
 
 class MooncakeEngine:
@@ -90,27 +100,113 @@ class MooncakeEngine:
     def unregister_all(self) -> None:
         self.unregister(list(self._registered))
 
-    def read(self, seed_session: str, reads: Sequence[Read]) -> None:
+    def read(
+        self,
+        seed_session: str,
+        reads: Sequence[Read],
+        *,
+        prepare: Callable[[Read], None] | None = None,
+        on_done: Callable[[int], None] | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
         """Pull every read from the seed; raise TransferError on any failure.
 
-        On failure some destinations may already be overwritten: the caller
-        must treat all of them as garbage.
+        Each read is submitted as its own Mooncake batch (pieces of at most
+        PIECE_BYTES each), right after `prepare(read)` readied its destination,
+        and this thread then polls the batches with short sleeps: the binding's
+        blocking waits spin on a core that Mooncake's io threads need.
+        `on_done(i)` runs in this thread once every byte of `reads[i]` has arrived
+        and every read has been submitted (to verify it while the rest moves). A read that failed, a
+        callback that raised, or the deadline passing (`timeout_s`, default
+        30 s plus 1 ns per byte, as the binding's own) stops further submissions;
+        the reads already in flight are drained (each reaches completed or
+        failed) before this returns or raises, so no write into the destination
+        is still under way afterwards. On failure some destinations may already
+        be overwritten: the caller must treat all of them as garbage.
         """
-        for start in range(0, len(reads), MAX_BATCH):
-            batch = reads[start : start + MAX_BATCH]
-            rc = self._engine.batch_transfer_sync_read(
-                seed_session,
-                [r.local_addr for r in batch],
-                [r.remote_addr for r in batch],
-                [r.length for r in batch],
-            )
-            if rc < 0:
-                raise TransferError(
-                    f"batch_transfer_sync_read of reads {start}-{start + len(batch) - 1} failed",
-                    seed=seed_session,
-                    code=rc,
-                    nbytes=sum(r.length for r in batch),
-                )
+        if not reads:
+            return
+        total = sum(r.length for r in reads)
+        budget_s = timeout_s if timeout_s is not None else 30.0 + total * 1e-9
+        deadline = time.monotonic() + budget_s
+        left = [0] * len(reads)  # pieces of each read still in flight
+        pending: list[tuple[int, int]] = []  # (batch id, read index)
+        landed: list[int] = []  # reads done whose on_done has not run yet
+        failure: TransferError | None = None
+        raised: BaseException | None = None
+        submitted = 0
+        warned_at = None
+        while True:
+            progressed = False
+            if failure is None and raised is None and submitted < len(reads):
+                index, read = submitted, reads[submitted]
+                submitted += 1
+                progressed = True
+                try:
+                    if prepare is not None:
+                        prepare(read)
+                    for local, remote, length in _pieces(read):
+                        batch = self._engine.batch_transfer_async_read(seed_session, [local], [remote], [length])
+                        if batch is None or batch <= 0:
+                            failure = self._read_error("could not be submitted", index, reads, seed_session, batch)
+                            break
+                        pending.append((batch, index))
+                        left[index] += 1
+                    if failure is None and left[index] == 0:  # nothing to move (zero length)
+                        landed.append(index)
+                except BaseException as e:  # drain what is in flight first, then re-raise
+                    raised = e
+            still: list[tuple[int, int]] = []
+            done: list[int] = []
+            for batch, index in pending:
+                status = self._engine.transfer_check_status(batch)
+                if status == 0:
+                    still.append((batch, index))
+                    continue
+                progressed = True
+                if status == 1:  # completed; the binding freed the batch
+                    left[index] -= 1
+                    if left[index] == 0:
+                        done.append(index)
+                elif failure is None:  # -1 failed (freed by the binding), -2 timed out
+                    failure = self._read_error("failed", index, reads, seed_session, status)
+            pending = still
+            landed.extend(done)
+            # Callbacks wait until every read is submitted: the io thread is never left without work
+            # while this thread hashes.
+            if on_done is not None and failure is None and raised is None and submitted == len(reads):
+                while landed:
+                    try:
+                        on_done(landed.pop(0))
+                    except BaseException as e:
+                        raised = e
+                        break
+                    progressed = True
+            if not pending and (submitted == len(reads) or failure is not None or raised is not None):
+                break
+            if not progressed:
+                now = time.monotonic()
+                if now > deadline:
+                    if failure is None and raised is None:
+                        failure = TransferError(
+                            f"Mooncake reads not done within the {budget_s:.1f} s deadline; "
+                            f"draining {len(pending)} in flight", seed=seed_session, nbytes=total)
+                    if warned_at is None or now - warned_at > 10:
+                        warned_at = now
+                        log.warning("waiting for %d Mooncake reads still in flight from %s before giving up",
+                                    len(pending), seed_session)
+                time.sleep(POLL_S)
+        if raised is not None:
+            raise raised
+        if failure is not None:
+            raise failure
+
+    @staticmethod
+    def _read_error(what: str, index: int, reads: Sequence[Read], seed: str, code) -> TransferError:
+        read = reads[index]
+        return TransferError(
+            f"Mooncake read {index} of {len(reads)} (batch_transfer_async_read, 0x{read.local_addr:x} <- "
+            f"0x{read.remote_addr:x}) {what}", seed=seed, code=code, nbytes=read.length)
 
     def close(self) -> None:
         self.unregister_all()
