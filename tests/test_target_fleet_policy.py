@@ -12,24 +12,12 @@ from sglang_mx import leases
 from sglang_mx.errors import NoSourceError, TransferError
 from sglang_mx.records import SourceIdentity, SourceRef, SourceStatus, StoredWorker, TensorDescriptor, WorkerRecord
 from sglang_mx.target import PullOptions, pull_weights
+from tests.fakes import FakeClock
 
 IDENTITY = SourceIdentity(model_name="test/model", tensor_parallel_size=1)
 MB = 1 << 20
 # Three 2 MiB tensors back to back: 6 MiB, so up to six 1 MiB stripes.
 LOCAL = [TensorDescriptor(name=f"w{i}", addr=0x10_0000_0000 + i * 2 * MB, size=2 * MB, digest="") for i in range(3)]
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 class FakeClient:

@@ -11,22 +11,10 @@ import pytest
 from sglang_mx.errors import NoSourceError, TransferError
 from sglang_mx.records import SourceIdentity, SourceRef, SourceStatus, StoredWorker, TensorDescriptor, WorkerRecord
 from sglang_mx.target import PullOptions, pull_weights
+from tests.fakes import FakeClock
 
 IDENTITY = SourceIdentity(model_name="test/model", tensor_parallel_size=1)
 LOCAL = [TensorDescriptor(name="w", addr=0x1000, size=64)]
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 class FakeClient:
