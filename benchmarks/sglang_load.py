@@ -120,7 +120,7 @@ def main() -> int:
     print(f"\n{'load path (SGLang load weight end)':<36} {'median s':>8}  (runs)")
     for name, values in loads.items():
         print(f"{name:<36} {fmt(values)}")
-    print(f"\npeer load phases, median s (runs):")
+    print("\npeer load phases, median s (runs):")
     for key in PHASES:
         if phases.get(key):
             note = "  (inside transfer, as each read lands)" if key == "verify" else ""

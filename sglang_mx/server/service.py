@@ -24,7 +24,7 @@ from sglang_mx.identity import mx_source_id
 from sglang_mx.records import SourceStatus
 from sglang_mx.server import limits
 from sglang_mx.server.auth import current_principal
-from sglang_mx.server.limits import MAX_ID_CHARS, MAX_WORKER_RANK, LimitExceeded, RecordLimits  # noqa: F401
+from sglang_mx.server.limits import LimitExceeded, RecordLimits
 from sglang_mx.server.options import DEFAULT_MAX_RECORD_MB, DEFAULT_MAX_TENSORS
 from sglang_mx.server.store import Capacity, CapacityError, NotOwnerError, SourceStore
 
