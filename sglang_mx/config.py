@@ -40,6 +40,10 @@ class MxConfig:
     max_candidates: int = 5
     # Targets: read disjoint stripes from up to this many READY seeds at once.
     max_seeds: int = 1
+    # Targets: when no seed of our own layout is READY, pull from a seed instance of the same model
+    # in another TP layout (resharded, sglang_mx.reshard). Applies only where the planner can prove
+    # the layouts (unquantized dense models, PP 1, EP 1); elsewhere it is off whatever it says.
+    any_layout: bool = True
     # Seeds: serve at most this many reader leases at once (0: no cap); the count is reported as source_load.
     max_readers: int = 0
     reader_lease_s: float = 60.0  # a lease not released within this expires (its target died)
@@ -105,6 +109,7 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "verify": _STRING,
     "max_candidates": ((int,), "an integer"),
     "max_seeds": ((int,), "an integer"),
+    "any_layout": ((bool,), "true or false"),
     "max_readers": ((int,), "an integer"),
     "reader_lease_s": _NUMBER,
     "heartbeat_interval_s": _NUMBER,

@@ -163,3 +163,48 @@ def describe_identity(identity: SourceIdentity) -> str:
             parts.append(f"{field} {getattr(identity, field)}")
     parts += [f"{k}={v}" for k, v in sorted(identity.extra_parameters.items())]
     return ", ".join(parts)
+
+
+# LaunchSettings layout widths that must equal these for a rank's layout to be plannable
+# (a value of "tp" means: equal to the rank's TP size).
+_PLAIN_LAYOUT = {"attn_tp_size": "tp", "attn_cp_size": "1", "attn_dp_size": "1", "moe_ep_size": "1",
+                 "moe_tp_size": "tp", "moe_dp_size": "1"}
+
+
+def layout_refusal(info: RankInfo) -> str:
+    """"" when a mixed-layout pull can be planned for this rank's layout, else why not.
+
+    Plannable: one pipeline stage, no expert parallelism, attention and MoE split like
+    the rest of the model (plain TP), an unquantized model (quantized post-processing
+    repacks weights per layout), not a draft model.
+    """
+    if info.pp_size != 1:
+        return f"pipeline parallelism (PP {info.pp_size}) is not resharded"
+    if info.ep_size != 1:
+        return f"expert parallelism (EP {info.ep_size}) is not resharded"
+    if info.quantization:
+        return f"quantized models ({info.quantization}) repack weights per layout and are not resharded"
+    if info.role:
+        return f"a {info.role} model is not resharded"
+    for key, plain in _PLAIN_LAYOUT.items():
+        value = info.layout.get(key)
+        want = str(info.tp_size) if plain == "tp" else plain
+        if value is not None and value != want:
+            return f"{key}={value} (plain TP needs {want}) is not resharded"
+    return ""
+
+
+def model_identity(info: RankInfo, config: MxConfig) -> SourceIdentity:
+    """What the model *is*, whatever its layout: `identity_for` without the TP/PP/EP sizes,
+    the layout widths and the layout fingerprint (a mixed-layout plan checks those tensor by
+    tensor instead). Everything that decides bytes (dtype, quantization, revision, SGLang,
+    torch and CUDA versions, GPU arch, the byte settings) stays in."""
+    plain = dataclasses.replace(info, tp_size=1, tp_rank=0, pp_size=1, pp_rank=0, ep_size=1, layout={},
+                                layout_fingerprint="")
+    return dataclasses.replace(identity_for(plain, config), tensor_parallel_size=0, pipeline_parallel_size=0,
+                               expert_parallel_size=0)
+
+
+def model_source_id(info: RankInfo, config: MxConfig) -> str:
+    """mx_source_id of `model_identity`: seeds and targets of one model agree on it across layouts."""
+    return mx_source_id(model_identity(info, config))

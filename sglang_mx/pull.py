@@ -47,6 +47,7 @@ class PullReport:
     failures: tuple[CandidateFailure, ...] = ()  # seeds that failed along the way
     served: Mapping[str, int] = dataclasses.field(default_factory=dict)  # worker id -> verified bytes it served
     rounds: int = 0  # striped rounds (1 unless a seed failed mid-pull)
+    resharded_from: int = 0  # the seed instance's TP size when it had another layout (sglang_mx.reshard); 0: same
 
     @property
     def gb_per_s(self) -> float:
@@ -148,7 +149,7 @@ class StripedPull:
             return check
 
         start = self.clock()
-        errors = _read_all(engine, [
+        errors = read_all(engine, [
             (src.session, reads, self.prepare, on_done(src, _whole_by_read(pieces, reads)) if self.verifier else None)
             for src, pieces, reads in jobs])
         self.seconds += self.clock() - start
@@ -241,7 +242,7 @@ def _whole_by_read(pieces: Sequence[Piece], reads: Sequence[Read]) -> list[list[
 Job = tuple  # (session, reads, prepare, on_done)
 
 
-def _read_all(engine: MooncakeEngine, jobs: Sequence[Job]) -> list[TransferError | None]:
+def read_all(engine: MooncakeEngine, jobs: Sequence[Job]) -> list[TransferError | None]:
     """Run each (session, reads, prepare, on_done) job, in parallel threads when there are several;
     one error (or None) each. Every read of every job has ended when this returns."""
     errors: list[TransferError | None] = [None] * len(jobs)

@@ -71,6 +71,47 @@ class SourceIdentity:
 
 
 @dataclasses.dataclass(frozen=True)
+class Span:
+    """Local rows [local_start, +length) along a split dimension are whole rows [global_start, +length)."""
+
+    local_start: int
+    global_start: int
+    length: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardSpec:
+    """How one rank's tensor is cut out of the model's whole tensor (sglang_mx.shards).
+
+    `dim` -1: replicated, the rank holds the whole tensor. Otherwise the whole
+    tensor is `parts` (fused pieces such as q, k, v) laid end to end along `dim`,
+    and the rank holds `spans` of it; `shape` is the rank's own tensor shape.
+    """
+
+    dim: int
+    shape: tuple[int, ...]
+    parts: tuple[int, ...] = ()
+    spans: tuple[Span, ...] = ()
+
+    @property
+    def replicated(self) -> bool:
+        return self.dim < 0
+
+    @property
+    def global_size(self) -> int:
+        return sum(self.parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class PieceDigest:
+    """The digest of whole rows [global_start, +length) along a split dimension, as a rank holds them."""
+
+    global_start: int
+    length: int
+    digest: str
+
+
+@dataclasses.dataclass(frozen=True)
 class TensorDescriptor:
     """Where one tensor's bytes live in a worker's memory."""
 
@@ -80,6 +121,8 @@ class TensorDescriptor:
     dtype: str = ""
     device_id: int = 0
     digest: str = ""  # "<algorithm>:<hex>" of the bytes (sglang_mx.digest); "" when none was published
+    shard: ShardSpec | None = None  # how it is split across ranks; None when no facts were published
+    pieces: tuple[PieceDigest, ...] = ()  # digests of pieces of a dim-0 split (sglang_mx.shards)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

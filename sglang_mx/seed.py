@@ -24,7 +24,8 @@ from sglang_mx.errors import MxError, RequestRejectedError, ServerError
 from sglang_mx.leases import LeaseServer, ReaderLeases
 from sglang_mx.transfer.engine import MooncakeEngine
 from sglang_mx.transfer.tensors import describe
-from sglang_mx.records import SourceIdentity, SourceStatus, TensorDescriptor, WorkerRecord
+from sglang_mx.records import PieceDigest, ShardSpec, SourceIdentity, SourceStatus, TensorDescriptor, WorkerRecord
+from sglang_mx.shards import pieces_of
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class SeedPublisher:
         max_readers: int | None = None,
         lease_ttl_s: float = 60.0,
         load_report_gap_s: float = 0.2,
+        topology: Mapping[str, str] | None = None,
     ) -> None:
         """`max_readers`: serve reader leases (sglang_mx.leases) capped at that many (0: no cap) and
         report their count as source_load; None: no lease endpoint. A change of the count is
@@ -60,6 +62,7 @@ class SeedPublisher:
         self._tensors = tuple(tensors)
         self._heartbeat_interval_s = heartbeat_interval_s
         self._accelerator = accelerator
+        self._topology = dict(topology or {})
         self.leases = None if max_readers is None else ReaderLeases(
             max_readers=max_readers, ttl_s=lease_ttl_s, on_change=lambda active: self._load_changed.set())
         self._lease_server: LeaseServer | None = None
@@ -139,6 +142,7 @@ class SeedPublisher:
             status=self._status,
             accelerator=self._accelerator,
             worker_grpc_endpoint=self._lease_server.endpoint if self._lease_server else "",
+            topology=self._topology,
         )
 
     def _publish(self) -> None:
@@ -208,6 +212,8 @@ def start_seed(
     digests: bool = True,
     max_readers: int | None = 0,
     lease_ttl_s: float = 60.0,
+    shards: Mapping[str, ShardSpec] | None = None,
+    topology: Mapping[str, str] | None = None,
 ) -> SeedPublisher:
     """Register and publish one rank's `tensors` as INITIALIZING (READY at once with `ready`).
 
@@ -216,21 +222,46 @@ def start_seed(
     published with its descriptor, for targets to verify their pulls against.
     The seed serves reader leases capped at `max_readers` (0: no cap; None: no
     lease endpoint) and heartbeats their count as source_load.
+    `shards` (name -> ShardSpec, sglang_mx.shards) are published with the descriptors for
+    targets of other layouts, with the digests of each dim-0 split's pieces; `topology`
+    is the worker record's topology (sglang_mx.reshard.seed_topology).
     The publisher closes (STALE, memory unregistered) at interpreter exit and on
     SIGTERM; call `mark_ready()` once the rank serves.
     """
     start = time.perf_counter()
     published = digest_many(tensors) if digests else {}
+    pieces = piece_digests_of(tensors, shards) if digests and shards else {}
     if published:
-        log.info("seed rank %d: digests of %d tensors in %.3f s", worker_rank, len(published),
-                 time.perf_counter() - start)
+        log.info("seed rank %d: digests of %d tensors (and %d split pieces) in %.3f s", worker_rank, len(published),
+                 sum(len(p) for p in pieces.values()), time.perf_counter() - start)
     publisher = SeedPublisher(
-        client, engine, identity, worker_rank=worker_rank, tensors=describe(tensors, published), worker_id=worker_id,
-        heartbeat_interval_s=heartbeat_interval_s, accelerator=accelerator, max_readers=max_readers,
-        lease_ttl_s=lease_ttl_s,
+        client, engine, identity, worker_rank=worker_rank, tensors=describe(tensors, published, shards, pieces),
+        worker_id=worker_id, heartbeat_interval_s=heartbeat_interval_s, accelerator=accelerator,
+        max_readers=max_readers, lease_ttl_s=lease_ttl_s, topology=topology,
     )
     close_on_exit(publisher)
     publisher.start()
     if ready:
         publisher.mark_ready()
     return publisher
+
+
+def piece_digests_of(tensors: Mapping[str, torch.Tensor],
+                     shards: Mapping[str, ShardSpec]) -> dict[str, tuple[PieceDigest, ...]]:
+    """Name -> the digests of its dim-0 split pieces (sglang_mx.shards.pieces_of), hashed together."""
+    views, where = {}, {}
+    for name, spec in shards.items():
+        t = tensors.get(name)
+        if t is None or spec.replicated or spec.dim != 0 or t.numel() == 0:
+            continue
+        rows = t.reshape(spec.shape)
+        for local_start, global_start, length in pieces_of(spec):
+            key = f"{name}@{global_start}"
+            views[key] = rows.narrow(0, local_start, length)
+            where[key] = (name, global_start, length)
+    digests = digest_many(views)
+    out: dict[str, list[PieceDigest]] = {}
+    for key, digest in digests.items():
+        name, global_start, length = where[key]
+        out.setdefault(name, []).append(PieceDigest(global_start, length, digest))
+    return {name: tuple(p) for name, p in out.items()}

@@ -19,10 +19,12 @@ from sglang_mx.choice import order_candidates
 from sglang_mx.client import MetadataClient
 from sglang_mx.config import MxConfig
 from sglang_mx.digest import mismatches
-from sglang_mx.errors import NoSourceError
-from sglang_mx.identity import RankInfo, describe_identity, identity_for, mx_source_id
+from sglang_mx.errors import CandidateFailure, NoSourceError, TransferError, VerificationError
+from sglang_mx.identity import RankInfo, describe_identity, identity_for, model_source_id, mx_source_id
 from sglang_mx.pull import PullReport, StripedPull, Verifier
-from sglang_mx.records import SourceIdentity, SourceStatus, TensorDescriptor
+from sglang_mx.records import ShardSpec, SourceIdentity, SourceStatus, TensorDescriptor
+from sglang_mx.reshard import InstanceBusy, MixedLayout, instances, pull_instance
+from sglang_mx.shards import ReshardRefused
 from sglang_mx.transfer.engine import MooncakeEngine
 from sglang_mx.transfer.memory import populate
 from sglang_mx.transfer.plan import Read
@@ -67,6 +69,7 @@ def pull_weights(
     sleep: Callable[[float], None] = time.sleep,
     verifier: Verifier | None = None,
     prepare: Callable[[Read], None] | None = None,
+    mixed: MixedLayout | None = None,
 ) -> PullReport:
     """Fill `tensors` (our memory) from READY seeds of the same identity and rank.
 
@@ -88,6 +91,10 @@ def pull_weights(
     verifier (`verify: off`) nothing is checked. `prepare(read)` readies a read's
     destination just before it is submitted (`transfer.memory.populate` for host
     memory).
+
+    `mixed`: our layout can be planned (sglang_mx.reshard); when no seed of our own
+    identity can serve, whole seed instances of the same model in another TP layout
+    are tried (each counts as one candidate), least loaded first.
     """
     source_id = mx_source_id(identity)
     deadline = clock() + options.wait_timeout_s
@@ -114,6 +121,15 @@ def pull_weights(
                 return dataclasses.replace(pull.report(), register_seconds=registered - start,
                                            discover_seconds=(found or registered) - registered)
             pull.drop_all()  # leases are not held while we wait
+            if mixed is not None and not queue and len(pull.bad) < options.max_candidates:
+                found_at = clock()
+                report, mixed_busy = _pull_mixed(client, engine, mixed, pull, options, source_id,
+                                                 verify=options.verify if verifier else "off", prepare=prepare,
+                                                 clock=clock)
+                busy |= mixed_busy
+                if report is not None:
+                    return dataclasses.replace(report, register_seconds=registered - start,
+                                               discover_seconds=(found or found_at) - registered)
             if len(pull.bad) >= options.max_candidates:
                 raise NoSourceError(
                     f"all {len(pull.bad)} candidate seed(s) allowed (max_candidates) failed for "
@@ -133,13 +149,44 @@ def pull_weights(
         engine.unregister(regions)
 
 
+def _pull_mixed(client: MetadataClient, engine: MooncakeEngine, mixed: MixedLayout, pull: StripedPull,
+                options: PullOptions, source_id: str, *, verify: str, prepare, clock) -> tuple[PullReport | None, bool]:
+    """Try whole seed instances of our model in other layouts; (report, any was busy).
+
+    A failed or refused instance is recorded in `pull` (each of its workers is bad) and counts as
+    one candidate."""
+    busy = False
+    refs = client.list_sources(status=SourceStatus.READY, model_name=mixed.model_name)
+    groups = [g for g in instances(refs, mixed, exclude_source_id=source_id, rng=options.rng)
+              if not any(r.worker_id in pull.bad for r in g)]
+    for group in groups:
+        if len(pull.bad) >= options.max_candidates:
+            break
+        try:
+            return pull_instance(client, engine, group, mixed, verify=verify, prepare=prepare,
+                                 lease_timeout_s=options.lease_timeout_s, clock=clock), busy
+        except InstanceBusy as e:
+            log.info("%s", e)
+            busy = True
+        except (ReshardRefused, NoSourceError, TransferError, VerificationError) as e:
+            log.warning("seed instance %s (TP %d) unusable: %s", group[0].topology.get("mx_instance", "?"),
+                        len(group), e)
+            pull.failures.append(CandidateFailure(
+                f"instance of workers {', '.join(r.worker_id for r in group)} (TP {len(group)}, other layout)",
+                str(e)))
+            pull.bad.update(r.worker_id for r in group)
+    return None, busy
+
+
 def pull_into(
     tensors: Mapping[str, torch.Tensor], engine: MooncakeEngine, info: RankInfo, config: MxConfig, *,
-    client: MetadataClient | None = None,
+    client: MetadataClient | None = None, shards: Mapping[str, ShardSpec] | None = None,
 ) -> PullReport:
     """Fill `tensors` from READY seeds of this rank's identity, or raise NoSourceError.
 
     `client`: one already connecting (made while the model was built); it is closed here.
+    `shards`: the split facts of every tensor (our layout can be planned): with the
+    config's `any_layout`, seeds of the same model in another TP layout may serve too.
     Host-memory destinations are populated (`populate`) read by read just before
     each is submitted: they need not have been written before.
     """
@@ -149,11 +196,19 @@ def pull_into(
         len(tensors), identity.model_name, info.worker_rank, config.url,
     )
     on_host = all(t.device.type == "cpu" for t in tensors.values())
+    descriptors = describe(tensors, shards=shards)
+    mixed = None
+    if shards is not None and config.any_layout:
+        mixed = MixedLayout(model_id=model_source_id(info, config), model_name=identity.model_name,
+                            tp_size=info.tp_size, tp_rank=info.tp_rank, tensors=tensors, descriptors=descriptors)
     with client or MetadataClient.for_config(config) as client:
-        report = pull_weights(client, engine, identity, worker_rank=info.worker_rank, tensors=describe(tensors),
+        report = pull_weights(client, engine, identity, worker_rank=info.worker_rank, tensors=descriptors,
                               options=PullOptions.from_config(config),
                               verifier=None if config.verify == "off" else digest_verifier(tensors),
-                              prepare=_populate if on_host else None)
+                              prepare=_populate if on_host else None, mixed=mixed)
+    if report.resharded_from:
+        log.info("modelexpress: resharded from a TP %d seed instance to TP %d rank %d", report.resharded_from,
+                 info.tp_size, info.tp_rank)
     log.info(
         "modelexpress: pulled %d tensors, %.3f GB in %.3f s (%.2f GB/s) from %s (worker %s); "
         "%d verified in %.3f s",

@@ -17,11 +17,14 @@ from sglang_mx._proto import p2p_pb2_grpc as pb_grpc
 from sglang_mx.records import (
     BackendFramework,
     EncodedWorker,
+    PieceDigest,
+    ShardSpec,
     SourceIdentity,
     SourceQuery,
     SourceRef,
     SourceStatus,
     SourceType,
+    Span,
     StoredWorker,
     TensorDescriptor,
     WorkerBytes,
@@ -101,13 +104,27 @@ def identity_from_pb(msg: pb.SourceIdentity) -> SourceIdentity:
 # --- WorkerMetadata -------------------------------------------------------
 
 def _tensor_to_pb(t: TensorDescriptor) -> pb.TensorDescriptor:
-    return pb.TensorDescriptor(name=t.name, addr=t.addr, size=t.size, device_id=t.device_id, dtype=t.dtype,
-                               mx_digest=t.digest)
+    msg = pb.TensorDescriptor(name=t.name, addr=t.addr, size=t.size, device_id=t.device_id, dtype=t.dtype,
+                              mx_digest=t.digest)
+    if t.shard is not None:
+        msg.mx_shard.CopyFrom(pb.MxShard(
+            dim=t.shard.dim, shape=t.shard.shape, parts=t.shard.parts,
+            spans=[pb.MxSpan(local_start=s.local_start, global_start=s.global_start, length=s.length)
+                   for s in t.shard.spans]))
+    msg.mx_pieces.extend(pb.MxPieceDigest(global_start=p.global_start, length=p.length, digest=p.digest)
+                         for p in t.pieces)
+    return msg
 
 
 def _tensor_from_pb(t: pb.TensorDescriptor) -> TensorDescriptor:
+    shard = None
+    if t.HasField("mx_shard"):
+        s = t.mx_shard
+        shard = ShardSpec(dim=s.dim, shape=tuple(s.shape), parts=tuple(s.parts),
+                          spans=tuple(Span(x.local_start, x.global_start, x.length) for x in s.spans))
     return TensorDescriptor(name=t.name, addr=t.addr, size=t.size, dtype=t.dtype, device_id=t.device_id,
-                            digest=t.mx_digest)
+                            digest=t.mx_digest, shard=shard,
+                            pieces=tuple(PieceDigest(p.global_start, p.length, p.digest) for p in t.mx_pieces))
 
 
 def worker_to_pb(worker: WorkerRecord) -> pb.WorkerMetadata:

@@ -58,3 +58,10 @@ def test_fleet_keys_parse_and_are_checked():
                          ('{"max_seeds": 1.5}', "key 'max_seeds' must be an integer, got 1.5")]:
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
             parse_config(raw, env={})
+
+
+def test_any_layout_is_on_by_default_and_a_boolean():
+    assert MxConfig().any_layout is True
+    assert parse_config('{"any_layout": false}', env={}).any_layout is False
+    with pytest.raises(ConfigError, match="key 'any_layout' must be true or false, got \"no\""):
+        parse_config('{"any_layout": "no"}', env={})

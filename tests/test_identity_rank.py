@@ -6,7 +6,7 @@ import pytest
 
 from sglang_mx.config import MxConfig
 from sglang_mx.identity import mx_source_id
-from sglang_mx.identity import RankInfo, identity_for
+from sglang_mx.identity import RankInfo, identity_for, layout_refusal, model_identity, model_source_id
 from sglang_mx.records import BackendFramework
 
 INFO = RankInfo(model_path="/models/llama", tp_size=2, tp_rank=1, pp_size=2, pp_rank=1, ep_size=1,
@@ -68,3 +68,42 @@ def test_a_draft_model_has_an_identity_of_its_own():
     # Without model_name the draft's own path names it.
     path_draft = identity_for(dataclasses.replace(INFO, role="draft", model_path="/models/draft"), MxConfig())
     assert path_draft.model_name == "/models/draft"
+
+
+# --- the model identity of mixed layouts (sglang_mx.reshard) ---------------------------------
+
+PLAIN = RankInfo(model_path="/models/llama", tp_size=2, tp_rank=1, dtype="bfloat16", device="cpu",
+                 framework_version="0.5.23", layout={"attn_tp_size": "2", "moe_tp_size": "2", "moe_ep_size": "1"},
+                 layout_fingerprint="abcd")
+
+
+def test_model_id_is_the_same_across_tp_layouts_and_ranks():
+    tp1 = dataclasses.replace(PLAIN, tp_size=1, tp_rank=0, layout={"attn_tp_size": "1", "moe_tp_size": "1"},
+                              layout_fingerprint="other")
+    assert model_source_id(PLAIN, MxConfig()) == model_source_id(tp1, MxConfig())
+    assert mx_source_id(identity_for(PLAIN, MxConfig())) != mx_source_id(identity_for(tp1, MxConfig()))
+    identity = model_identity(PLAIN, MxConfig())
+    assert (identity.tensor_parallel_size, identity.pipeline_parallel_size, identity.expert_parallel_size) == (0, 0, 0)
+    assert "layout_fingerprint" not in identity.extra_parameters and "attn_tp_size" not in identity.extra_parameters
+
+
+@pytest.mark.parametrize("change", [
+    {"dtype": "float16"}, {"revision": "v2"}, {"device": "cuda"}, {"framework_version": "0.5.24"},
+    {"model_path": "/models/other"}, {"byte_settings": {"moe_runner_backend": "triton"}}, {"gpu_arch": "sm_90"},
+])
+def test_model_id_changes_with_what_decides_bytes(change):
+    assert model_source_id(dataclasses.replace(PLAIN, **change), MxConfig()) != model_source_id(PLAIN, MxConfig())
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({}, ""),
+    ({"pp_size": 2}, "pipeline parallelism (PP 2)"),
+    ({"ep_size": 2}, "expert parallelism (EP 2)"),
+    ({"quantization": "fp8"}, "quantized models (fp8)"),
+    ({"role": "draft"}, "a draft model"),
+    ({"layout": {"attn_tp_size": "1"}}, "attn_tp_size=1 (plain TP needs 2)"),
+    ({"layout": {"attn_dp_size": "2"}}, "attn_dp_size=2 (plain TP needs 1)"),
+])
+def test_layout_refusal_names_what_cannot_be_resharded(change, reason):
+    found = layout_refusal(dataclasses.replace(PLAIN, **change))
+    assert (reason in found) if reason else found == ""

@@ -17,6 +17,9 @@ from sglang_mx import wire
 from sglang_mx._proto import p2p_pb2
 from sglang_mx.records import (
     BackendFramework,
+    PieceDigest,
+    ShardSpec,
+    Span,
     SourceIdentity,
     SourceRef,
     SourceStatus,
@@ -113,7 +116,11 @@ def test_same_package(ours, theirs):
 
 
 # Fields sglang-mx adds to ModelExpress's messages, with numbers ModelExpress does not use.
-EXTENSIONS = {(f".{PACKAGE}.TensorDescriptor", "mx_digest"): 1000}
+EXTENSIONS = {(f".{PACKAGE}.TensorDescriptor", "mx_digest"): 1000,
+              (f".{PACKAGE}.TensorDescriptor", "mx_shard"): 1001,
+              (f".{PACKAGE}.TensorDescriptor", "mx_pieces"): 1002}
+# Messages only our extensions use (a ModelExpress client keeps them inside the unknown fields).
+OUR_MESSAGES = {f".{PACKAGE}.MxShard", f".{PACKAGE}.MxSpan", f".{PACKAGE}.MxPieceDigest"}
 
 
 def test_our_extensions_use_numbers_modelexpress_does_not(ours, theirs):
@@ -130,6 +137,9 @@ def test_every_message_of_ours_matches_theirs(ours, theirs):
     problems = []
     for name, message in _messages(ours).items():
         other = their_messages.get(name)
+        if name in OUR_MESSAGES:
+            assert other is None, f"modelexpress now has a message {name}: rename ours"
+            continue
         if other is None:
             problems.append(f"message {name} is not in modelexpress")
             continue
@@ -254,6 +264,24 @@ def test_digest_round_trips_and_modelexpress_keeps_it_as_an_unknown_field(theirs
     assert parsed.tensor_source.tensors[0].name == "w" and parsed.tensor_source.tensors[0].size == 8
     # A ModelExpress server that stores and re-serializes the record keeps our field.
     assert wire.decode_worker(parsed.SerializeToString()).tensors[0].digest == "xxh3-64:0123456789abcdef"
+
+
+def test_split_facts_round_trip_and_modelexpress_keeps_them_as_unknown_fields(theirs):
+    from google.protobuf import descriptor_pool, message_factory
+
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(theirs)
+    their_worker = message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{PACKAGE}.WorkerMetadata"))
+    shard = ShardSpec(dim=0, shape=(48, 16), parts=(32, 16, 16), spans=(Span(0, 16, 16), Span(16, 40, 8), Span(24, 56, 8)))
+    pieces = (PieceDigest(16, 4, "xxh3-64:0123456789abcdef"), PieceDigest(20, 4, "xxh3-64:fedcba9876543210"))
+    tensors = (TensorDescriptor(name="qkv", addr=4096, size=1536, dtype="bfloat16", shard=shard, pieces=pieces),
+               TensorDescriptor(name="norm", addr=8192, size=32, shard=ShardSpec(dim=-1, shape=(16,))),
+               TensorDescriptor(name="bare", addr=16384, size=8))
+    data = wire.encode_worker(WorkerRecord(worker_rank=1, transfer_engine_session_id="h:1", tensors=tensors))
+    assert wire.decode_worker(data).tensors == tensors
+    parsed = their_worker.FromString(data)  # modelexpress 0.7.0's own descriptor
+    assert [t.name for t in parsed.tensor_source.tensors] == ["qkv", "norm", "bare"]
+    assert wire.decode_worker(parsed.SerializeToString()).tensors == tensors
 
 
 def test_worker_round_trip_with_transfer_engine_session():

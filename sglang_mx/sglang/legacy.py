@@ -38,6 +38,7 @@ def check_server_args(server_args) -> None:
     """Raise ConfigError for a bad `--modelexpress-config` (launcher, at start-up)."""
     loader.log_at_info()
     _state.role(server_args)
+    loader.new_instance()
 
 
 def modelexpress_keys(server_args) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import threading
 import time
 import uuid
@@ -47,7 +48,8 @@ class ProcessState:
     The role (and so the config) is parsed once per process and kept here.
     """
 
-    instance_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:12])
+    # Shared by every rank of one SGLang instance (`new_instance` in the launcher; schedulers inherit it).
+    instance_id: str = dataclasses.field(default_factory=lambda: os.environ.get(INSTANCE_ENV) or uuid.uuid4().hex[:12])
     roles: dict = dataclasses.field(default_factory=dict)  # LaunchSettings -> Role
     rank_infos: dict = dataclasses.field(default_factory=dict)  # id(model) -> RankInfo (plugin)
     runners: dict = dataclasses.field(default_factory=dict)  # id(model) -> SGLang ModelRunner (plugin)
@@ -63,6 +65,16 @@ class ProcessState:
         if settings not in self.roles:
             self.roles[settings] = role_of(settings)
         return self.roles[settings]
+
+
+# Carries the instance id from SGLang's launcher to its scheduler processes (spawned with its environment).
+INSTANCE_ENV = "SGLANG_MX_INSTANCE_ID"
+
+
+def new_instance() -> None:
+    """In the launcher, before any scheduler starts: a fresh id every rank of this instance will share
+    (worker ids are `<instance>-rank<N>`; a target of another layout takes an instance's ranks together)."""
+    os.environ[INSTANCE_ENV] = uuid.uuid4().hex[:12]
 
 
 def settings_of(server_args) -> LaunchSettings:
@@ -185,10 +197,15 @@ def load_from_peer(load_config, model_config, device_config, *, role: Role, info
         start = time.perf_counter()
         tensors = collect_tensors(model)
         info_now = dataclasses.replace(info, layout_fingerprint=layout_fingerprint(model))
+        shards = None
+        if role.config.any_layout:
+            shards, why = layout_facts(model, tensors, info_now)
+            if shards is None:
+                log.info("modelexpress: only seeds of this exact layout can serve this rank: %s", why)
         client = early.take()
         log.info("modelexpress: tensors collected and identity fingerprinted in %.3f s",
                  time.perf_counter() - start)
-        pull_into(tensors, engine, info_now, role.config, client=client)
+        pull_into(tensors, engine, info_now, role.config, client=client, shards=shards)
         refreshed = refresh_derived(model)
         if refreshed:
             log.info("modelexpress: recomputed %d value-derived attribute(s) from the pulled weights: %s",
@@ -310,7 +327,9 @@ def _fill_constant(model, *args, **kwargs) -> None:
 def publish(model, transfer_engine, session_id: str, info: RankInfo, role: Role, *, instance_id: str):
     """Register and publish one rank's tensors (INITIALIZING); returns the SeedPublisher."""
     from sglang_mx.client import MetadataClient
+    from sglang_mx.identity import model_source_id
     from sglang_mx.model_tensors import collect_tensors, layout_fingerprint
+    from sglang_mx.reshard import seed_topology
     from sglang_mx.seed import start_seed
     from sglang_mx.transfer.engine import MooncakeEngine
 
@@ -318,12 +337,37 @@ def publish(model, transfer_engine, session_id: str, info: RankInfo, role: Role,
         raise MxError(_NO_ENGINE)
     config = role.config
     info = dataclasses.replace(info, layout_fingerprint=layout_fingerprint(model))
+    tensors = collect_tensors(model)
+    shards, why = layout_facts(model, tensors, info)
+    topology = None
+    if shards is None:
+        log.info("modelexpress: rank %d serves targets of its own layout only: %s", info.worker_rank, why)
+    else:
+        topology = seed_topology(model_id=model_source_id(info, config), tp_size=info.tp_size,
+                                 pp_size=info.pp_size, instance=instance_id)
     return start_seed(
-        collect_tensors(model), MooncakeEngine.wrap(transfer_engine, session_id), identity_for(info, config),
+        tensors, MooncakeEngine.wrap(transfer_engine, session_id), identity_for(info, config),
         MetadataClient.for_config(config), worker_rank=info.worker_rank,
         worker_id=f"{instance_id}-rank{info.worker_rank}", heartbeat_interval_s=config.heartbeat_interval_s,
         accelerator=info.device, max_readers=config.max_readers, lease_ttl_s=config.reader_lease_s,
+        shards=shards, topology=topology,
     )
+
+
+def layout_facts(model, tensors, info: RankInfo) -> tuple[dict | None, str]:
+    """(the split facts of every tensor in `tensors`, "") when a mixed-layout pull can be planned
+    for this rank, else (None, why not: the layout, or the first tensor without facts)."""
+    from sglang_mx.identity import layout_refusal
+    from sglang_mx.sglang.shard_facts import shard_facts
+
+    why = layout_refusal(info)
+    if why:
+        return None, why
+    specs, reasons = shard_facts(model)
+    for name in tensors:
+        if name not in specs:
+            return None, f"tensor {name!r}: {reasons.get(name, 'not a parameter of a layer sglang-mx knows')}"
+    return {name: specs[name] for name in tensors}, ""
 
 
 @dataclasses.dataclass(frozen=True)

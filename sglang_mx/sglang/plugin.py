@@ -80,6 +80,7 @@ def register() -> None:
 
 def _before_server_args_check(server_args, *args, **kwargs):
     _state.role(server_args)  # raises ConfigError in the launcher, naming the key
+    loader.new_instance()
     return None
 
 

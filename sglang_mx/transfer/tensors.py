@@ -7,19 +7,22 @@ from typing import Iterable, Mapping
 import torch
 
 from sglang_mx.errors import MxError
-from sglang_mx.records import TensorDescriptor
+from sglang_mx.records import PieceDigest, ShardSpec, TensorDescriptor
 
 
 def describe(
     tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
     digests: Mapping[str, str] | None = None,
+    shards: Mapping[str, ShardSpec] | None = None,
+    pieces: Mapping[str, tuple[PieceDigest, ...]] | None = None,
 ) -> list[TensorDescriptor]:
-    """One descriptor per named tensor, in the given order, with its digest when `digests` has one.
+    """One descriptor per named tensor, in the given order, with its digest, split facts and
+    piece digests where given.
 
     Tensors must be contiguous: a strided view's bytes are not one range.
     Aliases (tied weights) keep their own names and share an address.
     """
-    digests = digests or {}
+    digests, shards, pieces = digests or {}, shards or {}, pieces or {}
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     out = []
     for name, t in items:
@@ -37,6 +40,8 @@ def describe(
                 dtype=str(t.dtype).removeprefix("torch."),
                 device_id=t.device.index or 0,
                 digest=digests.get(name, ""),
+                shard=shards.get(name),
+                pieces=pieces.get(name, ()),
             )
         )
     return out

@@ -1,12 +1,14 @@
 """Fixtures of the SGLang tests: a tiny local model, a metadata server, the servers a test starts."""
 
 import importlib.util
+import subprocess
+import sys
 
 import pytest
 
 from sglang_mx.client import MetadataClient
 from sglang_mx.server import MetadataServer, ServerOptions
-from sglang_mx.sglang.launch import make_tiny_llama
+from sglang_mx.sglang.launch import CPU_ENV, make_tiny_llama, sglang_env
 
 
 def require_sglang() -> None:
@@ -21,6 +23,15 @@ HEARTBEAT_TIMEOUT_S = 4.0
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def checkpoint_b(tmp_path_factory):
+    """The tiny Llama's shapes with other weights (another seed): what a target starts "on other weights"."""
+    out = tmp_path_factory.mktemp("tiny-llama-b")
+    subprocess.run([sys.executable, str(CPU_ENV / "make_tiny_llama.py"), str(out), "--seed", "1"],
+                   env=sglang_env(), check=True, capture_output=True, timeout=300)
+    return out
 
 
 @pytest.fixture

@@ -6,26 +6,15 @@ target started for B may load from that seed.
 """
 
 import json
-import subprocess
-import sys
 import urllib.request
 
 import pytest
 
 from sglang_mx.records import SourceStatus
-from sglang_mx.sglang.launch import CPU_ENV, TARGET_ARGS, SglangServer, seed_args, sglang_env
+from sglang_mx.sglang.launch import TARGET_ARGS, SglangServer, seed_args
 from tests.sglang.conftest import require_sglang
 
 require_sglang()
-
-
-@pytest.fixture(scope="module")
-def checkpoint_b(tmp_path_factory):
-    """The tiny Llama's shapes with other weights (another seed)."""
-    out = tmp_path_factory.mktemp("tiny-llama-b")
-    subprocess.run([sys.executable, str(CPU_ENV / "make_tiny_llama.py"), str(out), "--seed", "1"],
-                   env=sglang_env(), check=True, capture_output=True, timeout=300)
-    return out
 
 
 def update_from_disk(server, model_path) -> dict:

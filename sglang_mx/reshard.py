@@ -1,0 +1,213 @@
+"""Target side of a mixed-layout pull: find a seed instance of the same model in another
+layout, plan (sglang_mx.shards), read, verify, place.
+
+Seeds whose every tensor carries split facts advertise, in their worker record's
+`topology`, the id of what the model *is* (`identity.model_source_id`: the
+identity without TP/PP/EP sizes and layout) and their layout. A target whose own
+layout can be planned (`MixedLayout`) lists READY workers of its model name,
+keeps those of its model id in another layout, and takes one whole instance
+(every rank of it) at a time: its records, a reader lease per rank, one plan,
+then the reads of every seed rank in parallel. Anything wrong (a rank missing,
+a plan refused, a failed read, a digest that differs) rejects that instance
+as a whole; the caller moves on to the next, and finally to its `fallback`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from sglang_mx import leases
+from sglang_mx.client import MetadataClient
+from sglang_mx.digest import mismatches
+from sglang_mx.errors import NoSourceError, TransferError, VerificationError
+from sglang_mx.pull import PullReport, read_all
+from sglang_mx.records import SourceRef, SourceStatus, TensorDescriptor
+from sglang_mx.shards import ReshardPlan, plan_reshard
+from sglang_mx.transfer.engine import MooncakeEngine
+from sglang_mx.transfer.plan import Read
+
+log = logging.getLogger("sglang_mx.target")
+
+# Keys of WorkerRecord.topology a reshardable seed publishes.
+MODEL_ID, TP_SIZE, PP_SIZE, INSTANCE = "mx_model_id", "mx_tp_size", "mx_pp_size", "mx_instance"
+
+
+def seed_topology(*, model_id: str, tp_size: int, pp_size: int, instance: str) -> dict[str, str]:
+    return {MODEL_ID: model_id, TP_SIZE: str(tp_size), PP_SIZE: str(pp_size), INSTANCE: instance}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MixedLayout:
+    """What a target of a plannable layout brings to a mixed-layout pull."""
+
+    model_id: str  # identity.model_source_id of our rank
+    model_name: str  # the identity's model_name (the listing filter)
+    tp_size: int
+    tp_rank: int
+    tensors: Mapping[str, torch.Tensor]  # ours, by name
+    descriptors: Sequence[TensorDescriptor]  # ours, each with its ShardSpec
+
+
+def instances(refs: Sequence[SourceRef], mixed: MixedLayout, *, exclude_source_id: str,
+              rng: random.Random | None = None) -> list[list[SourceRef]]:
+    """Whole seed instances of our model in another layout, least loaded first (random among equals).
+
+    An instance is the workers sharing (mx_source_id, topology mx_instance); it is
+    whole when it has exactly ranks 0..tp-1 of a single pipeline stage.
+    """
+    groups: dict[tuple[str, str], dict[int, SourceRef]] = {}
+    for ref in refs:
+        top = ref.topology
+        if ref.status != SourceStatus.READY or top.get(MODEL_ID) != mixed.model_id:
+            continue
+        if ref.mx_source_id == exclude_source_id or top.get(PP_SIZE, "1") != "1":
+            continue
+        group = groups.setdefault((ref.mx_source_id, top.get(INSTANCE, "")), {})
+        if ref.worker_rank not in group or ref.updated_at_ms > group[ref.worker_rank].updated_at_ms:
+            group[ref.worker_rank] = ref
+    whole = []
+    for (_, _), group in groups.items():
+        try:
+            tp = int(next(iter(group.values())).topology.get(TP_SIZE, "0"))
+        except ValueError:
+            continue
+        if tp > 0 and sorted(group) == list(range(tp)):
+            whole.append([group[r] for r in range(tp)])
+    rng = rng or random.Random()
+    keyed = [(sum(r.source_load or 0.0 for r in g) / len(g), rng.random(), i) for i, g in enumerate(whole)]
+    return [whole[i] for _, _, i in sorted(keyed)]
+
+
+class InstanceBusy(Exception):
+    """A rank of the instance is at its max_readers: try it again later."""
+
+
+def pull_instance(
+    client: MetadataClient,
+    engine: MooncakeEngine,
+    group: Sequence[SourceRef],
+    mixed: MixedLayout,
+    *,
+    verify: str,
+    prepare: Callable[[Read], None] | None = None,
+    lease_timeout_s: float = 2.0,
+    clock: Callable[[], float] = time.monotonic,
+) -> PullReport:
+    """Fill our tensors from every rank of one seed instance of another layout.
+
+    Raises ReshardRefused (nothing read), NoSourceError (a rank vanished),
+    TransferError or VerificationError (our tensors may hold partial data),
+    InstanceBusy. Our tensors' memory must already be registered with `engine`.
+    """
+    seed_tp = len(group)
+    label = f"instance {group[0].topology.get(INSTANCE, '?')} (TP {seed_tp}, {group[0].mx_source_id})"
+    start = clock()
+    held: list[leases.ReadLease] = []
+    try:
+        records, sessions, endpoints = {}, {}, {}
+        for ref in group:
+            stored = client.get_metadata(ref.mx_source_id, ref.worker_id)
+            if stored is None:
+                raise NoSourceError(f"worker {ref.worker_id} of {label} vanished before GetMetadata")
+            if not stored.worker.transfer_engine_session_id:
+                raise NoSourceError(f"worker {ref.worker_id} of {label} publishes no transfer_engine_session_id")
+            records[ref.worker_rank] = stored.worker.tensors
+            sessions[ref.worker_rank] = stored.worker.transfer_engine_session_id
+            endpoints[ref.worker_rank] = stored.worker.worker_grpc_endpoint
+        plan = plan_reshard(mixed.descriptors, records, near=mixed.tp_rank * seed_tp // mixed.tp_size,
+                            verify=verify, seed=label)
+        for ref in group:
+            if ref.worker_rank in plan.ranks:
+                try:
+                    lease = leases.acquire(endpoints[ref.worker_rank], ref.mx_source_id, ref.worker_id, timeout_s=lease_timeout_s)
+                except leases.SeedBusyError as e:
+                    raise InstanceBusy(str(e)) from e
+                if lease is not None:
+                    held.append(lease)
+        metadata_s = clock() - start
+        if plan.unverified:
+            log.warning("%s publishes no digest for %d tensor(s) read here: not verified (verify=if_present): %s",
+                        label, len(plan.unverified), ", ".join(plan.unverified[:5]))
+        log.info("resharding from %s: TP %d -> TP %d rank %d, %.3f GB into place, %.3f GB read "
+                 "(%d tensors staged whole)", label, seed_tp, mixed.tp_size, mixed.tp_rank, plan.total_bytes / 1e9,
+                 plan.read_bytes / 1e9, len(plan.staged))
+        seconds, verify_s, reads = _execute(engine, plan, sessions, mixed.tensors, prepare, clock, label)
+    finally:
+        for lease in held:
+            lease.release()
+    by_rank = {ref.worker_rank: ref for ref in group}
+    served: dict[str, int] = {}
+    for r, rank_reads in plan.direct.items():
+        served[by_rank[r].worker_id] = served.get(by_rank[r].worker_id, 0) + sum(x.length for x in rank_reads)
+    for s in plan.staged:
+        served[by_rank[s.rank].worker_id] = served.get(by_rank[s.rank].worker_id, 0) + s.size
+    main = group[min(plan.ranks, key=lambda r: abs(r - mixed.tp_rank * seed_tp // mixed.tp_size))] if plan.ranks \
+        else group[0]
+    return PullReport(
+        mx_source_id=group[0].mx_source_id, seed_worker_id=main.worker_id, seed_session_id=sessions[main.worker_rank],
+        tensors=len(mixed.descriptors), bytes=plan.total_bytes, reads=reads, seconds=seconds,
+        verified=len(plan.checks) + sum(1 for s in plan.staged if s.digest), verify_seconds=verify_s,
+        metadata_seconds=metadata_s, served=served, rounds=1, resharded_from=seed_tp,
+    )
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    return t.reshape(-1) if t.dtype == torch.uint8 else t.reshape(-1).view(torch.uint8)
+
+
+def _execute(engine: MooncakeEngine, plan: ReshardPlan, sessions: Mapping[int, str],
+             tensors: Mapping[str, torch.Tensor], prepare, clock, label: str) -> tuple[float, float, int]:
+    """Run the plan: (transfer seconds, verify seconds, reads). Raises TransferError, VerificationError."""
+    device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
+    staged_bytes = sum(s.size for s in plan.staged)
+    staging = torch.empty(staged_bytes, dtype=torch.uint8, device=device) if staged_bytes else None
+    regions = engine.register([(staging.data_ptr(), staged_bytes)]) if staging is not None else []
+    try:
+        offsets, at = [], 0
+        for s in plan.staged:
+            offsets.append(at)
+            at += s.size
+        jobs: dict[int, list[Read]] = {r: list(reads) for r, reads in plan.direct.items()}
+        for s, off in zip(plan.staged, offsets):
+            jobs.setdefault(s.rank, []).append(Read(staging.data_ptr() + off, s.remote_addr, s.size))
+        start = clock()
+        ranks = sorted(jobs)
+        errors = read_all(engine, [(sessions[r], sorted(jobs[r], key=lambda x: x.local_addr), prepare, None)
+                                   for r in ranks])
+        seconds = clock() - start
+        failed = [(r, e) for r, e in zip(ranks, errors) if e is not None]
+        if failed:
+            r, e = failed[0]
+            raise TransferError(f"reading from seed rank {r} of {label} failed: {e}", seed=label,
+                                code=getattr(e, "code", None))
+        begin = clock()
+        expected = {f"staged:{s.rank}:{s.name}": s.digest for s in plan.staged if s.digest}
+        views = {f"staged:{s.rank}:{s.name}": staging[off:off + s.size]
+                 for s, off in zip(plan.staged, offsets) if s.digest}
+        differing = mismatches(views, expected) if expected else []
+        if differing:
+            raise VerificationError("staged bytes do not match the seed's published digests", seed=label,
+                                    tensors=sorted({k.split(":", 2)[2] for k in differing}))
+        for s, off in zip(plan.staged, offsets):
+            src = staging[off:off + s.size].view(*s.src_view)
+            dst = _flat(tensors[s.name]).view(*s.dst_view)
+            for c in s.copies:
+                dst.narrow(1, c.dst_start, c.length).copy_(src.narrow(1, c.src_start, c.length))
+        checks = {f"{c.name}@{c.offset}": _flat(tensors[c.name])[c.offset:c.offset + c.length] for c in plan.checks}
+        differing = mismatches(checks, {f"{c.name}@{c.offset}": c.digest for c in plan.checks}) if checks else []
+        if differing:
+            raise VerificationError("bytes pulled do not match the seed's published piece digests", seed=label,
+                                    tensors=sorted({k.rsplit("@", 1)[0] for k in differing}))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return seconds, clock() - begin, sum(len(v) for v in jobs.values())
+    finally:
+        engine.unregister(regions)
+        del staging
