@@ -163,8 +163,9 @@ def _pull_mixed(client: MetadataClient, engine: MooncakeEngine, mixed: MixedLayo
         if len(pull.bad) >= options.max_candidates:
             break
         try:
-            return pull_instance(client, engine, group, mixed, verify=verify, prepare=prepare,
-                                 lease_timeout_s=options.lease_timeout_s, clock=clock), busy
+            report = pull_instance(client, engine, group, mixed, verify=verify, prepare=prepare,
+                                   lease_timeout_s=options.lease_timeout_s, clock=clock)
+            return dataclasses.replace(report, failures=tuple(pull.failures)), busy
         except InstanceBusy as e:
             log.info("%s", e)
             busy = True

@@ -17,7 +17,8 @@ from sglang_mx.client import MetadataClient
 from sglang_mx.records import SourceIdentity
 from sglang_mx.seed import start_seed
 from sglang_mx.transfer.engine import MooncakeEngine
-from tests.procs import weights
+from sglang_mx.reshard import seed_topology
+from tests.procs import layouts, weights
 
 
 def main() -> None:
@@ -31,15 +32,30 @@ def main() -> None:
     p.add_argument("--heartbeat", type=float, default=30.0)
     p.add_argument("--no-digests", action="store_true", help="publish without content digests")
     p.add_argument("--mutate", default="", help="after publishing, change one byte of this tensor in place")
+    p.add_argument("--layer-scale", type=int, default=0,
+                   help="publish tests/procs/layouts.py's Llama layer at this scale, cut for --tp/--rank, with its "
+                        "split facts (0: the weights of tests/procs/weights.py)")
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--instance", default="", help="worker id <instance>-rank<N>, and the topology's instance")
+    p.add_argument("--model-id", default="", help="the layout-free model id advertised in the topology")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO)
 
-    tensors = weights.build(args.size_mb, args.variant)
+    shards = topology = None
+    if args.layer_scale:
+        shards = layouts.specs_for(args.tp, args.rank, args.kv_heads, args.layer_scale)
+        whole = layouts.whole_tensors(args.kv_heads, scale=args.layer_scale)
+        tensors = {name: layouts.cut(whole[name], spec) for name, spec in shards.items()}
+        topology = seed_topology(model_id=args.model_id, tp_size=args.tp, pp_size=1, instance=args.instance)
+    else:
+        tensors = weights.build(args.size_mb, args.variant)
     identity = SourceIdentity(model_name=args.model, tensor_parallel_size=args.tp, dtype="mixed")
     engine = MooncakeEngine.create("127.0.0.1", protocol="tcp")
     client = MetadataClient(args.url, timeout_s=5, retries=1)
     publisher = start_seed(tensors, engine, identity, client, worker_rank=args.rank,
-                           heartbeat_interval_s=args.heartbeat, ready=True, digests=not args.no_digests)
+                           worker_id=f"{args.instance}-rank{args.rank}" if args.instance else None,
+                           heartbeat_interval_s=args.heartbeat, ready=True, digests=not args.no_digests,
+                           shards=shards, topology=topology)
     if args.mutate:  # the weights change under a READY record (what an unguarded in-place update does)
         tensors[args.mutate].view(-1).view(torch.uint8)[0] ^= 0xFF
     print(json.dumps({"worker_id": publisher.worker_id, "session": engine.session_id,
