@@ -14,9 +14,12 @@ as a whole; the caller moves on to the next, and finally to its `fallback`.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import functools
 import logging
 import random
+import threading
 import time
 from typing import Callable, Mapping, Sequence
 
@@ -28,7 +31,7 @@ from sglang_mx.digest import mismatches
 from sglang_mx.errors import NoSourceError, TransferError, VerificationError
 from sglang_mx.pull import PullReport, read_all
 from sglang_mx.records import SourceRef, SourceStatus, TensorDescriptor
-from sglang_mx.shards import ReshardPlan, plan_reshard
+from sglang_mx.shards import PieceCheck, ReshardPlan, Staged, plan_reshard
 from sglang_mx.transfer.engine import MooncakeEngine
 from sglang_mx.transfer.plan import Read
 
@@ -72,7 +75,7 @@ def instances(refs: Sequence[SourceRef], mixed: MixedLayout, *, exclude_source_i
         if ref.worker_rank not in group or ref.updated_at_ms > group[ref.worker_rank].updated_at_ms:
             group[ref.worker_rank] = ref
     whole = []
-    for (_, _), group in groups.items():
+    for group in groups.values():
         try:
             tp = int(next(iter(group.values())).topology.get(TP_SIZE, "0"))
         except ValueError:
@@ -164,51 +167,81 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 def _execute(engine: MooncakeEngine, plan: ReshardPlan, sessions: Mapping[int, str],
              tensors: Mapping[str, torch.Tensor], prepare, clock, label: str) -> tuple[float, float, int]:
-    """Run the plan: (seconds from the first read to the last byte placed and verified, seconds spent
-    verifying and placing after the reads, reads). Raises TransferError, VerificationError."""
+    """Run the plan: (seconds from the first read to the last byte verified and placed, seconds spent
+    verifying and placing, reads). Raises TransferError, VerificationError.
+
+    Each read is verified as it lands, in its rank's reading thread while the other reads
+    move: the piece checks it holds, or, for a staged tensor, its whole digest and then the
+    copy of its columns into place (staged tensors of one destination fill disjoint columns).
+    """
     device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
     staged_bytes = sum(s.size for s in plan.staged)
     staging = torch.empty(staged_bytes, dtype=torch.uint8, device=device) if staged_bytes else None
     regions = engine.register([(staging.data_ptr(), staged_bytes)]) if staging is not None else []
+    flat = {name: _flat(t) for name, t in tensors.items()}
+    lock = threading.Lock()
+    differing: list[str] = []
+    spent = [0.0]
+
+    def check(c: PieceCheck) -> None:
+        if mismatches({c.name: flat[c.name][c.offset:c.offset + c.length]}, {c.name: c.digest}):
+            with lock:
+                differing.append(c.name)
+
+    def place(s: Staged, off: int) -> None:
+        src = staging[off:off + s.size]
+        if s.digest and mismatches({s.name: src}, {s.name: s.digest}):
+            with lock:
+                differing.append(s.name)
+            return
+        dst = flat[s.name].view(*s.dst_view)
+        view = src.view(*s.src_view)
+        for c in s.copies:
+            dst.narrow(1, c.dst_start, c.length).copy_(view.narrow(1, c.src_start, c.length))
+
     try:
-        offsets, at = [], 0
+        work: dict[int, list[tuple[Read, list[Callable[[], None]]]]] = {
+            r: [(read, []) for read in reads] for r, reads in plan.direct.items()}
+        for r, items in work.items():
+            starts = [read.local_addr for read, _ in items]
+            for c in (c for c in plan.checks if c.rank == r):
+                addr = flat[c.name].data_ptr() + c.offset
+                items[bisect.bisect_right(starts, addr) - 1][1].append(functools.partial(check, c))
+        at = 0
         for s in plan.staged:
-            offsets.append(at)
+            work.setdefault(s.rank, []).append(
+                (Read(staging.data_ptr() + at, s.remote_addr, s.size), [functools.partial(place, s, at)]))
             at += s.size
-        jobs: dict[int, list[Read]] = {r: list(reads) for r, reads in plan.direct.items()}
-        for s, off in zip(plan.staged, offsets):
-            jobs.setdefault(s.rank, []).append(Read(staging.data_ptr() + off, s.remote_addr, s.size))
+        ranks = sorted(work)
+        jobs = []
+        for r in ranks:
+            items = sorted(work[r], key=lambda item: item[0].local_addr)
+            work[r] = items
+            jobs.append((sessions[r], [read for read, _ in items], prepare, _landing(items, lock, spent, clock)))
         start = clock()
-        ranks = sorted(jobs)
-        errors = read_all(engine, [(sessions[r], sorted(jobs[r], key=lambda x: x.local_addr), prepare, None)
-                                   for r in ranks])
+        errors = read_all(engine, jobs)
         failed = [(r, e) for r, e in zip(ranks, errors) if e is not None]
         if failed:
             r, e = failed[0]
             raise TransferError(f"reading from seed rank {r} of {label} failed: {e}", seed=label,
                                 code=getattr(e, "code", None))
-        begin = clock()
-        expected = {f"staged:{s.rank}:{s.name}": s.digest for s in plan.staged if s.digest}
-        views = {f"staged:{s.rank}:{s.name}": staging[off:off + s.size]
-                 for s, off in zip(plan.staged, offsets) if s.digest}
-        differing = mismatches(views, expected) if expected else []
         if differing:
-            raise VerificationError("staged bytes do not match the seed's published digests", seed=label,
-                                    tensors=sorted({k.split(":", 2)[2] for k in differing}))
-        for s, off in zip(plan.staged, offsets):
-            src = staging[off:off + s.size].view(*s.src_view)
-            dst = _flat(tensors[s.name]).view(*s.dst_view)
-            for c in s.copies:
-                dst.narrow(1, c.dst_start, c.length).copy_(src.narrow(1, c.src_start, c.length))
-        checks = {f"{c.name}@{c.offset}": _flat(tensors[c.name])[c.offset:c.offset + c.length] for c in plan.checks}
-        differing = mismatches(checks, {f"{c.name}@{c.offset}": c.digest for c in plan.checks}) if checks else []
-        if differing:
-            raise VerificationError("bytes pulled do not match the seed's published piece digests", seed=label,
-                                    tensors=sorted({k.rsplit("@", 1)[0] for k in differing}))
+            raise VerificationError("bytes pulled do not match the seed's published digests (whole or piece)",
+                                    seed=label, tensors=sorted(set(differing)))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        # The transfer figure counts verification and placing: nothing is usable before both.
-        return clock() - start, clock() - begin, sum(len(v) for v in jobs.values())
+        return clock() - start, spent[0], sum(len(items) for items in work.values())
     finally:
         engine.unregister(regions)
-        del staging
+        staging = None  # noqa: F841  (the staging buffer goes once unregistered)
+
+
+def _landing(items, lock: threading.Lock, spent: list[float], clock) -> Callable[[int], None]:
+    """on_done for one rank's reads: run what waits on read i, adding its time to `spent`."""
+    def on_done(index: int) -> None:
+        begin = clock()
+        for task in items[index][1]:
+            task()
+        with lock:
+            spent[0] += clock() - begin
+    return on_done

@@ -130,8 +130,9 @@ def pieces_of(spec: ShardSpec) -> list[tuple[int, int, int]]:
 
 @dataclasses.dataclass(frozen=True)
 class PieceCheck:
-    """After the reads: bytes [offset, +length) of local tensor `name` must have `digest`."""
+    """Once read from seed rank `rank`: bytes [offset, +length) of local tensor `name` must have `digest`."""
 
+    rank: int
     name: str
     offset: int
     length: int
@@ -230,7 +231,7 @@ def plan_reshard(
             d = remote[r]
             direct.setdefault(r, []).append(Read(t.addr, d.addr, t.size))
             read += t.size
-            _check_or_note(checks, unverified, t.name, 0, t.size, d.digest, verify, seed, f"seed rank {r}")
+            _check_or_note(checks, unverified, r, t.name, t.size, d.digest, verify, seed)
             continue
         segments = _cover(t.name, spec, {r: remote[r].shard for r in order}, seed)
         outer, rows, inner = _view(spec, t.size)
@@ -242,7 +243,7 @@ def plan_reshard(
                 read += length * inner
                 for piece_start, piece_len, digest in _pieces_covering(t.name, d, g, length, verify, seed, r):
                     if digest:
-                        checks.append(PieceCheck(t.name, (dst_start + piece_start - g) * inner,
+                        checks.append(PieceCheck(r, t.name, (dst_start + piece_start - g) * inner,
                                                  piece_len * inner, digest))
                     elif verify != "off":
                         unverified.append(t.name)
@@ -345,14 +346,16 @@ def _pieces_covering(name: str, d: TensorDescriptor, start: int, length: int, ve
     return out
 
 
-def _check_or_note(checks: list[PieceCheck], unverified: list[str], name: str, offset: int, length: int,
-                   digest: str, verify: str, seed: str, where: str) -> None:
+def _check_or_note(checks: list[PieceCheck], unverified: list[str], rank: int, name: str, size: int,
+                   digest: str, verify: str, seed: str) -> None:
+    """A whole tensor read from seed rank `rank`: check it against `digest`, or note it (per `verify`)."""
     if verify == "off":
         return
     if digest:
-        checks.append(PieceCheck(name, offset, length, digest))
+        checks.append(PieceCheck(rank, name, 0, size, digest))
     elif verify == "require":
-        raise ReshardRefused(f"{where} publishes no digest for it and verify is 'require'", tensor=name, seed=seed)
+        raise ReshardRefused(f"seed rank {rank} publishes no digest for it and verify is 'require'", tensor=name,
+                             seed=seed)
     else:
         unverified.append(name)
 

@@ -73,7 +73,7 @@ def test_a_changed_byte_rejects_the_instance_and_the_next_one_serves(server, cli
         if report.failures:
             [failure] = report.failures
             assert "bad-rank0" in failure.seed and "gate_up.weight" in failure.reason
-            assert "piece digests" in failure.reason
+            assert "published digests" in failure.reason
             break
     else:
         pytest.fail("the changed instance was never tried first in 12 pulls")
@@ -85,4 +85,4 @@ def test_without_any_layout_or_with_only_a_changed_instance_the_pull_fails(serve
         pull_as(client, engine, 2, 0, any_layout=False, wait_timeout_s=0.5)
     with pytest.raises(NoSourceError) as e:
         pull_as(client, engine, 2, 1, wait_timeout_s=0.5)
-    assert "o.weight" in str(e.value) and "staged bytes do not match" in str(e.value)
+    assert "o.weight" in str(e.value) and "do not match the seed's published digests" in str(e.value)
