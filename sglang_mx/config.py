@@ -46,7 +46,7 @@ class MxConfig:
     any_layout: bool = True
     # Seeds: serve at most this many reader leases at once (0: no cap); the count is reported as source_load.
     max_readers: int = 0
-    reader_lease_s: float = 60.0  # a lease not released within this expires (its target died)
+    reader_lease_s: float = 60.0  # a lease neither released nor renewed within this expires (target died)
     heartbeat_interval_s: float = 30.0
     timeout_s: float = 10.0  # per-RPC deadline
     # A file holding the metadata server's bearer token; `parse_config` reads (and checks) it, once.

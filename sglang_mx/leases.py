@@ -8,8 +8,10 @@ record as `worker_grpc_endpoint`:
 
 - PrepareTensorRead grants a lease id, or answers RESOURCE_EXHAUSTED when the
   seed already has `max_readers` leases (the target reads elsewhere or waits);
-- ReleaseTensorRead ends it; a lease not released within `ttl_s` (its target
-  died, or its pull is very slow) expires, so no slot is held forever;
+- ReleaseTensorRead ends it; a lease not released within `ttl_s` expires (its
+  target died), so no slot is held forever. A live target renews its lease every
+  third of the TTL the seed announced (PrepareTensorRead naming the lease, an
+  sglang-mx extension field), so a pull longer than the TTL keeps its slot;
 - the seed's heartbeat reports the count as `source_load`, and sends one early
   when the count changes, so listings show who is busy.
 
@@ -89,6 +91,18 @@ class ReaderLeases:
             self._notify(active)
         return lease
 
+    def renew(self, lease_id: str) -> bool:
+        """Move a live lease's expiry to now + ttl_s; False when it is unknown or has expired."""
+        with self._lock:
+            changed = self._expire_locked()
+            known = lease_id in self._expiry
+            if known:
+                self._expiry[lease_id] = self._clock() + self.ttl_s
+            active = len(self._expiry)
+        if changed:
+            self._notify(active)
+        return known
+
     def release(self, lease_id: str) -> bool:
         """End a lease; False when it was unknown or had already expired."""
         with self._lock:
@@ -131,11 +145,12 @@ class _Servicer(wire.WorkerServiceServicer):
         if request.worker_id and request.worker_id != self._worker_id:
             context.abort(grpc.StatusCode.NOT_FOUND, f"this endpoint serves worker {self._worker_id}, "
                                                      f"not {request.worker_id}")
-        lease = self._leases.acquire()
+        renew = request.mx_renew_lease_id
+        lease = renew if renew and self._leases.renew(renew) else self._leases.acquire()
         if lease is None:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"{self._leases.max_readers} reader(s) already (max_readers)")
-        return wire.prepare_read_response(lease)
+        return wire.prepare_read_response(lease, self._leases.ttl_s)
 
     def ReleaseTensorRead(self, request, context):
         self._leases.release(request.lease_id)
@@ -164,17 +179,50 @@ class LeaseServer:
 
 @dataclasses.dataclass
 class ReadLease:
-    """A granted lease; `release()` ends it (once; errors are logged, the lease then expires)."""
+    """A granted lease, renewed in the background every third of its TTL while held;
+    `release()` ends it (once; errors are logged, the lease then expires)."""
 
     endpoint: str
     mx_source_id: str
     worker_id: str
     lease_id: str
     _channel: grpc.Channel | None = dataclasses.field(default=None, repr=False)
+    ttl_s: float = 0.0  # as the seed announced it; 0: unknown (not renewed)
+    renewals: int = 0
+    _stop: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False)
+    _keeper: threading.Thread | None = dataclasses.field(default=None, repr=False)
+
+    def keep_alive(self) -> "ReadLease":
+        """Start renewing (a no-op when the seed announced no TTL)."""
+        if self.ttl_s > 0 and self._channel is not None and self._keeper is None:
+            self._keeper = threading.Thread(target=self._renew_loop, name=f"mx-lease-{self.lease_id}", daemon=True)
+            self._keeper.start()
+        return self
+
+    def _renew_loop(self) -> None:
+        period = max(self.ttl_s / 3, 0.05)
+        stub = wire.WorkerServiceStub(self._channel)
+        while not self._stop.wait(period):
+            try:
+                response = stub.PrepareTensorRead(
+                    wire.prepare_read_request(self.mx_source_id, self.worker_id, renew=self.lease_id),
+                    timeout=period)
+            except grpc.RpcError as e:  # busy after an expiry, or the seed is gone: the pull finds out
+                log.info("renewing lease %s at %s failed (%s); no longer renewed", self.lease_id, self.endpoint,
+                         e.code().name)
+                return
+            if response.lease_id != self.lease_id:
+                log.info("lease %s at %s had expired; holding %s instead", self.lease_id, self.endpoint,
+                         response.lease_id)
+                self.lease_id = response.lease_id
+            self.renewals += 1
 
     def release(self, timeout_s: float = 2.0) -> None:
         if self._channel is None:
             return
+        self._stop.set()
+        if self._keeper is not None:
+            self._keeper.join()
         channel, self._channel = self._channel, None
         try:
             wire.WorkerServiceStub(channel).ReleaseTensorRead(
@@ -205,4 +253,5 @@ def acquire(endpoint: str, mx_source_id: str, worker_id: str, *, timeout_s: floa
             raise SeedBusyError(f"{worker_id}@{endpoint}", e.details() or "at max_readers") from None
         log.info("no reader lease from %s (%s: %s); reading without one", endpoint, e.code().name, e.details())
         return None
-    return ReadLease(endpoint, mx_source_id, worker_id, response.lease_id, channel)
+    return ReadLease(endpoint, mx_source_id, worker_id, response.lease_id, channel,
+                     ttl_s=response.mx_lease_ttl_ms / 1000).keep_alive()

@@ -318,12 +318,12 @@ WorkerServiceServicer = pb_grpc.WorkerServiceServicer
 add_worker_servicer_to_server = pb_grpc.add_WorkerServiceServicer_to_server
 
 
-def prepare_read_request(mx_source_id: str, worker_id: str) -> pb.PrepareTensorReadRequest:
-    return pb.PrepareTensorReadRequest(mx_source_id=mx_source_id, worker_id=worker_id)
+def prepare_read_request(mx_source_id: str, worker_id: str, renew: str = "") -> pb.PrepareTensorReadRequest:
+    return pb.PrepareTensorReadRequest(mx_source_id=mx_source_id, worker_id=worker_id, mx_renew_lease_id=renew)
 
 
-def prepare_read_response(lease_id: str) -> pb.PrepareTensorReadResponse:
-    return pb.PrepareTensorReadResponse(lease_id=lease_id)
+def prepare_read_response(lease_id: str, ttl_s: float = 0.0) -> pb.PrepareTensorReadResponse:
+    return pb.PrepareTensorReadResponse(lease_id=lease_id, mx_lease_ttl_ms=max(int(ttl_s * 1000), 0))
 
 
 def release_read_request(mx_source_id: str, worker_id: str, lease_id: str) -> pb.ReleaseTensorReadRequest:

@@ -36,6 +36,19 @@ def test_a_lease_never_released_expires():
     assert not book.release(lease)
 
 
+def test_renewing_moves_the_expiry_and_an_expired_lease_cannot_be_renewed():
+    clock = Clock()
+    book = ReaderLeases(max_readers=1, ttl_s=5, clock=clock)
+    lease = book.acquire()
+    clock.now = 4.0
+    assert book.renew(lease)
+    clock.now = 8.9
+    assert book.active() == 1 and book.acquire() is None  # still held: renewed at 4.0
+    clock.now = 9.0
+    assert not book.renew(lease) and book.active() == 0 and book.expired == 1
+    assert not book.renew("never-granted")
+
+
 def test_no_cap_counts_every_reader():
     book = ReaderLeases(max_readers=0)
     for _ in range(50):
@@ -93,3 +106,23 @@ def test_a_seed_reports_its_readers_as_source_load_soon_after_they_change(server
         wait_for(lambda: load() == 0.0, timeout_s=5, what="source_load 0")
     finally:
         publisher.close()
+
+
+def test_a_held_lease_is_renewed_past_its_ttl_and_a_released_one_is_not(wait_for):
+    book = ReaderLeases(max_readers=1, ttl_s=0.3)
+    server = LeaseServer(book, worker_id="w").start()
+    try:
+        lease = leases.acquire(server.endpoint, "id", "w")
+        assert lease is not None and lease.ttl_s == 0.3
+        wait_for(lambda: lease.renewals >= 4, timeout_s=5)  # well past 0.3 s
+        assert book.active() == 1 and book.expired == 0
+        with pytest.raises(SeedBusyError):  # the slot is still ours
+            leases.acquire(server.endpoint, "id", "w")
+        lease.release()
+        renewals = lease.renewals
+        assert book.active() == 0
+        other = leases.acquire(server.endpoint, "id", "w")
+        assert other is not None and lease.renewals == renewals
+        other.release()
+    finally:
+        server.stop()

@@ -118,7 +118,9 @@ def test_same_package(ours, theirs):
 # Fields sglang-mx adds to ModelExpress's messages, with numbers ModelExpress does not use.
 EXTENSIONS = {(f".{PACKAGE}.TensorDescriptor", "mx_digest"): 1000,
               (f".{PACKAGE}.TensorDescriptor", "mx_shard"): 1001,
-              (f".{PACKAGE}.TensorDescriptor", "mx_pieces"): 1002}
+              (f".{PACKAGE}.TensorDescriptor", "mx_pieces"): 1002,
+              (f".{PACKAGE}.PrepareTensorReadRequest", "mx_renew_lease_id"): 1000,
+              (f".{PACKAGE}.PrepareTensorReadResponse", "mx_lease_ttl_ms"): 1000}
 # Messages only our extensions use (a ModelExpress client keeps them inside the unknown fields).
 OUR_MESSAGES = {f".{PACKAGE}.MxShard", f".{PACKAGE}.MxSpan", f".{PACKAGE}.MxPieceDigest"}
 
