@@ -48,6 +48,9 @@ class PullReport:
     served: Mapping[str, int] = dataclasses.field(default_factory=dict)  # worker id -> verified bytes it served
     rounds: int = 0  # striped rounds (1 unless a seed failed mid-pull)
     resharded_from: int = 0  # the seed instance's TP size when it had another layout (sglang_mx.reshard); 0: same
+    # name -> digest of every tensor whose pulled bytes were checked against it (same-layout pulls):
+    # a cascading target publishes these instead of hashing the same bytes again.
+    digests: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def gb_per_s(self) -> float:
@@ -86,6 +89,7 @@ class StripedPull:
         self.sessions: dict[str, str] = {}
         self.mx_source_id = ""
         self.reads = self.verified = self.rounds = 0
+        self.digests: dict[str, str] = {}  # name -> the digest its pulled bytes were checked against
         self.seconds = self.verify_seconds = self.metadata_seconds = 0.0
 
     @property
@@ -173,6 +177,9 @@ class StripedPull:
         self.verified += sum(1 for d in complete for name in d.names
                              if name in servers[d][0].expected and name not in differing)
         good = {d for d in complete if not differing.intersection(d.names)}
+        for d in good:
+            self.digests.update((name, servers[d][0].expected[name]) for name in d.names
+                                if name in servers[d][0].expected)
         wrong: dict[str, set[str]] = {}
         for d in complete:
             for src in servers[d]:
@@ -223,6 +230,7 @@ class StripedPull:
             failures=tuple(self.failures),
             served=dict(self.served),
             rounds=self.rounds,
+            digests=dict(self.digests),
         )
 
 

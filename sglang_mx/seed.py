@@ -214,6 +214,7 @@ def start_seed(
     lease_ttl_s: float = 60.0,
     shards: Mapping[str, ShardSpec] | None = None,
     topology: Mapping[str, str] | None = None,
+    known_digests: Mapping[str, str] | None = None,
 ) -> SeedPublisher:
     """Register and publish one rank's `tensors` as INITIALIZING (READY at once with `ready`).
 
@@ -224,16 +225,23 @@ def start_seed(
     lease endpoint) and heartbeats their count as source_load.
     `shards` (name -> ShardSpec, sglang_mx.shards) are published with the descriptors for
     targets of other layouts, with the digests of each dim-0 split's pieces; `topology`
-    is the worker record's topology (sglang_mx.reshard.seed_topology).
+    is the worker record's topology (sglang_mx.reshard.seed_topology). `known_digests`: digests
+    these very bytes were just checked against (a target that pulled and verified them
+    seeds in cascade), published as they are instead of hashing the bytes again.
     The publisher closes (STALE, memory unregistered) at interpreter exit and on
     SIGTERM; call `mark_ready()` once the rank serves.
     """
     start = time.perf_counter()
-    published = digest_many(tensors) if digests else {}
+    published = {}
+    if digests:
+        known = {name: d for name, d in (known_digests or {}).items() if name in tensors}
+        published = {**known, **digest_many({n: t for n, t in tensors.items() if n not in known})}
+        published = {name: published[name] for name in tensors}
     pieces = piece_digests_of(tensors, shards) if digests and shards else {}
     if published:
-        log.info("seed rank %d: digests of %d tensors (and %d split pieces) in %.3f s", worker_rank, len(published),
-                 sum(len(p) for p in pieces.values()), time.perf_counter() - start)
+        log.info("seed rank %d: digests of %d tensors (%d of them verified in the pull, not hashed again) and %d "
+                 "split pieces in %.3f s", worker_rank, len(published), len(known), sum(len(p) for p in pieces.values()),
+                 time.perf_counter() - start)
     publisher = SeedPublisher(
         client, engine, identity, worker_rank=worker_rank, tensors=describe(tensors, published, shards, pieces),
         worker_id=worker_id, heartbeat_interval_s=heartbeat_interval_s, accelerator=accelerator,

@@ -60,3 +60,23 @@ def test_heartbeats_keep_it_ready_and_republish_after_server_restart():
     finally:
         first.stop()
         seed.kill()
+
+
+def test_known_digests_are_published_as_given_and_the_rest_hashed(server, client, engine):
+    """A cascading target passes the digests its pull verified: they are not hashed again."""
+    import torch
+
+    from sglang_mx.digest import tensor_digest
+    from sglang_mx.records import SourceIdentity
+    from sglang_mx.seed import start_seed
+
+    tensors = {"a": torch.arange(64, dtype=torch.float32), "b": torch.ones(32, dtype=torch.bfloat16)}
+    marker = "xxh3-64:00000000000000aa"  # not a's digest: proves it was taken, not computed
+    publisher = start_seed(tensors, engine, SourceIdentity(model_name="known/digests"), client, worker_rank=0,
+                           known_digests={"a": marker, "not-ours": "xxh3-64:00000000000000bb"})
+    try:
+        stored = client.get_metadata(publisher.mx_source_id, publisher.worker_id)
+        digests = {t.name: t.digest for t in stored.worker.tensors}
+        assert digests == {"a": marker, "b": tensor_digest(tensors["b"])}
+    finally:
+        publisher.close()

@@ -34,6 +34,9 @@ def test_seed_publishes_a_digest_per_tensor_and_the_target_verifies_them(server,
     local = weights.build(SIZE_MB, filled=False)
     report = _pull(client, engine, local, verify="require")
     assert report.verified == len({t.name for t in with_bytes})
+    # What the bytes were checked against, for a cascading target to publish without hashing again.
+    pulled_names = {t.name for t in describe(local) if t.size}
+    assert report.digests == {t.name: t.digest for t in with_bytes if t.name in pulled_names}
     for name, tensor in weights.build(SIZE_MB).items():
         assert torch.equal(weights.as_bytes(local[name]), weights.as_bytes(tensor)), name
 

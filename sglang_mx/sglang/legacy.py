@@ -87,6 +87,7 @@ def publish_after_load(model_runner) -> None:
         _rank_info(model_runner.model_config, model_runner.device, server_args=model_runner.server_args),
         role,
         instance_id=_state.instance_id,
+        known_digests=_state.pulled.get(id(model_runner.model)),
     )
     _state.publishers.append(publisher)
     if id(model_runner.model) in _state.pulled:  # cascade: a verified pull seeds at once

@@ -55,9 +55,10 @@ class ProcessState:
     runners: dict = dataclasses.field(default_factory=dict)  # id(model) -> SGLang ModelRunner (plugin)
     publishers: list = dataclasses.field(default_factory=list)  # the live SeedPublishers
     sources: list = dataclasses.field(default_factory=list)  # what this process publishes (Source)
-    # id(model) of models whose weights came from a peer (pulled, and verified per `verify`): their
-    # weights are final (post-processing ran before the pull), so they go READY as soon as published.
-    pulled: set = dataclasses.field(default_factory=set)
+    # id(model) -> the digests its pulled weights were verified against, for models whose weights came
+    # from a peer (pulled, and verified per `verify`): their weights are final (post-processing ran
+    # before the pull), so they go READY as soon as published, with those digests.
+    pulled: dict = dataclasses.field(default_factory=dict)
 
     def role(self, server_args) -> Role:
         """This process's role, parsed from SGLang's ServerArgs on first use."""
@@ -154,13 +155,14 @@ def rank_info(model_config, device, *, tp_size: int, tp_rank: int, pp_size: int,
 # --- the target's load ------------------------------------------------------------
 
 def load_from_peer(load_config, model_config, device_config, *, role: Role, info: RankInfo, transfer_engine,
-                   session_id: str, pulled: set | None = None):
+                   session_id: str, pulled: dict | None = None):
     """Build the model with dummy weights, post-process it, and pull every tensor
     from a READY seed; with fallback=disk, load from disk when no seed serves.
 
     `--model-loader-extra-config` belongs to the disk loaders: the dummy build runs
     without it (SGLang's dummy loader refuses any), a fallback load with it.
-    A model filled from a peer is added (by id) to `pulled`: it may seed at once.
+    A model filled from a peer is added (id -> the digests its bytes were verified against) to
+    `pulled`: it may seed at once.
     """
     from sglang.srt.configs.load_config import LoadFormat
     from sglang.srt.model_loader.loader import DefaultModelLoader, DummyModelLoader
@@ -205,13 +207,13 @@ def load_from_peer(load_config, model_config, device_config, *, role: Role, info
         client = early.take()
         log.info("modelexpress: tensors collected and identity fingerprinted in %.3f s",
                  time.perf_counter() - start)
-        pull_into(tensors, engine, info_now, role.config, client=client, shards=shards)
+        report = pull_into(tensors, engine, info_now, role.config, client=client, shards=shards)
         refreshed = refresh_derived(model)
         if refreshed:
             log.info("modelexpress: recomputed %d value-derived attribute(s) from the pulled weights: %s",
                      len(refreshed), ", ".join(refreshed[:5]))
         if pulled is not None:
-            pulled.add(id(model))
+            pulled[id(model)] = dict(report.digests)
         return model.eval()
 
     def from_disk():
@@ -324,8 +326,11 @@ def _fill_constant(model, *args, **kwargs) -> None:
 
 # --- the seed's publication ---------------------------------------------------------
 
-def publish(model, transfer_engine, session_id: str, info: RankInfo, role: Role, *, instance_id: str):
-    """Register and publish one rank's tensors (INITIALIZING); returns the SeedPublisher."""
+def publish(model, transfer_engine, session_id: str, info: RankInfo, role: Role, *, instance_id: str,
+            known_digests=None):
+    """Register and publish one rank's tensors (INITIALIZING); returns the SeedPublisher.
+
+    `known_digests`: what the pull verified these weights against (ProcessState.pulled)."""
     from sglang_mx.client import MetadataClient
     from sglang_mx.identity import model_source_id
     from sglang_mx.model_tensors import collect_tensors, layout_fingerprint
@@ -350,7 +355,7 @@ def publish(model, transfer_engine, session_id: str, info: RankInfo, role: Role,
         MetadataClient.for_config(config), worker_rank=info.worker_rank,
         worker_id=f"{instance_id}-rank{info.worker_rank}", heartbeat_interval_s=config.heartbeat_interval_s,
         accelerator=info.device, max_readers=config.max_readers, lease_ttl_s=config.reader_lease_s,
-        shards=shards, topology=topology,
+        shards=shards, topology=topology, known_digests=known_digests,
     )
 
 

@@ -124,7 +124,8 @@ def _around_publish(original, self, *args, **kwargs):
     if not role.seed:
         log.info("modelexpress: not publishing this instance (source=false)")
         return None
-    publisher = loader.publish(self.model, self.engine, self.session_id, info, role, instance_id=_state.instance_id)
+    publisher = loader.publish(self.model, self.engine, self.session_id, info, role, instance_id=_state.instance_id,
+                               known_digests=_state.pulled.get(id(self.model)))
     _state.publishers.append(publisher)
     if id(self.model) in _state.pulled:
         # Cascade: pulled weights are final (post-processed before the pull) and passed the
