@@ -13,9 +13,9 @@ import time
 from typing import Callable, Sequence, TextIO
 
 from sglang_mx.client import MetadataClient
-from sglang_mx.records import SourceStatus
+from sglang_mx.records import TOPOLOGY_MODEL_ID, SourceStatus
 
-COLUMNS = ("MODEL", "MX_SOURCE_ID", "WORKER_ID", "RANK", "STATUS", "AGE", "TENSORS", "BYTES")
+COLUMNS = ("MODEL", "MX_SOURCE_ID", "WORKER_ID", "RANK", "LAYOUT", "STATUS", "AGE", "TENSORS", "BYTES")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -28,6 +28,17 @@ class FleetRow:
     updated_at_ms: int  # last publish or heartbeat
     tensors: int
     total_bytes: int
+    tp_size: int = 0
+    pp_size: int = 0
+    ep_size: int = 0
+    any_layout: bool = False  # it advertises a model id: targets of other TP layouts may reshard from it
+
+    @property
+    def layout(self) -> str:
+        """'TP2', 'TP2 PP2 EP4' (sizes of 1 after TP left out) without spaces; '/any' when it serves any TP."""
+        parts = [f"TP{self.tp_size}" if self.tp_size else "TP?"]
+        parts += [f"{k}{v}" for k, v in (("PP", self.pp_size), ("EP", self.ep_size)) if v > 1]
+        return ",".join(parts) + ("/any" if self.any_layout else "")
 
 
 def collect(client: MetadataClient, *, model_name: str | None = None) -> list[FleetRow]:
@@ -50,6 +61,10 @@ def collect(client: MetadataClient, *, model_name: str | None = None) -> list[Fl
             updated_at_ms=worker.updated_at_ms,
             tensors=len(worker.tensors),
             total_bytes=worker.total_bytes,
+            tp_size=stored.identity.tensor_parallel_size,
+            pp_size=stored.identity.pipeline_parallel_size,
+            ep_size=stored.identity.expert_parallel_size,
+            any_layout=bool(worker.topology.get(TOPOLOGY_MODEL_ID)),
         ))
     rows.sort(key=lambda r: (r.model_name, r.mx_source_id, r.worker_rank, r.worker_id))
     return rows
@@ -80,7 +95,7 @@ def format_bytes(n: int) -> str:
 
 def _cells(row: FleetRow, now_ms: int) -> tuple[str, ...]:
     age = format_age(now_ms - row.updated_at_ms) if row.updated_at_ms > 0 else "-"
-    return (row.model_name, row.mx_source_id, row.worker_id, str(row.worker_rank), row.status.name, age,
+    return (row.model_name, row.mx_source_id, row.worker_id, str(row.worker_rank), row.layout, row.status.name, age,
             str(row.tensors), format_bytes(row.total_bytes))
 
 
@@ -107,6 +122,10 @@ def render_json(rows: Sequence[FleetRow], now_ms: int) -> str:
             "mx_source_id": r.mx_source_id,
             "worker_id": r.worker_id,
             "worker_rank": r.worker_rank,
+            "tp_size": r.tp_size,
+            "pp_size": r.pp_size,
+            "ep_size": r.ep_size,
+            "any_layout": r.any_layout,
             "status": r.status.name,
             "updated_at_ms": r.updated_at_ms,
             "age_s": round((now_ms - r.updated_at_ms) / 1000, 3) if r.updated_at_ms > 0 else None,

@@ -30,19 +30,20 @@ from sglang_mx.client import MetadataClient
 from sglang_mx.digest import mismatches
 from sglang_mx.errors import NoSourceError, TransferError, VerificationError
 from sglang_mx.pull import PullReport, read_all
-from sglang_mx.records import SourceRef, SourceStatus, TensorDescriptor
+from sglang_mx.records import (
+    TOPOLOGY_INSTANCE, TOPOLOGY_MODEL_ID, TOPOLOGY_PP_SIZE, TOPOLOGY_TP_SIZE, SourceRef, SourceStatus,
+    TensorDescriptor,
+)
 from sglang_mx.shards import PieceCheck, ReshardPlan, Staged, plan_reshard
 from sglang_mx.transfer.engine import MooncakeEngine
 from sglang_mx.transfer.plan import Read
 
 log = logging.getLogger("sglang_mx.target")
 
-# Keys of WorkerRecord.topology a reshardable seed publishes.
-MODEL_ID, TP_SIZE, PP_SIZE, INSTANCE = "mx_model_id", "mx_tp_size", "mx_pp_size", "mx_instance"
 
 
 def seed_topology(*, model_id: str, tp_size: int, pp_size: int, instance: str) -> dict[str, str]:
-    return {MODEL_ID: model_id, TP_SIZE: str(tp_size), PP_SIZE: str(pp_size), INSTANCE: instance}
+    return {TOPOLOGY_MODEL_ID: model_id, TOPOLOGY_TP_SIZE: str(tp_size), TOPOLOGY_PP_SIZE: str(pp_size), TOPOLOGY_INSTANCE: instance}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -67,17 +68,17 @@ def instances(refs: Sequence[SourceRef], mixed: MixedLayout, *, exclude_source_i
     groups: dict[tuple[str, str], dict[int, SourceRef]] = {}
     for ref in refs:
         top = ref.topology
-        if ref.status != SourceStatus.READY or top.get(MODEL_ID) != mixed.model_id:
+        if ref.status != SourceStatus.READY or top.get(TOPOLOGY_MODEL_ID) != mixed.model_id:
             continue
-        if ref.mx_source_id == exclude_source_id or top.get(PP_SIZE, "1") != "1":
+        if ref.mx_source_id == exclude_source_id or top.get(TOPOLOGY_PP_SIZE, "1") != "1":
             continue
-        group = groups.setdefault((ref.mx_source_id, top.get(INSTANCE, "")), {})
+        group = groups.setdefault((ref.mx_source_id, top.get(TOPOLOGY_INSTANCE, "")), {})
         if ref.worker_rank not in group or ref.updated_at_ms > group[ref.worker_rank].updated_at_ms:
             group[ref.worker_rank] = ref
     whole = []
     for group in groups.values():
         try:
-            tp = int(next(iter(group.values())).topology.get(TP_SIZE, "0"))
+            tp = int(next(iter(group.values())).topology.get(TOPOLOGY_TP_SIZE, "0"))
         except ValueError:
             continue
         if tp > 0 and sorted(group) == list(range(tp)):
@@ -109,7 +110,7 @@ def pull_instance(
     InstanceBusy. Our tensors' memory must already be registered with `engine`.
     """
     seed_tp = len(group)
-    label = f"instance {group[0].topology.get(INSTANCE, '?')} (TP {seed_tp}, {group[0].mx_source_id})"
+    label = f"instance {group[0].topology.get(TOPOLOGY_INSTANCE, '?')} (TP {seed_tp}, {group[0].mx_source_id})"
     start = clock()
     held: list[leases.ReadLease] = []
     try:

@@ -46,15 +46,16 @@ def _row(**overrides) -> FleetRow:
 
 
 def test_render_table_aligns_columns():
-    rows = [_row(), _row(worker_id="pod-b-rank1", worker_rank=1, status=SourceStatus.STALE,
-                         updated_at_ms=NOW - 150_000, tensors=7, total_bytes=4096),
+    rows = [_row(tp_size=2, pp_size=1, ep_size=1, any_layout=True),
+            _row(worker_id="pod-b-rank1", worker_rank=1, status=SourceStatus.STALE, updated_at_ms=NOW - 150_000,
+                 tensors=7, total_bytes=4096, tp_size=2, pp_size=2, ep_size=1),
             _row(worker_id="new", worker_rank=12, status=SourceStatus.INITIALIZING, updated_at_ms=0, tensors=0,
                  total_bytes=0)]
     assert render_table(rows, NOW) == (
-        "MODEL          MX_SOURCE_ID      WORKER_ID    RANK  STATUS        AGE  TENSORS    BYTES\n"
-        "Qwen/Qwen3-8B  8b7aa4b533b72278  pod-a-rank0     0  READY          3s      291  8.19 GB\n"
-        "Qwen/Qwen3-8B  8b7aa4b533b72278  pod-b-rank1     1  STALE          2m        7  4.10 KB\n"
-        "Qwen/Qwen3-8B  8b7aa4b533b72278  new            12  INITIALIZING    -        0      0 B\n"
+        "MODEL          MX_SOURCE_ID      WORKER_ID    RANK  LAYOUT   STATUS        AGE  TENSORS    BYTES\n"
+        "Qwen/Qwen3-8B  8b7aa4b533b72278  pod-a-rank0     0  TP2/any  READY          3s      291  8.19 GB\n"
+        "Qwen/Qwen3-8B  8b7aa4b533b72278  pod-b-rank1     1  TP2,PP2  STALE          2m        7  4.10 KB\n"
+        "Qwen/Qwen3-8B  8b7aa4b533b72278  new            12  TP?      INITIALIZING    -        0      0 B\n"
     )
     assert render_table([], NOW) == "no workers\n"
 
@@ -62,7 +63,8 @@ def test_render_table_aligns_columns():
 def test_render_json():
     data = json.loads(render_json([_row(), _row(worker_id="x", updated_at_ms=0)], NOW))
     assert data[0] == {"model_name": "Qwen/Qwen3-8B", "mx_source_id": "8b7aa4b533b72278",
-                       "worker_id": "pod-a-rank0", "worker_rank": 0, "status": "READY", "updated_at_ms": NOW - 3000,
+                       "worker_id": "pod-a-rank0", "worker_rank": 0, "tp_size": 0, "pp_size": 0, "ep_size": 0,
+                       "any_layout": False, "status": "READY", "updated_at_ms": NOW - 3000,
                        "age_s": 3.0, "tensors": 291, "total_bytes": 8_190_000_000}
     assert data[1]["age_s"] is None
     assert render_json([], NOW) == "[]\n"
@@ -110,11 +112,12 @@ def test_cli_table_and_json(fleet_server):
     done = _sources("--url", fleet_server.address)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0].split() == ["MODEL", "MX_SOURCE_ID", "WORKER_ID", "RANK", "STATUS", "AGE", "TENSORS", "BYTES"]
-    assert [line.split()[2:5] for line in lines[1:]] == [
+    assert lines[0].split() == ["MODEL", "MX_SOURCE_ID", "WORKER_ID", "RANK", "LAYOUT", "STATUS", "AGE", "TENSORS",
+                                "BYTES"]
+    assert [line.split()[2:4] + line.split()[5:6] for line in lines[1:]] == [
         ["q-rank0", "0", "READY"], ["q-rank1", "1", "INITIALIZING"], ["o-rank0", "0", "STALE"]]
     assert lines[1].split()[-3:] == ["3", "12.29", "KB"]
-    assert lines[1].split()[5].endswith("s")
+    assert lines[1].split()[6].endswith("s")
 
     done = _sources("--url", f"grpc://{fleet_server.address}", "--model", "Qwen/Qwen3-8B", "--json")
     assert done.returncode == 0, done.stderr
