@@ -21,33 +21,20 @@ import argparse
 import os
 import pathlib
 import platform
-import statistics
 import sys
 import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from sglang_load import PROMPT, fmt, load_once  # noqa: E402
 from sglang_mx.server import MetadataServer, ServerOptions  # noqa: E402
 from sglang_mx.sglang.launch import (  # noqa: E402
     TARGET_ARGS, SglangServer, make_llama, pull_stats, seed_args, weight_load_seconds,
 )
 
-PROMPT = [5, 6, 7]
 NAME = "bench/llama"
-
-
-def target_once(model: pathlib.Path, config: dict) -> tuple[str, list[int]]:
-    server = SglangServer(model, *TARGET_ARGS, mx_config=config, name="target")
-    try:
-        server.wait_ready(600)
-        return server.log, server.generate(PROMPT)
-    finally:
-        server.stop()
-
-
-def fmt(values: list[float]) -> str:
-    return f"{statistics.median(values):6.2f}  ({', '.join(f'{v:.2f}' for v in values)})"
 
 
 def main() -> int:
@@ -75,7 +62,8 @@ def main() -> int:
                 kinds = list(pulls) if rep % 2 == 0 else list(reversed(pulls))
                 for kind in kinds:
                     revision = "tp1" if kind.startswith("same") else "tp2"
-                    log, tokens = target_once(model, {**base, "revision": revision, "source": False})
+                    log, tokens = load_once(model, *TARGET_ARGS, name="target",
+                                            mx_config={**base, "revision": revision, "source": False})
                     if kind.startswith("resharded") and "resharded from a TP 2" not in log:
                         raise SystemExit(f"the {kind} target did not reshard:\n{log[-3000:]}")
                     tokens_equal &= tokens == expected
