@@ -31,9 +31,12 @@ def seed_instance(server, tp: int, instance: str, mutate: dict[int, str] | None 
             for r in range(tp)]
 
 
-def pull_as(client, engine, tp: int, rank: int, *, verify="require", wait_timeout_s=5.0, any_layout=True):
+def pull_as(client, engine, tp: int, rank: int, *, verify="require", wait_timeout_s=5.0, any_layout=True,
+            local=None):
+    """Pull TP `tp` rank `rank`'s tensors (into `local` when given, zeros otherwise)."""
     specs = specs_for(tp, rank, KV, SCALE)
-    local = {name: torch.zeros(spec.shape, dtype=torch.bfloat16) for name, spec in specs.items()}
+    if local is None:
+        local = {name: torch.zeros(spec.shape, dtype=torch.bfloat16) for name, spec in specs.items()}
     descriptors = describe(local, shards=specs)
     mixed = MixedLayout(model_id=MODEL_ID, model_name=MODEL, tp_size=tp, tp_rank=rank, tensors=local,
                         descriptors=descriptors) if any_layout else None
@@ -86,3 +89,16 @@ def test_without_any_layout_or_with_only_a_changed_instance_the_pull_fails(serve
     with pytest.raises(NoSourceError) as e:
         pull_as(client, engine, 2, 1, wait_timeout_s=0.5)
     assert "o.weight" in str(e.value) and "do not match the seed's published digests" in str(e.value)
+
+
+def test_a_plan_that_cannot_be_proven_is_refused_naming_the_tensor_and_nothing_is_read(server, client, engine, seeds):
+    # The seed's model has 2 key/value heads, ours 4: the same names and model id, another whole QKV.
+    seeds += [SeedProcess(server.address, model=MODEL, tp=2, rank=r, layer_scale=SCALE, kv_heads=2, instance="other",
+                          model_id=MODEL_ID) for r in range(2)]
+    local = {name: torch.zeros(spec.shape, dtype=torch.bfloat16) for name, spec in specs_for(1, 0, KV, SCALE).items()}
+    with pytest.raises(NoSourceError) as e:
+        pull_as(client, engine, 1, 0, wait_timeout_s=0.5, local=local)
+    assert not any(t.any() for t in local.values())  # refused before any byte moved
+    [attempt] = e.value.attempts
+    assert "other-rank0" in attempt.seed
+    assert "cannot reshard" in attempt.reason and "'qkv.weight'" in attempt.reason and "parts" in attempt.reason
