@@ -43,7 +43,9 @@ log = logging.getLogger("sglang_mx.target")
 
 
 def seed_topology(*, model_id: str, tp_size: int, pp_size: int, instance: str) -> dict[str, str]:
-    return {TOPOLOGY_MODEL_ID: model_id, TOPOLOGY_TP_SIZE: str(tp_size), TOPOLOGY_PP_SIZE: str(pp_size), TOPOLOGY_INSTANCE: instance}
+    """The worker record topology of a seed that targets of other layouts may reshard from."""
+    return {TOPOLOGY_MODEL_ID: model_id, TOPOLOGY_TP_SIZE: str(tp_size), TOPOLOGY_PP_SIZE: str(pp_size),
+            TOPOLOGY_INSTANCE: instance}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -110,6 +112,7 @@ def pull_instance(
     InstanceBusy. Our tensors' memory must already be registered with `engine`.
     """
     seed_tp = len(group)
+    near = mixed.tp_rank * seed_tp // mixed.tp_size  # the seed rank over our rows (replicated tensors, ties)
     label = f"instance {group[0].topology.get(TOPOLOGY_INSTANCE, '?')} (TP {seed_tp}, {group[0].mx_source_id})"
     start = clock()
     held: list[leases.ReadLease] = []
@@ -124,12 +127,12 @@ def pull_instance(
             records[ref.worker_rank] = stored.worker.tensors
             sessions[ref.worker_rank] = stored.worker.transfer_engine_session_id
             endpoints[ref.worker_rank] = stored.worker.worker_grpc_endpoint
-        plan = plan_reshard(mixed.descriptors, records, near=mixed.tp_rank * seed_tp // mixed.tp_size,
-                            verify=verify, seed=label)
+        plan = plan_reshard(mixed.descriptors, records, near=near, verify=verify, seed=label)
         for ref in group:
             if ref.worker_rank in plan.ranks:
                 try:
-                    lease = leases.acquire(endpoints[ref.worker_rank], ref.mx_source_id, ref.worker_id, timeout_s=lease_timeout_s)
+                    lease = leases.acquire(endpoints[ref.worker_rank], ref.mx_source_id, ref.worker_id,
+                                           timeout_s=lease_timeout_s)
                 except leases.SeedBusyError as e:
                     raise InstanceBusy(str(e)) from e
                 if lease is not None:
@@ -151,8 +154,7 @@ def pull_instance(
         served[by_rank[r].worker_id] = served.get(by_rank[r].worker_id, 0) + sum(x.length for x in rank_reads)
     for s in plan.staged:
         served[by_rank[s.rank].worker_id] = served.get(by_rank[s.rank].worker_id, 0) + s.size
-    main = group[min(plan.ranks, key=lambda r: abs(r - mixed.tp_rank * seed_tp // mixed.tp_size))] if plan.ranks \
-        else group[0]
+    main = group[min(plan.ranks, key=lambda r: abs(r - near))] if plan.ranks else group[0]  # group[r] is rank r
     return PullReport(
         mx_source_id=group[0].mx_source_id, seed_worker_id=main.worker_id, seed_session_id=sessions[main.worker_rank],
         tensors=len(mixed.descriptors), bytes=plan.total_bytes, reads=reads, seconds=seconds,

@@ -232,7 +232,7 @@ def start_seed(
     SIGTERM; call `mark_ready()` once the rank serves.
     """
     start = time.perf_counter()
-    published = {}
+    published, known = {}, {}
     if digests:
         known = {name: d for name, d in (known_digests or {}).items() if name in tensors}
         published = {**known, **digest_many({n: t for n, t in tensors.items() if n not in known})}
@@ -240,8 +240,8 @@ def start_seed(
     pieces = piece_digests_of(tensors, shards) if digests and shards else {}
     if published:
         log.info("seed rank %d: digests of %d tensors (%d of them verified in the pull, not hashed again) and %d "
-                 "split pieces in %.3f s", worker_rank, len(published), len(known), sum(len(p) for p in pieces.values()),
-                 time.perf_counter() - start)
+                 "split pieces in %.3f s", worker_rank, len(published), len(known),
+                 sum(len(p) for p in pieces.values()), time.perf_counter() - start)
     publisher = SeedPublisher(
         client, engine, identity, worker_rank=worker_rank, tensors=describe(tensors, published, shards, pieces),
         worker_id=worker_id, heartbeat_interval_s=heartbeat_interval_s, accelerator=accelerator,
