@@ -33,9 +33,9 @@ def published(monkeypatch):
         def mark_ready(self):
             self.ready = True
 
-    def publish(model, te, session_id, info, role, *, instance_id):
+    def publish(model, te, session_id, info, role, *, instance_id, known_digests=None):
         calls.append(SimpleNamespace(model=model, te=te, session_id=session_id, info=info, config=role.config,
-                                     publisher=Publisher()))
+                                     known_digests=known_digests, publisher=Publisher()))
         return calls[-1].publisher
 
     monkeypatch.setattr(sglang_legacy, "_state", loader.ProcessState())
@@ -78,9 +78,19 @@ def test_target_publishes_after_load_and_goes_ready_at_the_event_loop(published)
     [call] = published
     assert (call.model, call.te, call.session_id, call.info) == ("the model", "te", "127.0.0.1:1", ("rank info", "cpu"))
     assert call.config.url == "h:1"
+    assert call.known_digests is None  # not pulled here: the seed hashes its weights itself
     assert not call.publisher.ready
     sglang_legacy.mark_ready()
     assert call.publisher.ready
+
+
+def test_a_pulled_model_publishes_the_digests_its_pull_verified_and_goes_ready_at_once(published):
+    model_runner = runner(server_args(config={"url": "h:1"}))
+    sglang_legacy._state.pulled[id(model_runner.model)] = {"w": "xxh3-64:00000000000000aa"}
+    sglang_legacy.publish_after_load(model_runner)
+    [call] = published
+    assert call.known_digests == {"w": "xxh3-64:00000000000000aa"}
+    assert call.publisher.ready  # cascade: READY before the event loop
 
 
 @pytest.mark.parametrize("args, overrides", [
