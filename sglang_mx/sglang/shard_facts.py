@@ -17,7 +17,7 @@ SGLang loads whole.
 from __future__ import annotations
 
 from sglang_mx.records import ShardSpec, Span
-from sglang_mx.shards import check_spec, replicated, split
+from sglang_mx.shards import check_spec, replicated
 
 
 def shard_facts(model) -> tuple[dict[str, ShardSpec], dict[str, str]]:
@@ -48,14 +48,15 @@ def shard_facts(model) -> tuple[dict[str, ShardSpec], dict[str, str]]:
                 _plain_linear(module)
                 facts = {n: replicated(p.shape) for n, p in params.items()}
             elif norms and isinstance(module, norms):
+                split_loaded = [n for n, p in params.items() if getattr(p, "weight_loader", None) is not None]
+                if split_loaded:
+                    raise _NoFacts(f"{kind}.{split_loaded[0]} has its own weight loader (it may be split)")
                 facts = {n: replicated(p.shape) for n, p in params.items()}
             else:
                 raise _NoFacts(f"{kind} is not a layer whose split sglang-mx knows")
             for n, p in params.items():
-                if getattr(p, "weight_loader", None) is not None and norms and isinstance(module, norms):
-                    raise _NoFacts(f"{kind}.{n} has its own weight loader (it may be split)")
                 spec = facts[n]
-                problem = check_spec(spec) or _fits(spec, p)
+                problem = check_spec(spec) or _fits(spec, p)  # a layer whose tensors are not its own cut: no facts
                 if problem:
                     raise _NoFacts(f"{kind}.{n}: {problem}")
         except _NoFacts as e:
@@ -110,8 +111,7 @@ def _column(module, params, sizes) -> dict[str, ShardSpec]:
     _plain_linear(module)
     rank, size = _rank_size(module.tp_group)
     parts, spans = _spans(sizes, rank, size)
-    return {n: split(p.shape, 0, parts, spans) for n, p in params.items() if n in ("weight", "bias")} | \
-        _unknown_params(module, params, ("weight", "bias"))
+    return _rows_split(module, params, parts, spans)
 
 
 def _qkv(module, params) -> dict[str, ShardSpec]:
@@ -127,9 +127,7 @@ def _qkv(module, params) -> dict[str, ShardSpec]:
     kv_shard = rank // module.num_kv_head_replicas  # which key/value heads this rank holds (replicated ones too)
     spans = [Span(0, rank * q_n, q_n), Span(q_n, q_whole + kv_shard * k_n, k_n),
              Span(q_n + k_n, q_whole + k_whole + kv_shard * v_n, v_n)]
-    parts = [q_whole, k_whole, v_whole]
-    return {n: split(p.shape, 0, parts, spans) for n, p in params.items() if n in ("weight", "bias")} | \
-        _unknown_params(module, params, ("weight", "bias"))
+    return _rows_split(module, params, [q_whole, k_whole, v_whole], spans)
 
 
 def _row(module, params) -> dict[str, ShardSpec]:
@@ -139,7 +137,7 @@ def _row(module, params) -> dict[str, ShardSpec]:
         raise _NoFacts("RowParallelLinear without a 2-D weight")
     weight = params["weight"]
     parts, spans = _spans([module.input_size], rank, size)
-    facts = {"weight": split(weight.shape, 1, parts, spans)}
+    facts = {"weight": _spec(weight, 1, parts, spans)}
     if "bias" in params:
         facts["bias"] = replicated(params["bias"].shape)  # SGLang does not split a row-parallel bias
     return facts | _unknown_params(module, params, ("weight", "bias"))
@@ -157,8 +155,17 @@ def _vocab(module, params) -> dict[str, ShardSpec]:
     per = module.num_embeddings_per_partition
     start = module.shard_indices.padded_org_vocab_start_index
     whole = module.num_embeddings_padded
-    spans = [Span(0, start, per)]
-    return {n: split(p.shape, 0, [whole], spans) for n, p in params.items() if n in ("weight", "bias")} | \
+    return _rows_split(module, params, [whole], [Span(0, start, per)])
+
+
+def _spec(p, dim: int, parts, spans) -> ShardSpec:
+    """The spec the layer's attributes describe, unchecked: `shard_facts` checks it against the tensor."""
+    return ShardSpec(dim=dim, shape=tuple(p.shape), parts=tuple(parts), spans=tuple(spans))
+
+
+def _rows_split(module, params, parts, spans) -> dict[str, ShardSpec]:
+    """weight and bias split along dim 0 into `spans` of the whole `parts`; any other parameter: no facts."""
+    return {n: _spec(p, 0, parts, spans) for n, p in params.items() if n in ("weight", "bias")} | \
         _unknown_params(module, params, ("weight", "bias"))
 
 
