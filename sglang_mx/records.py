@@ -103,10 +103,6 @@ class ShardSpec:
     def replicated(self) -> bool:
         return self.dim < 0
 
-    @property
-    def global_size(self) -> int:
-        return sum(self.parts)
-
 
 @dataclasses.dataclass(frozen=True)
 class PieceDigest:

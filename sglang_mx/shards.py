@@ -40,7 +40,7 @@ import math
 from typing import Mapping, Sequence
 
 from sglang_mx.errors import MxError
-from sglang_mx.records import PieceDigest, ShardSpec, Span, TensorDescriptor
+from sglang_mx.records import ShardSpec, Span, TensorDescriptor
 from sglang_mx.transfer.plan import Read, merge_reads
 
 # Dim-0 spans are digested in pieces of part/PIECE_WAYS rows: TP sizes dividing it verify piecewise.
@@ -359,7 +359,3 @@ def _check_or_note(checks: list[PieceCheck], unverified: list[str], rank: int, n
     else:
         unverified.append(name)
 
-
-def piece_digests(spec: ShardSpec, digest_rows) -> tuple[PieceDigest, ...]:
-    """The PieceDigests a seed publishes for `spec`; `digest_rows(local_start, length)` hashes local rows."""
-    return tuple(PieceDigest(g, n, digest_rows(ls, n)) for ls, g, n in pieces_of(spec))

@@ -22,7 +22,7 @@ from sglang_mx.digest import mismatches
 from sglang_mx.errors import CandidateFailure, NoSourceError, TransferError, VerificationError
 from sglang_mx.identity import RankInfo, describe_identity, identity_for, model_source_id, mx_source_id
 from sglang_mx.pull import PullReport, StripedPull, Verifier
-from sglang_mx.records import ShardSpec, SourceIdentity, SourceStatus, TensorDescriptor
+from sglang_mx.records import TOPOLOGY_INSTANCE, ShardSpec, SourceIdentity, SourceStatus, TensorDescriptor
 from sglang_mx.reshard import InstanceBusy, MixedLayout, instances, pull_instance
 from sglang_mx.shards import ReshardRefused
 from sglang_mx.transfer.engine import MooncakeEngine
@@ -170,7 +170,7 @@ def _pull_mixed(client: MetadataClient, engine: MooncakeEngine, mixed: MixedLayo
             log.info("%s", e)
             busy = True
         except (ReshardRefused, NoSourceError, TransferError, VerificationError) as e:
-            log.warning("seed instance %s (TP %d) unusable: %s", group[0].topology.get("mx_instance", "?"),
+            log.warning("seed instance %s (TP %d) unusable: %s", group[0].topology.get(TOPOLOGY_INSTANCE, "?"),
                         len(group), e)
             pull.failures.append(CandidateFailure(
                 f"instance of workers {', '.join(r.worker_id for r in group)} (TP {len(group)}, other layout)",
