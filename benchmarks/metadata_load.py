@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/metadata_load.py [--clients 200] [--publishers 50] [--tensors 10000] \\
         [--seconds 15] [--stores memory,redis] [--modes load,burst,cpu] [--burst 200] [--repeats 3] \\
-        [--server-root DIR]
+        [--server-root DIR] [--server-args ARGS] [--no-pin]
 
 For each store it starts `sglang-mx server` (and, for redis, a redis-server of its own in a
 temporary directory) on free ports of 127.0.0.1, publishes `--publishers` READY workers of one
@@ -30,8 +30,13 @@ event loop would measure this process, not the server.
   server, independent of queueing.
 
 `--server-root DIR` runs the server from another checkout (for a baseline: a git worktree of
-an older commit); the load generator is always this one. The server and this process share the
-machine's cores: on a small machine the numbers are a lower bound.
+an older commit); the load generator is always this one.
+
+Placement (`--pin`, the default): the server and its redis-server run on the last CPU this
+process may use, the load generator and the probe on the others, as if the server had a
+machine of its own and the targets were elsewhere; unpinned, the load generator (which needs
+about as much CPU as the server to play 200 targets) takes the server's CPU, and what is
+measured is partly the scheduler. On a small machine the numbers are a lower bound either way.
 """
 
 from __future__ import annotations
@@ -97,9 +102,11 @@ class Processes:
     """The server (and redis-server) of one store; stops them on exit."""
 
     def __init__(self, store: str, workdir: pathlib.Path, server_root: pathlib.Path = ROOT,
-                 server_args: tuple[str, ...] = ()) -> None:
+                 server_args: tuple[str, ...] = (), server_cpus: set[int] | None = None) -> None:
         self.procs: list[subprocess.Popen] = []
         self.workdir = workdir
+        # The server's side (sglang-mx server, redis-server) on `server_cpus` from its first instruction.
+        pin = ["taskset", "-c", ",".join(map(str, sorted(server_cpus)))] if server_cpus else []
         args = []
         if store == "redis":
             redis_server = shutil.which("redis-server")
@@ -107,7 +114,7 @@ class Processes:
                 raise SystemExit("redis-server is not installed (apt-get install redis-server)")
             port = _free_port()
             self.procs.append(subprocess.Popen(
-                [redis_server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir), "--save", "",
+                [*pin, redis_server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir), "--save", "",
                  "--appendonly", "no", "--maxmemory-policy", "noeviction"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             args = ["--store", "redis", "--redis-url", f"redis://127.0.0.1:{port}/0", "--redis-prefix", "bench:"]
@@ -123,7 +130,7 @@ class Processes:
         self.port = _free_port()
         self.log = open(workdir / f"server-{store}.log", "w")
         server = subprocess.Popen(
-            [sys.executable, "-m", "sglang_mx.cli", "--log-level", "WARNING", "server", "--host", "127.0.0.1",
+            [*pin, sys.executable, "-m", "sglang_mx.cli", "--log-level", "WARNING", "server", "--host", "127.0.0.1",
              "--port", str(self.port), *args, *server_args],
             cwd=server_root, stdout=self.log, stderr=subprocess.STDOUT,
             env=dict(os.environ, PYTHONPATH=str(server_root)))
@@ -330,6 +337,21 @@ def _start_probe(address: str, seconds: float) -> subprocess.Popen:
                             stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
 
 
+def _place(pin: bool) -> tuple[set[int] | None, str]:
+    """With `pin`, the CPUs the server's side gets (the last one this process may use; the rest
+    are this process's and the probe's from now on), and a line saying where everything runs."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if not pin:
+        return None, f"placement: server, Redis, load generator and probe share {len(cpus) or os.cpu_count()} CPUs"
+    if len(cpus) < 2 or shutil.which("taskset") is None:
+        return None, (f"placement: NOT pinned ({len(cpus)} CPU(s), taskset {'found' if shutil.which('taskset') else 'missing'}); "
+                      "server, Redis, load generator and probe share the CPUs")
+    server, clients = {cpus[-1]}, set(cpus[:-1])
+    os.sched_setaffinity(0, clients)  # before any channel: grpc's threads and the probe inherit it
+    return server, (f"placement: server and redis-server on CPU {cpus[-1]}; load generator and probe on CPU(s) "
+                    f"{','.join(map(str, sorted(clients)))} (--no-pin: all share)")
+
+
 def _percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -354,6 +376,10 @@ def main() -> int:
                         help="checkout the server runs from (default: this one)")
     parser.add_argument("--server-args", default="", metavar="ARGS",
                         help="more `sglang-mx server` flags, one string (e.g. '--workers 8')")
+    parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                        help="the server (and redis-server) on the last CPU of this process's, the load "
+                             "generator and the probe on the others, as if the server had a machine of its "
+                             "own (default; needs 2+ CPUs and taskset); --no-pin lets them share every CPU")
     parser.add_argument("--probe", metavar="ADDRESS", help=argparse.SUPPRESS)  # the probe process
     args = parser.parse_args()
     if args.probe:
@@ -362,13 +388,16 @@ def main() -> int:
     modes = set(args.modes.split(","))
     if modes - {"load", "burst", "cpu"}:
         parser.error(f"--modes {args.modes}: allowed: load, burst, cpu")
+    server_cpus, placement = _place(args.pin)
+    print(placement, file=sys.stderr)
 
     rows, bursts, cpu = [], [], []
     with tempfile.TemporaryDirectory(prefix="mx-load-") as tmp:
         for store in args.stores.split(","):
             workdir = pathlib.Path(tmp) / store
             workdir.mkdir()
-            with Processes(store, workdir, args.server_root.resolve(), tuple(shlex.split(args.server_args))) as procs:
+            with Processes(store, workdir, args.server_root.resolve(), tuple(shlex.split(args.server_args)),
+                           server_cpus) as procs:
                 t0 = time.monotonic()
                 source, workers = publish(procs.address, args.publishers, args.tensors)
                 print(f"{store}: published {len(workers)} workers x {args.tensors} tensors in "
@@ -400,7 +429,7 @@ def main() -> int:
                                      r["errors"]))
 
     print(f"\nserver: {args.server_root.resolve()}; {args.publishers} workers x {args.tensors} tensors published; "
-          f"{os.cpu_count()} CPU cores shared by server and clients")
+          f"{placement}")
     if cpu:
         print("\nserver CPU per call (200 sequential calls each)\n")
         print(f"| {'store':<6} | {'GetMetadata ms':>14} | {'ListSources ms':>14} |")

@@ -43,8 +43,11 @@ def _add_server(sub) -> None:
     p.add_argument("--max-sources", type=int, default=d.max_sources, metavar="N",
                    help=f"most sources the server holds (default {d.max_sources})")
     p.add_argument("--workers", type=int, default=d.workers, metavar="N",
-                   help=f"threads answering GetMetadata and PublishMetadata (default 4 for memory, 16 for redis); "
+                   help=f"threads answering GetMetadata and PublishMetadata (default 2 for memory, 4 for redis); "
                         f"listings and heartbeats have {d.fast_workers} of their own")
+    p.add_argument("--bulk-nice", type=int, default=d.bulk_nice, metavar="N",
+                   help=f"lower the --workers threads' CPU priority by N, 0-19 (default {d.bulk_nice}; Linux): on a "
+                        "busy CPU, listings and heartbeats run before big answers")
     p.add_argument("--max-concurrent-rpcs", type=int, default=d.max_concurrent_rpcs, metavar="N",
                    help=f"calls in progress past this are refused RESOURCE_EXHAUSTED (default {d.max_concurrent_rpcs})")
     p.add_argument("--auth-token-file", metavar="FILE",
@@ -149,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 redis_prefix=args.redis_prefix, redis_cache_mb=args.redis_cache_mb, max_tensors=args.max_tensors,
                 max_record_mb=args.max_record_mb, max_workers_per_source=args.max_workers_per_source,
                 max_sources=args.max_sources, max_concurrent_rpcs=args.max_concurrent_rpcs, workers=args.workers,
+                bulk_nice=args.bulk_nice,
                 auth_token_file=args.auth_token_file,
                 writer_token_file=args.writer_token_file, reader_token_file=args.reader_token_file,
                 allow_unauthenticated=args.allow_unauthenticated, tls_cert_file=args.tls_cert,

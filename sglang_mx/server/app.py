@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -22,6 +23,20 @@ from sglang_mx.server.service import P2pServicer, now_ms
 from sglang_mx.server.store import Capacity, SourceStore
 
 log = logging.getLogger(__name__)
+
+
+def lower_thread_priority(nice: int) -> None:
+    """Lower the calling thread's CPU priority by `nice` (at most to 19). Linux only, where each
+    thread has a nice value of its own (setpriority on its thread id); elsewhere that call would
+    change the whole process, so nothing is done. Never raises: a thread pool's initializer that
+    raised would break the pool."""
+    if nice <= 0 or not sys.platform.startswith("linux"):
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError as e:
+        log.warning("could not lower thread %d's CPU priority by %d: %s", tid, nice, e)
 
 
 class _PoolRouter(grpc.ServerInterceptor):
@@ -98,10 +113,12 @@ class MetadataServer:
                 read_pem_file(options.tls_key_file, what="TLS key file"),
                 read_pem_file(options.tls_cert_file, what="TLS certificate file"),
             )], root_certificates=client_ca, require_client_auth=client_ca is not None)
-        # Two thread pools: reads of big records (and publishes) never hold up listings and heartbeats.
+        # Two thread pools: reads of big records (and publishes) never hold up listings and heartbeats,
+        # neither in a queue nor, at a lower CPU priority, for the CPU.
         self._pools = [
             futures.ThreadPoolExecutor(max_workers=options.fast_workers, thread_name_prefix="mx-fast"),
-            futures.ThreadPoolExecutor(max_workers=options.bulk_workers, thread_name_prefix="mx-bulk"),
+            futures.ThreadPoolExecutor(max_workers=options.bulk_workers, thread_name_prefix="mx-bulk",
+                                       initializer=lower_thread_priority, initargs=(options.bulk_nice,)),
         ]
         fast, bulk = self._pools
         interceptors: list[grpc.ServerInterceptor] = [_PoolRouter({
