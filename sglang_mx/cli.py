@@ -7,11 +7,11 @@ import logging
 import sys
 
 from sglang_mx.errors import ConfigError, MxError
-from sglang_mx.server.options import STORE_KINDS, ServerOptions
+from sglang_mx.server.options import SERVING_BULK_NICE, STORE_KINDS, ServerOptions
 
 
 def _add_server(sub) -> None:
-    d = ServerOptions()  # the CLI's defaults are the options' own
+    d = ServerOptions()  # the CLI's defaults are the options' own, but for --bulk-nice (SERVING_BULK_NICE)
     p = sub.add_parser("server", help="run the metadata server (ModelExpress P2pService)")
     p.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
     p.add_argument("--port", type=int, default=d.port, help=f"port (default {d.port}; 0 picks a free one)")
@@ -45,9 +45,9 @@ def _add_server(sub) -> None:
     p.add_argument("--workers", type=int, default=d.workers, metavar="N",
                    help=f"threads answering GetMetadata and PublishMetadata (default 2 for memory, 4 for redis); "
                         f"listings and heartbeats have {d.fast_workers} of their own")
-    p.add_argument("--bulk-nice", type=int, default=d.bulk_nice, metavar="N",
-                   help=f"lower the --workers threads' CPU priority by N, 0-19 (default {d.bulk_nice}; Linux): on a "
-                        "busy CPU, listings and heartbeats run before big answers")
+    p.add_argument("--bulk-nice", type=int, default=SERVING_BULK_NICE, metavar="N",
+                   help=f"lower the --workers threads' CPU priority by N, 0-19 (default {SERVING_BULK_NICE}; Linux): "
+                        "on a busy CPU, listings and heartbeats run before big answers")
     p.add_argument("--max-concurrent-rpcs", type=int, default=d.max_concurrent_rpcs, metavar="N",
                    help=f"calls in progress past this are refused RESOURCE_EXHAUSTED (default {d.max_concurrent_rpcs})")
     p.add_argument("--auth-token-file", metavar="FILE",

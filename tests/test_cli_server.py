@@ -3,6 +3,8 @@ refuses bad flags."""
 
 from __future__ import annotations
 
+import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -13,6 +15,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sglang_mx import wire
+from sglang_mx.client import MetadataClient
+from sglang_mx.server.options import SERVING_BULK_NICE
 
 START_TIMEOUT_S = 15
 
@@ -82,3 +86,38 @@ def test_busy_port_is_refused(server):
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2, done.stderr
     assert f"cannot listen on 127.0.0.1:{server.port}" in done.stderr
+
+
+def _thread_nices(pid: int) -> dict[int, int]:
+    """Each thread's nice value (field 19 of /proc/<pid>/task/<tid>/stat)."""
+    out = {}
+    for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        out[int(task.name)] = int(fields[16])  # fields after the name start at field 3
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_standalone_server_answers_big_reads_at_a_lower_priority(tmp_path, unused_port, make_identity,
+                                                               make_worker):
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    if base >= 19:
+        pytest.skip("this process already runs at nice 19: nothing can be lower")
+    address = f"127.0.0.1:{unused_port}"
+    with open(tmp_path / "server.log", "w") as log:
+        proc = subprocess.Popen(_server_cmd("--host", "127.0.0.1", "--port", str(unused_port)), stdout=log,
+                                stderr=subprocess.STDOUT)
+    try:
+        _wait_serving(address, proc)
+        before = _thread_nices(proc.pid)
+        with MetadataClient(address) as client:
+            source = client.publish(make_identity(), make_worker(), "w0")  # a bulk thread starts
+            assert client.get_metadata(source, "w0") is not None
+        after = _thread_nices(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert set(before.values()) == {base}, before
+    lowered = {tid for tid, nice in after.items() if nice == min(19, base + SERVING_BULK_NICE)}
+    assert lowered and not lowered & set(before), after
+    assert after[proc.pid] == base  # the process (its main thread) keeps its priority

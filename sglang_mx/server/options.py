@@ -12,6 +12,10 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_REDIS_PREFIX = "mx:"
 DEFAULT_MAX_TENSORS = 1_000_000  # per published worker
 DEFAULT_MAX_RECORD_MB = 64  # a 100,000-tensor worker is about 9 MB
+# `sglang-mx server`'s --bulk-nice. Measured with 200 targets, the server on a core of its own,
+# a prober's ListSources p99: memory 58-68 ms at 0, 39-44 at 10, 36-41 at 19; Redis 70-98 ms at
+# 10, 22-60 at 19. Only a saturated CPU sees a difference.
+SERVING_BULK_NICE = 19
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -25,16 +29,17 @@ class ServerOptions:
     # Threads answering GetMetadata and PublishMetadata; None: 2 for the memory store, 4 for
     # Redis. Few: they share one GIL, and every thread more takes turns from the listing
     # threads. Measured with 200 targets, the server on a core of its own, bulk_nice 19:
-    # memory, 2 answered as many GetMetadata calls as 4; Redis, 4 answered 390-450 /s with a
+    # memory, 2 answered as many GetMetadata calls as 4; Redis, 4 answered 380-450 /s with a
     # prober's ListSources p99 14-41 ms, 8 answered 340-390 /s at 51-151 ms, 16 fewer still.
     workers: int | None = None
     # How much lower these threads' CPU priority is than the process's (Linux: each thread has
     # its own nice value; elsewhere ignored). When the server's CPU is saturated, the kernel
     # then runs the threads that accept calls, list and heartbeat first, so a listing does not
-    # wait for the CPU behind big answers. Measured with 200 targets on a core of its own, a
-    # prober's ListSources p99: memory 58-68 ms at 0, 39-44 at 10, 36-41 at 19; Redis 70-98 ms
-    # at 10, 29-60 at 19. Only a saturated CPU sees a difference. 0 keeps one priority for all.
-    bulk_nice: int = 19
+    # wait for the CPU behind big answers. 0 here, for a server embedded next to the model's
+    # own processes (the demo's, the benchmarks'): lowered, a target's GetMetadata would yield
+    # to every busy process on the machine, the target's own model build among them.
+    # `sglang-mx server`, a process of its own, uses SERVING_BULK_NICE.
+    bulk_nice: int = 0
     fast_workers: int = 8  # threads answering ListSources, UpdateStatus and health: they never wait behind the above
     max_concurrent_rpcs: int = 1024  # calls past this are answered RESOURCE_EXHAUSTED at once
     store: str = "memory"  # one of STORE_KINDS
