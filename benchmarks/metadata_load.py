@@ -343,8 +343,9 @@ def _place(pin: bool) -> tuple[set[int] | None, str]:
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if not pin:
         return None, f"placement: server, Redis, load generator and probe share {len(cpus) or os.cpu_count()} CPUs"
-    if len(cpus) < 2 or shutil.which("taskset") is None:
-        return None, (f"placement: NOT pinned ({len(cpus)} CPU(s), taskset {'found' if shutil.which('taskset') else 'missing'}); "
+    taskset = shutil.which("taskset")
+    if len(cpus) < 2 or taskset is None:
+        return None, (f"placement: NOT pinned ({len(cpus)} CPU(s), taskset {'found' if taskset else 'missing'}); "
                       "server, Redis, load generator and probe share the CPUs")
     server, clients = {cpus[-1]}, set(cpus[:-1])
     os.sched_setaffinity(0, clients)  # before any channel: grpc's threads and the probe inherit it
