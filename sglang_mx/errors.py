@@ -111,6 +111,17 @@ class VerificationError(MxError):
         super().__init__(detail)
 
 
+class UnplacedTensorError(MxError):
+    """A tensor of the model is neither moved nor left local by a listed rule (sglang_mx.model_tensors):
+    the seed does not publish such a model and the target does not serve it. Names each tensor and why."""
+
+    def __init__(self, message: str, *, tensors: Sequence[tuple[str, str]]) -> None:
+        self.tensors = tuple(tensors)
+        shown = "; ".join(f"{name} ({why})" for name, why in self.tensors[:10])
+        more = f" and {len(self.tensors) - 10} more" if len(self.tensors) > 10 else ""
+        super().__init__(f"{message}: {len(self.tensors)} tensor(s): {shown}{more}")
+
+
 @dataclasses.dataclass(frozen=True)
 class CandidateFailure:
     """Why one seed could not be used."""
