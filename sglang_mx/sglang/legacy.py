@@ -77,21 +77,11 @@ def publish_after_load(model_runner) -> None:
     role = _state.role(model_runner.server_args)
     if role.config is None:
         return
-    if not role.seed:
-        log.info("modelexpress: not publishing this instance (source=false)")
-        return
-    publisher = loader.publish(
-        model_runner.model,
-        model_runner.remote_instance_transfer_engine,
+    loader.publish_rank(
+        _state, model_runner.model, model_runner.remote_instance_transfer_engine,
         model_runner.remote_instance_transfer_engine_session_id,
-        _rank_info(model_runner.model_config, model_runner.device, server_args=model_runner.server_args),
-        role,
-        instance_id=_state.instance_id,
-        known_digests=_state.pulled.get(id(model_runner.model)),
+        _rank_info(model_runner.model_config, model_runner.device, server_args=model_runner.server_args), role,
     )
-    _state.publishers.append(publisher)
-    if id(model_runner.model) in _state.pulled:  # cascade: a verified pull seeds at once
-        loader.mark_ready([publisher])
 
 
 def mark_ready() -> None:

@@ -167,7 +167,9 @@ def load_from_peer(load_config, model_config, device_config, *, role: Role, info
     from sglang.srt.configs.load_config import LoadFormat
     from sglang.srt.model_loader.loader import DefaultModelLoader, DummyModelLoader
 
-    from sglang_mx.model_tensors import collect_tensors, layout_fingerprint, refresh_derived, uncarried_state
+    from sglang_mx.model_tensors import (
+        account, collect_tensors, layout_fingerprint, refresh_derived, uncarried_state,
+    )
     from sglang_mx.roles import load_with_fallback
     from sglang_mx.transfer.engine import MooncakeEngine
 
@@ -197,7 +199,7 @@ def load_from_peer(load_config, model_config, device_config, *, role: Role, info
                           f"({', '.join(uncarried[:5])}{' ...' if len(uncarried) > 5 else ''}); load it from disk "
                           "(fallback: disk)")
         start = time.perf_counter()
-        tensors = collect_tensors(model)
+        tensors = collect_tensors(model)  # a tensor it cannot place: UnplacedTensorError, before any byte moves
         info_now = dataclasses.replace(info, layout_fingerprint=layout_fingerprint(model))
         shards = None
         if role.config.any_layout:
@@ -212,6 +214,10 @@ def load_from_peer(load_config, model_config, device_config, *, role: Role, info
         if refreshed:
             log.info("modelexpress: recomputed %d value-derived attribute(s) from the pulled weights: %s",
                      len(refreshed), ", ".join(refreshed[:5]))
+        tally = account(model, tensors)  # nothing kept that the pull did not write, unless local by rule
+        log.info("modelexpress: every byte accounted for: %d tensor(s) written by the pull (%d B, %d verified) "
+                 "+ %d local by rule (%d B) == %d B of model memory", tally.written_tensors, tally.written,
+                 report.verified, tally.local_tensors, tally.local, tally.total)
         if pulled is not None:
             pulled[id(model)] = dict(report.digests)
         return model.eval()
@@ -326,6 +332,31 @@ def _fill_constant(model, *args, **kwargs) -> None:
 
 # --- the seed's publication ---------------------------------------------------------
 
+def publish_rank(state: ProcessState, model, transfer_engine, session_id: str, info: RankInfo, role: Role):
+    """The one publication path of the plugin and the 0.5.10 adapter: publish one rank when its role
+    seeds, else log why not; returns the SeedPublisher, or None when nothing was published.
+
+    A model holding a tensor the rule cannot place (UnplacedTensorError) is not published; the
+    instance keeps serving its own requests. A rank whose weights were pulled from a peer goes
+    READY at once (cascade: its weights are final and were checked).
+    """
+    from sglang_mx.errors import UnplacedTensorError
+
+    if not role.seed:
+        log.info("modelexpress: not publishing this instance: %s", role.why_not_seed or "source=false")
+        return None
+    try:
+        publisher = publish(model, transfer_engine, session_id, info, role, instance_id=state.instance_id,
+                            known_digests=state.pulled.get(id(model)))
+    except UnplacedTensorError as e:
+        log.error("modelexpress: not publishing rank %d of %s: %s", info.worker_rank, info.model_path, e)
+        return None
+    state.publishers.append(publisher)
+    if id(model) in state.pulled:
+        mark_ready([publisher])
+    return publisher
+
+
 def publish(model, transfer_engine, session_id: str, info: RankInfo, role: Role, *, instance_id: str,
             known_digests=None):
     """Register and publish one rank's tensors (INITIALIZING); returns the SeedPublisher.
@@ -401,6 +432,8 @@ def withdraw(state: ProcessState, *, why: str) -> None:
 
 def republish(state: ProcessState) -> None:
     """After an update from disk: publish every source under the identity of what it now holds."""
+    from sglang_mx.errors import UnplacedTensorError
+
     for source in state.sources:
         info = source.rank_info()
         if source.role.config.model_name and info.model_path != source.first_path:
@@ -408,8 +441,12 @@ def republish(state: ProcessState) -> None:
             log.warning("modelexpress: not publishing %s again: the config's model_name %r named %s",
                         info.model_path, source.role.config.model_name, source.first_path)
             continue
-        publisher = publish(source.model(), source.engine, source.session_id, info, source.role,
-                            instance_id=state.instance_id)
+        try:
+            publisher = publish(source.model(), source.engine, source.session_id, info, source.role,
+                                instance_id=state.instance_id)
+        except UnplacedTensorError as e:
+            log.error("modelexpress: not publishing %s again: %s", info.model_path, e)
+            continue
         state.publishers.append(publisher)
         mark_ready([publisher])
 

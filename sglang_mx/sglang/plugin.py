@@ -121,16 +121,8 @@ def _around_publish(original, self, *args, **kwargs):
     info = _state.rank_infos.get(id(self.model))
     if role.config is None or info is None:
         return original(self, *args, **kwargs)
-    if not role.seed:
-        log.info("modelexpress: not publishing this instance (source=false)")
+    if loader.publish_rank(_state, self.model, self.engine, self.session_id, info, role) is None:
         return None
-    publisher = loader.publish(self.model, self.engine, self.session_id, info, role, instance_id=_state.instance_id,
-                               known_digests=_state.pulled.get(id(self.model)))
-    _state.publishers.append(publisher)
-    if id(self.model) in _state.pulled:
-        # Cascade: pulled weights are final (post-processed before the pull) and passed the
-        # configured verify, so this target seeds others now, before it serves its first request.
-        loader.mark_ready([publisher])
     runner = _state.runners.get(id(self.model))
     _state.sources.append(loader.Source(
         engine=self.engine, session_id=self.session_id, role=role,
