@@ -19,6 +19,14 @@ log = logging.getLogger(__name__)
 
 BACKEND = "modelexpress"  # --remote-instance-weight-loader-backend
 LOAD_FORMAT = "remote_instance"  # --load-format
+# The --load-format values (SGLang 0.5.23's LoadFormat) that read the model's own checkpoint files.
+# Only an instance loaded this way (or a target of this backend, whose pull was checked) publishes:
+# `dummy` weights are random, and the others come from elsewhere (another instance over NCCL or IPC,
+# an RL trainer, a private loader) with nothing that ties them to the checkpoint the identity names.
+CHECKPOINT_FORMATS = frozenset({
+    "auto", "pt", "safetensors", "instanttensor", "npcache", "sharded_state", "presharded", "gguf",
+    "bitsandbytes", "mistral", "layered", "fastsafetensors", "runai_streamer", "remote", "jax",
+})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +45,7 @@ class Role:
     config: MxConfig | None
     target: bool  # loads its weights from a peer
     seed: bool  # publishes its weights once loaded
+    why_not_seed: str = ""  # set when `source: true` was asked for and refused
 
     @property
     def uses_backend(self) -> bool:
@@ -52,6 +61,9 @@ def role_of(settings: LaunchSettings) -> Role:
     - A target publishes too unless `source` is false: a fleet seeds itself.
     - An instance that loads from disk publishes only with `source: true`; a
       config without it is still checked, so a typo never passes silently.
+    - Only weights read from the checkpoint seed: with any other --load-format
+      (`dummy` above all) `source: true` is refused; the role keeps the config
+      (so SGLang's own publication stays off) and says why in `why_not_seed`.
     """
     target = settings.load_format == LOAD_FORMAT and settings.backend == BACKEND
     if not target and not settings.modelexpress_config:
@@ -60,6 +72,11 @@ def role_of(settings: LaunchSettings) -> Role:
     seed = config.source if config.source is not None else target
     if not target and not seed:
         return Role(config=None, target=False, seed=False)
+    if not target and settings.load_format not in CHECKPOINT_FORMATS:
+        return Role(config=config, target=False, seed=False, why_not_seed=(
+            f"--load-format {settings.load_format} does not read the model's checkpoint, and only weights read "
+            f"from it are published (source: true needs one of {', '.join(sorted(CHECKPOINT_FORMATS))}, or a "
+            f"target of this backend)"))
     return Role(config=config, target=target, seed=seed)
 
 

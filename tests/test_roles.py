@@ -19,7 +19,7 @@ def settings(load_format="remote_instance", backend="modelexpress", config=None)
     (settings(), True, True),  # no config at all: defaults
     (settings(config={"source": False}), True, False),
     (settings("auto", "nccl", {"source": True}), False, True),  # a disk-loaded seed
-    (settings("remote_instance", "nccl", {"source": True}), False, True),  # another backend loads, we publish
+    (settings("safetensors", "nccl", {"source": True}), False, True),
 ])
 def test_roles(launch, target, seed):
     role = role_of(launch)
@@ -36,6 +36,17 @@ def test_roles(launch, target, seed):
 def test_no_role(launch):
     role = role_of(launch)
     assert (role.config, role.target, role.seed, role.uses_backend) == (None, False, False, False)
+
+
+@pytest.mark.parametrize("load_format", ["dummy", "remote_instance", "ipc_cache", "flash_rl", "private", "new_one"])
+def test_only_weights_read_from_the_checkpoint_are_published(load_format):
+    """`--load-format dummy` with source: true would publish random weights under the checkpoint's identity;
+    remote_instance over another backend, IPC caches and RL updates are weights from elsewhere."""
+    role = role_of(settings(load_format, "nccl", {"source": True}))
+    assert (role.target, role.seed, role.uses_backend) == (False, False, False)
+    assert role.config is not None  # SGLang's own publication stays off: the config asked for us
+    assert f"--load-format {load_format} does not read the model's checkpoint" in role.why_not_seed
+    assert "auto" in role.why_not_seed and "safetensors" in role.why_not_seed
 
 
 def test_a_given_config_is_checked_even_when_it_does_nothing():
