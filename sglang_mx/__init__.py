@@ -10,7 +10,8 @@ from sglang_mx.errors import (
     ServerUnavailableError,
     TransferError,
 )
-from sglang_mx.identity import global_rank, mx_source_id
+from sglang_mx.identity import mx_source_id
+from sglang_mx.layout import global_rank
 from sglang_mx.records import BackendFramework, SourceIdentity, SourceStatus, TensorDescriptor
 
 __version__ = "0.1.0"

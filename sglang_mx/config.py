@@ -8,6 +8,7 @@ defaults (MODEL_EXPRESS_URL, MX_AUTH_TOKEN_PATH).
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import os
 from typing import Any, Mapping
@@ -18,7 +19,21 @@ from sglang_mx.errors import ConfigError
 DEFAULT_URL = "localhost:8001"
 TRANSPORTS = ("transfer_engine",)
 FALLBACKS = ("fail", "disk")
-VERIFY_MODES = ("require", "if_present", "off")
+
+
+class VerifyMode(str, enum.Enum):
+    """What a target checks its pulled bytes against (the rule: sglang_mx.target.verify)."""
+
+    REQUIRE = "require"  # every byte against a published digest; a seed without one is not used
+    IF_PRESENT = "if_present"  # against a digest where the seed published one
+    OFF = "off"  # nothing is checked
+
+    @property
+    def checks(self) -> bool:
+        return self is not VerifyMode.OFF
+
+
+VERIFY_MODES = tuple(mode.value for mode in VerifyMode)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -36,12 +51,12 @@ class MxConfig:
     fallback: str = "fail"  # no usable seed: "fail" the start-up, or load from "disk"
     # After a pull, check every tensor against the seed's published digest: "require" (a seed
     # without digests is not used), "if_present" (check when published), or "off".
-    verify: str = "if_present"
+    verify: VerifyMode = VerifyMode.IF_PRESENT  # parsed from its string value
     max_candidates: int = 5
     # Targets: read disjoint stripes from up to this many READY seeds at once.
     max_seeds: int = 1
     # Targets: when no seed of our own layout is READY, pull from a seed instance of the same model
-    # in another TP layout (resharded, sglang_mx.reshard). Applies only where the planner can prove
+    # in another TP layout (resharded, sglang_mx.target.reshard). Applies only where the planner can prove
     # the layouts (unquantized dense models, PP 1, EP 1); elsewhere it is off whatever it says.
     any_layout: bool = True
     # Seeds: serve at most this many reader leases at once (0: no cap); the count is reported as source_load.
@@ -73,6 +88,7 @@ class MxConfig:
             raise ConfigError(f"fallback {self.fallback!r} is not allowed; allowed: 'fail', 'disk'")
         if self.verify not in VERIFY_MODES:
             raise ConfigError(f"verify {self.verify!r} is not allowed; allowed: {', '.join(map(repr, VERIFY_MODES))}")
+        object.__setattr__(self, "verify", VerifyMode(self.verify))
         if self.model_name is not None and not self.model_name.strip():
             raise ConfigError("model_name is empty; leave it out to use --model-path")
         for key in ("wait_timeout_s", "heartbeat_interval_s", "timeout_s", "reader_lease_s"):

@@ -115,6 +115,13 @@ def verify(t: torch.Tensor, expected: str) -> bool:
     return _compute(algorithm, {"tensor": t})["tensor"] == f"{algorithm}:{value}"
 
 
+def check_digest(digest: str) -> str:
+    """`digest` normalized ("<algorithm>:<16 lowercase hex>"); UnknownAlgorithmError for an algorithm
+    not in ALGORITHMS, DigestError for a malformed one."""
+    algorithm, value = _parse(digest)
+    return f"{algorithm}:{value}"
+
+
 def digest_many(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
     """Name -> digest for every tensor, each with its device's algorithm.
 

@@ -13,7 +13,7 @@ from typing import Mapping
 
 
 # Keys of WorkerRecord.topology a seed that targets of other layouts may reshard from publishes
-# (sglang_mx.reshard): the layout-free model id, its TP and PP sizes, the instance its ranks share.
+# (sglang_mx.target.reshard): the layout-free model id, its TP and PP sizes, the instance its ranks share.
 TOPOLOGY_MODEL_ID, TOPOLOGY_TP_SIZE, TOPOLOGY_PP_SIZE, TOPOLOGY_INSTANCE = (
     "mx_model_id", "mx_tp_size", "mx_pp_size", "mx_instance")
 

@@ -225,7 +225,7 @@ def start_seed(
     lease endpoint) and heartbeats their count as source_load.
     `shards` (name -> ShardSpec, sglang_mx.shards) are published with the descriptors for
     targets of other layouts, with the digests of each dim-0 split's pieces; `topology`
-    is the worker record's topology (sglang_mx.reshard.seed_topology). `known_digests`: digests
+    is the worker record's topology (sglang_mx.layout.seed_topology). `known_digests`: digests
     these very bytes were just checked against (a target that pulled and verified them
     seeds in cascade), published as they are instead of hashing the bytes again.
     The publisher closes (STALE, memory unregistered) at interpreter exit and on

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sglang_mx.identity import canonical_identity, global_rank, mx_source_id
+from sglang_mx.identity import canonical_identity, mx_source_id
+from sglang_mx.layout import global_rank
 from sglang_mx.records import BackendFramework, SourceIdentity, SourceType
 
 DEEPSEEK = SourceIdentity(

@@ -6,7 +6,7 @@ import pytest
 
 from sglang_mx.config import MxConfig
 from sglang_mx.identity import mx_source_id
-from sglang_mx.identity import RankInfo, identity_for, layout_refusal, model_identity, model_source_id
+from sglang_mx.layout import RankInfo, identity_for, layout_refusal, model_identity, model_source_id
 from sglang_mx.records import BackendFramework
 
 INFO = RankInfo(model_path="/models/llama", tp_size=2, tp_rank=1, pp_size=2, pp_rank=1, ep_size=1,
@@ -70,7 +70,7 @@ def test_a_draft_model_has_an_identity_of_its_own():
     assert path_draft.model_name == "/models/draft"
 
 
-# --- the model identity of mixed layouts (sglang_mx.reshard) ---------------------------------
+# --- the model identity of mixed layouts (sglang_mx.layout) -------------------------------------
 
 PLAIN = RankInfo(model_path="/models/llama", tp_size=2, tp_rank=1, dtype="bfloat16", device="cpu",
                  framework_version="0.5.23", layout={"attn_tp_size": "2", "moe_tp_size": "2", "moe_ep_size": "1"},

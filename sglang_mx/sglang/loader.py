@@ -20,7 +20,7 @@ import uuid
 from typing import Callable
 
 from sglang_mx.errors import MxError
-from sglang_mx.identity import RankInfo, identity_for
+from sglang_mx.layout import RankInfo, identity_for
 from sglang_mx.roles import LaunchSettings, Role, falls_back_to_disk, role_of
 
 log = logging.getLogger("sglang_mx")
@@ -363,9 +363,8 @@ def publish(model, transfer_engine, session_id: str, info: RankInfo, role: Role,
 
     `known_digests`: what the pull verified these weights against (ProcessState.pulled)."""
     from sglang_mx.client import MetadataClient
-    from sglang_mx.identity import model_source_id
+    from sglang_mx.layout import model_source_id, seed_topology
     from sglang_mx.model_tensors import collect_tensors, layout_fingerprint
-    from sglang_mx.reshard import seed_topology
     from sglang_mx.seed import start_seed
     from sglang_mx.transfer.engine import MooncakeEngine
 
@@ -393,7 +392,7 @@ def publish(model, transfer_engine, session_id: str, info: RankInfo, role: Role,
 def layout_facts(model, tensors, info: RankInfo) -> tuple[dict | None, str]:
     """(the split facts of every tensor in `tensors`, "") when a mixed-layout pull can be planned
     for this rank, else (None, why not: the layout, or the first tensor without facts)."""
-    from sglang_mx.identity import layout_refusal
+    from sglang_mx.layout import layout_refusal
     from sglang_mx.sglang.shard_facts import shard_facts
 
     why = layout_refusal(info)

@@ -10,10 +10,19 @@ from __future__ import annotations
 
 import torch
 
-from sglang_mx.records import Span
-from sglang_mx.shards import replicated, split
+from sglang_mx.records import ShardSpec, Span
+from sglang_mx.shards import check_spec, replicated
 
 HEADS, HD, HIDDEN, INTER, VOCAB = 8, 4, 16, 32, 64  # at scale 1; all but HEADS grow with `scale`
+
+
+def split(shape, dim: int, parts, spans) -> ShardSpec:
+    """A split spec, checked (sglang_mx.shards.check_spec): spans inside their parts, laid end to end."""
+    spec = ShardSpec(dim=dim, shape=tuple(shape), parts=tuple(parts), spans=tuple(spans))
+    problem = check_spec(spec)
+    if problem:
+        raise ValueError(problem)
+    return spec
 
 
 def _dims(scale: int) -> tuple[int, int, int, int]:

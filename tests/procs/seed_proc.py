@@ -17,7 +17,7 @@ from sglang_mx.client import MetadataClient
 from sglang_mx.records import SourceIdentity
 from sglang_mx.seed import start_seed
 from sglang_mx.transfer.engine import MooncakeEngine
-from sglang_mx.reshard import seed_topology
+from sglang_mx.layout import seed_topology
 from tests.procs import layouts, weights
 
 

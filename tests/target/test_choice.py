@@ -3,7 +3,7 @@
 import collections
 import random
 
-from sglang_mx.choice import order_candidates
+from sglang_mx.target.choice import order_candidates
 from sglang_mx.records import SourceRef, SourceStatus
 
 

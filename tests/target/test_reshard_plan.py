@@ -1,4 +1,4 @@
-"""Reshard planning (sglang_mx.shards) and its execution (sglang_mx.reshard._execute), TP 1/2/4 both ways.
+"""Reshard planning (sglang_mx.target.reshard_plan) and its execution (target.reshard._execute), TP 1/2/4 both ways.
 
 The layouts below follow SGLang's rules for a Llama layer (fused QKV with
 key/value heads replicated once TP exceeds them, fused gate_up, row-split
@@ -20,11 +20,12 @@ import torch
 from sglang_mx.digest import digest_many
 from sglang_mx.errors import VerificationError
 from sglang_mx.records import Span
-from sglang_mx.reshard import _execute
+from sglang_mx.target.reshard import _execute
 from sglang_mx.seed import piece_digests_of
-from sglang_mx.shards import ReshardRefused, piece_cuts, pieces_of, plan_reshard, split
+from sglang_mx.shards import piece_cuts, pieces_of
+from sglang_mx.target.reshard_plan import ReshardRefused, plan_reshard
 from sglang_mx.transfer.tensors import describe
-from tests.procs.layouts import INTER, cut, specs_for, whole_tensors
+from tests.procs.layouts import INTER, cut, specs_for, split, whole_tensors
 
 class MemmoveEngine:
     """Stand-in for MooncakeEngine in one process: a read is a memmove between real tensors' memory."""

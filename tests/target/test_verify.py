@@ -83,3 +83,16 @@ def test_verify_off_serves_a_changed_seed_which_is_why_it_is_not_the_default(ser
     local = weights.build(SIZE_MB, filled=False)
     assert _pull(client, engine, local, verify="off").verified == 0
     assert not torch.equal(weights.as_bytes(local["big.bf16"]), weights.as_bytes(weights.build(SIZE_MB)["big.bf16"]))
+
+
+# --- the one rule (sglang_mx.target.verify.expect), pure ---
+
+def test_the_verify_rule():
+    from sglang_mx.target.verify import VerifyMode, expect
+
+    assert expect(VerifyMode.REQUIRE, "xxh3-64:00") == "xxh3-64:00"
+    assert expect(VerifyMode.REQUIRE, "") is None  # may not be read at all
+    assert expect(VerifyMode.IF_PRESENT, "xxh3-64:00") == "xxh3-64:00"
+    assert expect(VerifyMode.IF_PRESENT, "") == ""  # read unchecked
+    assert expect(VerifyMode.OFF, "xxh3-64:00") == ""
+    assert [m.checks for m in VerifyMode] == [True, True, False]

@@ -3,12 +3,12 @@
 The unit is a destination: one distinct (addr, size) of our memory, with every
 tensor name that lives there (tied weights share one). Destinations are laid
 end to end in address order and the byte line is cut into `parts` stripes of
-nearly equal bytes; a cut may fall inside a tensor, so one tensor can be read
+nearly equal bytes (`cut`); a cut may fall inside a tensor, so one tensor can be read
 from two seeds. Each stripe then becomes Mooncake reads against one seed's own
 addresses (`reads_for`), since every seed keeps its tensors elsewhere.
 
 What is good after a striped pull is decided per tensor by its digest: a
-destination whose pieces all completed is checked; one with any piece on a seed
+destination whose slices all completed is checked; one with any slice on a seed
 that failed is read again from the others.
 """
 
@@ -34,7 +34,7 @@ class Destination:
 
 
 @dataclasses.dataclass(frozen=True)
-class Piece:
+class Slice:
     """Bytes [offset, offset + length) of one destination."""
 
     dest: Destination
@@ -56,7 +56,7 @@ def stripe_count(total_bytes: int, seeds: int, *, min_stripe_bytes: int = MIN_ST
     return max(1, min(seeds, total_bytes // max(min_stripe_bytes, 1)))
 
 
-def split(dests: Sequence[Destination], parts: int) -> list[list[Piece]]:
+def cut(dests: Sequence[Destination], parts: int) -> list[list[Slice]]:
     """Cut the destinations' bytes, in order, into `parts` stripes whose sizes differ by at most one byte.
 
     Returns exactly `parts` lists (some empty when there are fewer bytes than parts).
@@ -65,7 +65,7 @@ def split(dests: Sequence[Destination], parts: int) -> list[list[Piece]]:
         raise ValueError(f"parts={parts} must be >= 1")
     total = sum(d.size for d in dests)
     bounds = [total * i // parts for i in range(parts + 1)]  # stripe i covers [bounds[i], bounds[i+1])
-    stripes: list[list[Piece]] = [[] for _ in range(parts)]
+    stripes: list[list[Slice]] = [[] for _ in range(parts)]
     start = 0  # where the current destination begins on the byte line
     part = 0
     for dest in dests:
@@ -74,20 +74,15 @@ def split(dests: Sequence[Destination], parts: int) -> list[list[Piece]]:
         while pos < end:
             while bounds[part + 1] <= pos:
                 part += 1
-            cut = min(end, bounds[part + 1])
-            stripes[part].append(Piece(dest, pos - start, cut - pos))
-            pos = cut
+            end_of_slice = min(end, bounds[part + 1])
+            stripes[part].append(Slice(dest, pos - start, end_of_slice - pos))
+            pos = end_of_slice
         start = end
     return stripes
 
 
-def reads_for(pieces: Sequence[Piece], remote_addr: Mapping[str, int]) -> list[Read]:
-    """The reads that fill `pieces` from one seed whose tensor `name` starts at `remote_addr[name]`."""
+def reads_for(slices: Sequence[Slice], remote_addr: Mapping[str, int]) -> list[Read]:
+    """The reads that fill `slices` from one seed whose tensor `name` starts at `remote_addr[name]`."""
     return merge_reads(
-        Read(p.dest.addr + p.offset, remote_addr[p.dest.names[0]] + p.offset, p.length) for p in pieces
+        Read(s.dest.addr + s.offset, remote_addr[s.dest.names[0]] + s.offset, s.length) for s in slices
     )
-
-
-def names_in(pieces: Sequence[Piece]) -> set[str]:
-    """Every tensor name that has bytes in `pieces`."""
-    return {name for p in pieces for name in p.dest.names}

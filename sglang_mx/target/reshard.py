@@ -2,7 +2,7 @@
 layout, plan (sglang_mx.shards), read, verify, place.
 
 Seeds whose every tensor carries split facts advertise, in their worker record's
-`topology`, the id of what the model *is* (`identity.model_source_id`: the
+`topology`, the id of what the model *is* (`layout.model_source_id`: the
 identity without TP/PP/EP sizes and layout) and their layout. A target whose own
 layout can be planned (`MixedLayout`) lists READY workers of its model name,
 keeps those of its model id in another layout, and takes one whole instance
@@ -25,34 +25,29 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from sglang_mx import leases
 from sglang_mx.client import MetadataClient
 from sglang_mx.digest import mismatches
-from sglang_mx.errors import NoSourceError, TransferError, VerificationError
-from sglang_mx.pull import PullReport, read_all
-from sglang_mx.records import (
-    TOPOLOGY_INSTANCE, TOPOLOGY_MODEL_ID, TOPOLOGY_PP_SIZE, TOPOLOGY_TP_SIZE, SourceRef, SourceStatus,
-    TensorDescriptor,
-)
-from sglang_mx.shards import PieceCheck, ReshardPlan, Staged, plan_reshard
+from sglang_mx.errors import TransferError, VerificationError
+from sglang_mx.leases import ReadLease
+from sglang_mx.records import TOPOLOGY_INSTANCE, TOPOLOGY_MODEL_ID, TOPOLOGY_PP_SIZE, TOPOLOGY_TP_SIZE, SourceRef, \
+    SourceStatus, TensorDescriptor
+from sglang_mx.target.candidate import SeedBusyError, fetch, take_lease
+from sglang_mx.target.choice import least_loaded
+from sglang_mx.target.report import PullReport, build_report
+from sglang_mx.target.reshard_plan import RangeCheck, ReshardPlan, Staged, plan_reshard
+from sglang_mx.target.striped import read_all
+from sglang_mx.target.verify import VerifyMode
 from sglang_mx.transfer.engine import MooncakeEngine
 from sglang_mx.transfer.plan import Read
 
-log = logging.getLogger("sglang_mx.target")
-
-
-
-def seed_topology(*, model_id: str, tp_size: int, pp_size: int, instance: str) -> dict[str, str]:
-    """The worker record topology of a seed that targets of other layouts may reshard from."""
-    return {TOPOLOGY_MODEL_ID: model_id, TOPOLOGY_TP_SIZE: str(tp_size), TOPOLOGY_PP_SIZE: str(pp_size),
-            TOPOLOGY_INSTANCE: instance}
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MixedLayout:
     """What a target of a plannable layout brings to a mixed-layout pull."""
 
-    model_id: str  # identity.model_source_id of our rank
+    model_id: str  # layout.model_source_id of our rank
     model_name: str  # the identity's model_name (the listing filter)
     tp_size: int
     tp_rank: int
@@ -85,9 +80,7 @@ def instances(refs: Sequence[SourceRef], mixed: MixedLayout, *, exclude_source_i
             continue
         if tp > 0 and sorted(group) == list(range(tp)):
             whole.append([group[r] for r in range(tp)])
-    rng = rng or random.Random()
-    keyed = [(sum(r.source_load or 0.0 for r in g) / len(g), rng.random(), i) for i, g in enumerate(whole)]
-    return [whole[i] for _, _, i in sorted(keyed)]
+    return least_loaded(whole, load=lambda g: sum(r.source_load or 0.0 for r in g) / len(g), rng=rng)
 
 
 class InstanceBusy(Exception):
@@ -100,7 +93,7 @@ def pull_instance(
     group: Sequence[SourceRef],
     mixed: MixedLayout,
     *,
-    verify: str,
+    verify: VerifyMode,
     prepare: Callable[[Read], None] | None = None,
     lease_timeout_s: float = 2.0,
     clock: Callable[[], float] = time.monotonic,
@@ -115,25 +108,17 @@ def pull_instance(
     near = mixed.tp_rank * seed_tp // mixed.tp_size  # the seed rank over our rows (replicated tensors, ties)
     label = f"instance {group[0].topology.get(TOPOLOGY_INSTANCE, '?')} (TP {seed_tp}, {group[0].mx_source_id})"
     start = clock()
-    held: list[leases.ReadLease] = []
+    held: list[ReadLease] = []
     try:
-        records, sessions, endpoints = {}, {}, {}
-        for ref in group:
-            stored = client.get_metadata(ref.mx_source_id, ref.worker_id)
-            if stored is None:
-                raise NoSourceError(f"worker {ref.worker_id} of {label} vanished before GetMetadata")
-            if not stored.worker.transfer_engine_session_id:
-                raise NoSourceError(f"worker {ref.worker_id} of {label} publishes no transfer_engine_session_id")
-            records[ref.worker_rank] = stored.worker.tensors
-            sessions[ref.worker_rank] = stored.worker.transfer_engine_session_id
-            endpoints[ref.worker_rank] = stored.worker.worker_grpc_endpoint
-        plan = plan_reshard(mixed.descriptors, records, near=near, verify=verify, seed=label)
+        records = {ref.worker_rank: fetch(client, ref, within=label) for ref in group}
+        sessions = {rank: record.session for rank, record in records.items()}
+        plan = plan_reshard(mixed.descriptors, {rank: record.tensors for rank, record in records.items()},
+                            near=near, verify=verify, seed=label)
         for ref in group:
             if ref.worker_rank in plan.ranks:
                 try:
-                    lease = leases.acquire(endpoints[ref.worker_rank], ref.mx_source_id, ref.worker_id,
-                                           timeout_s=lease_timeout_s)
-                except leases.SeedBusyError as e:
+                    lease = take_lease(records[ref.worker_rank], lease_timeout_s)
+                except SeedBusyError as e:
                     raise InstanceBusy(str(e)) from e
                 if lease is not None:
                     held.append(lease)
@@ -154,12 +139,13 @@ def pull_instance(
         served[by_rank[r].worker_id] = served.get(by_rank[r].worker_id, 0) + sum(x.length for x in rank_reads)
     for s in plan.staged:
         served[by_rank[s.rank].worker_id] = served.get(by_rank[s.rank].worker_id, 0) + s.size
-    main = group[min(plan.ranks, key=lambda r: abs(r - near))] if plan.ranks else group[0]  # group[r] is rank r
-    return PullReport(
-        mx_source_id=group[0].mx_source_id, seed_worker_id=main.worker_id, seed_session_id=sessions[main.worker_rank],
+    nearest_first = sorted(group, key=lambda ref: abs(ref.worker_rank - near))
+    return build_report(
+        mx_source_id=group[0].mx_source_id, served=served,
+        sessions={ref.worker_id: sessions[ref.worker_rank] for ref in nearest_first},
         tensors=len(mixed.descriptors), bytes=plan.total_bytes, reads=reads, seconds=seconds,
         verified=len(plan.checks) + sum(1 for s in plan.staged if s.digest), verify_seconds=verify_s,
-        metadata_seconds=metadata_s, served=served, rounds=1, resharded_from=seed_tp,
+        metadata_seconds=metadata_s, rounds=1, resharded_from=seed_tp,
     )
 
 
@@ -174,7 +160,7 @@ def _execute(engine: MooncakeEngine, plan: ReshardPlan, sessions: Mapping[int, s
     verifying and placing, reads). Raises TransferError, VerificationError.
 
     Each read is verified as it lands, in its rank's reading thread while the other reads
-    move: the piece checks it holds, or, for a staged tensor, its whole digest and then the
+    move: the range checks it holds, or, for a staged tensor, its whole digest and then the
     copy of its columns into place (staged tensors of one destination fill disjoint columns).
     """
     device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
@@ -186,7 +172,7 @@ def _execute(engine: MooncakeEngine, plan: ReshardPlan, sessions: Mapping[int, s
     differing: list[str] = []
     spent = [0.0]
 
-    def check(c: PieceCheck) -> None:
+    def check(c: RangeCheck) -> None:
         if mismatches({c.name: flat[c.name][c.offset:c.offset + c.length]}, {c.name: c.digest}):
             with lock:
                 differing.append(c.name)

@@ -1,9 +1,10 @@
-"""Which seed instances of another layout a target may take (sglang_mx.reshard.instances). Pure."""
+"""Which seed instances of another layout a target may take (sglang_mx.target.reshard.instances). Pure."""
 
 import random
 
 from sglang_mx.records import SourceRef, SourceStatus
-from sglang_mx.reshard import MixedLayout, instances, seed_topology
+from sglang_mx.layout import seed_topology
+from sglang_mx.target.reshard import MixedLayout, instances
 
 MIXED = MixedLayout(model_id="m1", model_name="llama", tp_size=1, tp_rank=0, tensors={}, descriptors=())
 

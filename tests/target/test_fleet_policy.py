@@ -1,7 +1,7 @@
 """pull_weights with several seeds: striping, re-reading only what failed, busy seeds (fakes, fake clock).
 
 FakeClient and FakeEngine are stand-ins named as such; real processes are in
-tests/test_target_striping.py and tests/test_fleet_scaleout.py.
+tests/target/test_striped.py and tests/test_fleet_scaleout.py.
 """
 
 from __future__ import annotations
@@ -20,14 +20,21 @@ MB = 1 << 20
 LOCAL = [TensorDescriptor(name=f"w{i}", addr=0x10_0000_0000 + i * 2 * MB, size=2 * MB, digest="") for i in range(3)]
 
 
+def fake_digest(name: str) -> str:
+    """A well-formed digest per tensor name (the fake verifier decides what matches)."""
+    return f"xxh3-64:{int(name[1:]):016x}"
+
+
 class FakeClient:
     """Every listed worker publishes the same layout at its own base address, with digests."""
 
     url = "fake:1"
 
-    def __init__(self, workers: list[str], loads: dict[str, float] | None = None) -> None:
+    def __init__(self, workers: list[str], loads: dict[str, float] | None = None,
+                 digests: dict[str, str] | None = None) -> None:
         self.workers = workers
         self.loads = loads or {}
+        self.digests = digests or {}  # worker -> the digest it publishes for every tensor instead
 
     def list_sources(self, identity, *, status, worker_rank):
         return [SourceRef(mx_source_id="id", worker_id=w, model_name="test/model", worker_rank=0,
@@ -37,7 +44,7 @@ class FakeClient:
     def get_metadata(self, mx_source_id, worker_id):
         base = 0x70_0000_0000 + 0x1_0000_0000 * self.workers.index(worker_id)
         tensors = tuple(TensorDescriptor(name=t.name, addr=base + (t.addr - LOCAL[0].addr), size=t.size,
-                                         digest=f"d:{t.name}") for t in LOCAL)
+                                         digest=self.digests.get(worker_id, fake_digest(t.name))) for t in LOCAL)
         record = WorkerRecord(worker_rank=0, transfer_engine_session_id=f"{worker_id}:1", tensors=tensors,
                               worker_grpc_endpoint=f"{worker_id}:2")
         return StoredWorker(mx_source_id=mx_source_id, worker_id=worker_id, identity=IDENTITY, worker=record)
@@ -119,7 +126,7 @@ def test_a_tensor_failing_its_digest_blames_its_seed_and_is_read_again(fake_leas
     wrong_once = {"w2"}
 
     def verifier(expected):
-        assert expected == {n: f"d:{n}" for n in expected}
+        assert expected == {n: fake_digest(n) for n in expected}
         bad = [n for n in expected if n in wrong_once]
         wrong_once.clear()
         return bad
@@ -146,3 +153,17 @@ def test_busy_seeds_are_skipped_and_waited_for(fake_leases):
     with pytest.raises(NoSourceError, match=r"within 2 s \(the READY seeds were all at max_readers\)"):
         pull(FakeClient(["a", "b"]), FakeEngine(), clock, wait_timeout_s=2)
     assert clock.sleeps == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("digest, why", [
+    ("xxh3-128:00112233445566778899aabbccddeeff", "unknown digest algorithm 'xxh3-128'"),
+    ("xxh3-64:nothex", "malformed digest"),
+])
+def test_a_digest_the_target_cannot_check_fails_that_seed_only(fake_leases, digest, why):
+    """Checked when the seed becomes a candidate, before any byte moves: never inside a read's callback,
+    where one record would abort the whole pull."""
+    engine = FakeEngine()
+    report = pull(FakeClient(["odd", "a"], digests={"odd": digest}), engine, FakeClock(),
+                  verifier=lambda expected: [], verify="require")
+    assert [f.seed for f in report.failures] == ["worker odd (rank 0)"] and why in report.failures[0].reason
+    assert engine.bytes == {"a:1": 6 * MB} and report.served == {"a": 6 * MB} and report.verified == 3

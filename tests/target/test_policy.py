@@ -1,7 +1,7 @@
 """pull_weights' waiting and failover policy with a fake clock (unit test of our logic only).
 
 FakeClient and FakeEngine are stand-ins named as such; the real server,
-Mooncake and seed processes are exercised in tests/test_target.py.
+Mooncake and seed processes are exercised in tests/target/test_pull.py.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import pytest
 
 from sglang_mx.errors import NoSourceError
 from sglang_mx.records import SourceIdentity
-from sglang_mx.reshard import MixedLayout
+from sglang_mx.target.reshard import MixedLayout
 from sglang_mx.target import PullOptions, digest_verifier, pull_weights
 from sglang_mx.transfer.tensors import describe
 from tests.procs import SeedProcess

@@ -3,7 +3,7 @@
 import pytest
 
 from sglang_mx.records import TensorDescriptor
-from sglang_mx.stripes import Destination, destinations, names_in, reads_for, split, stripe_count
+from sglang_mx.target.stripes import Destination, cut, destinations, reads_for, stripe_count
 from sglang_mx.transfer.plan import Read
 
 LOCAL = [
@@ -24,7 +24,7 @@ def test_destinations_group_shared_storage_and_skip_empty_tensors():
 @pytest.mark.parametrize("parts", [1, 2, 3, 4, 7])
 def test_stripes_cover_every_byte_once_and_differ_by_at_most_one_byte(parts):
     dests = destinations(LOCAL)
-    stripes = split(dests, parts)
+    stripes = cut(dests, parts)
     assert len(stripes) == parts
     sizes = [sum(p.length for p in s) for s in stripes]
     assert sum(sizes) == 400 and max(sizes) - min(sizes) <= 1
@@ -38,13 +38,14 @@ def test_stripes_cover_every_byte_once_and_differ_by_at_most_one_byte(parts):
 
 
 def test_a_cut_inside_a_tensor_puts_it_in_two_stripes():
-    first, second = split(destinations(LOCAL), 2)
-    assert names_in(first) == {"a", "tied", "b", "c"} and names_in(second) == {"c"}
+    first, second = cut(destinations(LOCAL), 2)
+    assert {n for s in first for n in s.dest.names} == {"a", "tied", "b", "c"}
+    assert {n for s in second for n in s.dest.names} == {"c"}
     assert [(p.dest.names[0], p.offset, p.length) for p in second] == [("c", 50, 200)]
 
 
 def test_reads_for_one_seed_use_its_own_addresses_and_merge_contiguous_pieces():
-    first, _ = split(destinations(LOCAL), 2)
+    first, _ = cut(destinations(LOCAL), 2)
     remote = {"a": 0x70000, "tied": 0x70000, "b": 0x70064, "c": 0x80000}
     assert reads_for(first, remote) == [Read(0x1000, 0x70000, 150), Read(0x9000, 0x80000, 50)]
 
@@ -56,6 +57,6 @@ def test_stripe_count_leaves_no_stripe_under_the_minimum():
     assert stripe_count(0, 3) == 1
 
 
-def test_split_rejects_zero_parts():
+def test_cut_rejects_zero_parts():
     with pytest.raises(ValueError, match="parts=0"):
-        split([], 0)
+        cut([], 0)

@@ -1,7 +1,8 @@
-"""Target side: find READY seeds of our identity and rank, and pull from them.
+"""The target's policy: find READY seeds of our identity and rank, and pull from them.
 
-`pull_weights` is the policy (wait, take the least-loaded seeds, stripe over up
-to `max_seeds` of them, give up within bounds; `sglang_mx.pull` runs the rounds);
+`pull_weights` waits, takes the least-loaded seeds (`target.choice`), stripes over
+up to `max_seeds` of them (`target.striped` runs the rounds), falls back to seed
+instances of other layouts (`target.reshard`) and gives up within bounds;
 `pull_into` is what an SGLang rank calls with its config.
 """
 
@@ -15,22 +16,24 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from sglang_mx.choice import order_candidates
 from sglang_mx.client import MetadataClient
 from sglang_mx.config import MxConfig
-from sglang_mx.digest import mismatches
 from sglang_mx.errors import CandidateFailure, NoSourceError, TransferError, VerificationError
-from sglang_mx.identity import RankInfo, describe_identity, identity_for, model_source_id, mx_source_id
-from sglang_mx.pull import PullReport, StripedPull, Verifier
+from sglang_mx.identity import describe_identity, mx_source_id
+from sglang_mx.layout import RankInfo, identity_for, model_source_id
 from sglang_mx.records import TOPOLOGY_INSTANCE, ShardSpec, SourceIdentity, SourceStatus, TensorDescriptor
-from sglang_mx.reshard import InstanceBusy, MixedLayout, instances, pull_instance
-from sglang_mx.shards import ReshardRefused
+from sglang_mx.target.choice import order_candidates
+from sglang_mx.target.report import PullReport
+from sglang_mx.target.reshard import InstanceBusy, MixedLayout, instances, pull_instance
+from sglang_mx.target.reshard_plan import ReshardRefused
+from sglang_mx.target.striped import StripedPull
+from sglang_mx.target.verify import Verifier, VerifyMode, digest_verifier
 from sglang_mx.transfer.engine import MooncakeEngine
 from sglang_mx.transfer.memory import populate
 from sglang_mx.transfer.plan import Read
 from sglang_mx.transfer.tensors import describe
 
-__all__ = ["PullOptions", "PullReport", "Verifier", "digest_verifier", "pull_into", "pull_weights"]
+__all__ = ["PullOptions", "pull_into", "pull_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,7 @@ class PullOptions:
     wait_timeout_s: float = 60.0  # how long to wait for a READY seed to appear
     poll_interval_s: float = 1.0
     max_candidates: int = 5  # seeds tried before giving up
-    verify: str = "if_present"  # MxConfig.verify: "require" | "if_present" | "off"
+    verify: VerifyMode = VerifyMode.IF_PRESENT
     max_seeds: int = 1  # seeds read from at once, each a stripe of the bytes
     # Equally loaded seeds in random order (spread targets over them), or in the server's (newest first).
     spread: bool = True
@@ -73,11 +76,11 @@ def pull_weights(
 ) -> PullReport:
     """Fill `tensors` (our memory) from READY seeds of the same identity and rank.
 
-    Candidates are taken least-loaded first (sglang_mx.choice), up to
+    Candidates are taken least-loaded first (target.choice), up to
     `options.max_seeds` at once, each read under a reader lease when the seed
     offers one (a busy seed is skipped, and waited for when all are busy). The
     bytes still missing are cut into stripes balanced by bytes, one per seed
-    (sglang_mx.stripes), read in parallel. A seed that does not match, fails to
+    (target.stripes), read in parallel. A seed that does not match, fails to
     transfer, or serves bytes that fail their digest is recorded and never asked
     again; only the tensors it left unfinished or wrong are read again, from the
     others. Raises NoSourceError listing every attempt when the tensors cannot be
@@ -92,14 +95,14 @@ def pull_weights(
     destination just before it is submitted (`transfer.memory.populate` for host
     memory).
 
-    `mixed`: our layout can be planned (sglang_mx.reshard); when no seed of our own
+    `mixed`: our layout can be planned (target.reshard); when no seed of our own
     identity can serve, whole seed instances of the same model in another TP layout
     are tried (each counts as one candidate), least loaded first.
     """
     source_id = mx_source_id(identity)
     deadline = clock() + options.wait_timeout_s
-    pull = StripedPull(tensors, verify=options.verify if verifier else "off", verifier=verifier, clock=clock,
-                       prepare=prepare)
+    verify = VerifyMode(options.verify) if verifier else VerifyMode.OFF
+    pull = StripedPull(tensors, verify=verify, verifier=verifier, clock=clock, prepare=prepare)
     start = clock()
     regions = engine.register((t.addr, t.size) for t in tensors)
     registered = clock()
@@ -124,8 +127,7 @@ def pull_weights(
             if mixed is not None and not queue and len(pull.bad) < options.max_candidates:
                 found_at = clock()
                 report, mixed_busy = _pull_mixed(client, engine, mixed, pull, options, source_id,
-                                                 verify=options.verify if verifier else "off", prepare=prepare,
-                                                 clock=clock)
+                                                 verify=verify, prepare=prepare, clock=clock)
                 busy |= mixed_busy
                 if report is not None:
                     return dataclasses.replace(report, register_seconds=registered - start,
@@ -150,7 +152,8 @@ def pull_weights(
 
 
 def _pull_mixed(client: MetadataClient, engine: MooncakeEngine, mixed: MixedLayout, pull: StripedPull,
-                options: PullOptions, source_id: str, *, verify: str, prepare, clock) -> tuple[PullReport | None, bool]:
+                options: PullOptions, source_id: str, *, verify: VerifyMode, prepare,
+                clock) -> tuple[PullReport | None, bool]:
     """Try whole seed instances of our model in other layouts; (report, any was busy).
 
     A failed or refused instance is recorded in `pull` (each of its workers is bad) and counts as
@@ -205,7 +208,7 @@ def pull_into(
     with client or MetadataClient.for_config(config) as client:
         report = pull_weights(client, engine, identity, worker_rank=info.worker_rank, tensors=descriptors,
                               options=PullOptions.from_config(config),
-                              verifier=None if config.verify == "off" else digest_verifier(tensors),
+                              verifier=digest_verifier(tensors) if config.verify.checks else None,
                               prepare=_populate if on_host else None, mixed=mixed)
     if report.resharded_from:
         log.info("modelexpress: resharded from a TP %d seed instance to TP %d rank %d", report.resharded_from,
@@ -230,8 +233,3 @@ def pull_into(
 
 def _populate(read: Read) -> None:
     populate(read.local_addr, read.length)
-
-
-def digest_verifier(tensors: Mapping[str, torch.Tensor]) -> Verifier:
-    """Checks `tensors` against a seed's digests (on their own device; CUDA is synchronized first)."""
-    return lambda expected: mismatches(tensors, expected)

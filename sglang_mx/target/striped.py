@@ -1,9 +1,10 @@
-"""One striped pull of one rank, round by round: which bytes come from which seed, what is good.
+"""A same-layout pull of one rank over one or more seeds, round by round: which bytes come from
+which seed, and what is good.
 
-`target.pull_weights` (the policy: wait, choose seeds, give up within bounds)
-drives a `StripedPull`: seeds are added as sources (their layout checked and a
-reader lease taken), then each `round` reads the bytes still missing, striped
-over the sources (sglang_mx.stripes), in parallel. Verification overlaps the
+`target.policy.pull_weights` (wait, choose seeds, give up within bounds) drives a
+`StripedPull`: seeds are added as sources (`target.candidate`: record fetched and
+checked, layout compared, reader lease taken), then each `round` reads the bytes
+still missing, striped over the sources (`target.stripes`), in parallel. Verification overlaps the
 transfer: a tensor whose bytes all come from one read is checked as soon as that
 read lands; the others once the round's reads are done. Whatever failed, or
 whose digest differs, stays pending for the next round from the other seeds.
@@ -15,46 +16,20 @@ import bisect
 import dataclasses
 import logging
 import threading
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
-from sglang_mx import leases
 from sglang_mx.client import MetadataClient
 from sglang_mx.errors import CandidateFailure, LayoutMismatchError, NoSourceError, TransferError, VerificationError
+from sglang_mx.leases import ReadLease
 from sglang_mx.records import SourceRef, TensorDescriptor
-from sglang_mx.stripes import Destination, Piece, destinations, reads_for, split, stripe_count
+from sglang_mx.target.candidate import SeedBusyError, fetch, label, take_lease
+from sglang_mx.target.report import PullReport, build_report
+from sglang_mx.target.stripes import Destination, Slice, cut, destinations, reads_for, stripe_count
+from sglang_mx.target.verify import Verifier, VerifyMode, expected_digests
 from sglang_mx.transfer.engine import MooncakeEngine
 from sglang_mx.transfer.plan import Read, build_plan
 
-log = logging.getLogger("sglang_mx.target")
-
-# Given the digests a seed published (name -> digest), the names of our tensors that differ.
-Verifier = Callable[[Mapping[str, str]], Sequence[str]]
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class PullReport:
-    mx_source_id: str
-    seed_worker_id: str  # the seed that served most of the bytes
-    seed_session_id: str
-    tensors: int
-    bytes: int
-    reads: int
-    seconds: float  # the transfer: first read submitted to last one done (early verification inside it)
-    verified: int = 0  # tensors whose bytes were checked against the seeds' digests
-    verify_seconds: float = 0.0  # hashing, mostly while later reads were still moving
-    register_seconds: float = 0.0  # registering our memory with Mooncake
-    discover_seconds: float = 0.0  # ListSources until the first source was taken (waiting included)
-    metadata_seconds: float = 0.0  # GetMetadata, layout check and lease of the sources taken
-    failures: tuple[CandidateFailure, ...] = ()  # seeds that failed along the way
-    served: Mapping[str, int] = dataclasses.field(default_factory=dict)  # worker id -> verified bytes it served
-    rounds: int = 0  # striped rounds (1 unless a seed failed mid-pull)
-    resharded_from: int = 0  # the seed instance's TP size when it had another layout (sglang_mx.reshard); 0: same
-    # name -> digest of every tensor whose pulled bytes were checked against it (same-layout pulls):
-    # a cascading target publishes these instead of hashing the same bytes again.
-    digests: Mapping[str, str] = dataclasses.field(default_factory=dict)
-
-    @property
-    def gb_per_s(self) -> float:
-        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -66,13 +41,13 @@ class _Source:
     label: str
     remote_addr: dict[str, int]
     expected: dict[str, str]  # name -> digest our bytes must have (per the verify mode)
-    lease: leases.ReadLease | None
+    lease: ReadLease | None
 
 
 class StripedPull:
     """One striped pull: the destinations still missing, the seeds in use, the seeds that failed."""
 
-    def __init__(self, tensors: Sequence[TensorDescriptor], *, verify: str, verifier: Verifier | None,
+    def __init__(self, tensors: Sequence[TensorDescriptor], *, verify: VerifyMode, verifier: Verifier | None,
                  clock: Callable[[], float], prepare: Callable[[Read], None] | None = None) -> None:
         self.tensors = tensors
         self.prepare = prepare
@@ -100,18 +75,11 @@ class StripedPull:
         """Take `ref` as a source; True when it was busy (at max_readers) and is left for later."""
         start = self.clock()
         try:
-            stored = client.get_metadata(ref.mx_source_id, ref.worker_id)
-            if stored is None:
-                raise NoSourceError(f"worker {ref.worker_id} vanished from the server before GetMetadata")
-            session = stored.worker.transfer_engine_session_id
-            if not session:
-                raise NoSourceError(f"worker {ref.worker_id} publishes no transfer_engine_session_id (NIXL seed?)")
-            label = f"{ref.worker_id}@{session}"
-            build_plan(self.tensors, stored.worker.tensors, seed=label)  # the layouts must agree exactly
-            expected = _expected_digests(self.tensors, stored.worker.tensors, self.verify, label)
-            lease = leases.acquire(stored.worker.worker_grpc_endpoint, ref.mx_source_id, ref.worker_id,
-                                   timeout_s=lease_timeout_s)
-        except leases.SeedBusyError as e:
+            record = fetch(client, ref)
+            build_plan(self.tensors, record.tensors, seed=record.label)  # the layouts must agree exactly
+            expected = expected_digests(self.tensors, record.tensors, self.verify, record.label)
+            lease = take_lease(record, lease_timeout_s)
+        except SeedBusyError as e:
             log.info("%s", e)
             return True
         except (LayoutMismatchError, NoSourceError, VerificationError) as e:
@@ -121,8 +89,8 @@ class StripedPull:
             self.metadata_seconds += self.clock() - start
         self.checked = True
         self.mx_source_id = ref.mx_source_id
-        self.sessions[ref.worker_id] = session
-        self.sources.append(_Source(ref, session, label, {t.name: t.addr for t in stored.worker.tensors},
+        self.sessions[ref.worker_id] = record.session
+        self.sources.append(_Source(ref, record.session, record.label, {t.name: t.addr for t in record.tensors},
                                     expected, lease))
         return False
 
@@ -134,10 +102,10 @@ class StripedPull:
         """
         self.rounds += 1
         sources = self.sources[: stripe_count(sum(d.size for d in self.pending), len(self.sources))]
-        stripes = split(self.pending, len(sources))
-        jobs = [(src, pieces, reads_for(pieces, src.remote_addr)) for src, pieces in zip(sources, stripes) if pieces]
-        for src, pieces, reads in jobs:
-            log.info("pulling %d bytes in %d reads from %s", sum(p.length for p in pieces), len(reads), src.label)
+        stripes = cut(self.pending, len(sources))
+        jobs = [(src, slices, reads_for(slices, src.remote_addr)) for src, slices in zip(sources, stripes) if slices]
+        for src, slices, reads in jobs:
+            log.info("pulling %d bytes in %d reads from %s", sum(p.length for p in slices), len(reads), src.label)
         checked: dict[Destination, set[str]] = {}  # verified early -> the names that differ
         lock = threading.Lock()
 
@@ -154,16 +122,16 @@ class StripedPull:
 
         start = self.clock()
         errors = read_all(engine, [
-            (src.session, reads, self.prepare, on_done(src, _whole_by_read(pieces, reads)) if self.verifier else None)
-            for src, pieces, reads in jobs])
+            (src.session, reads, self.prepare, on_done(src, _whole_by_read(slices, reads)) if self.verifier else None)
+            for src, slices, reads in jobs])
         self.seconds += self.clock() - start
         self.reads += sum(len(reads) for _, _, reads in jobs)
         failed = {src.ref.worker_id for (src, _, _), e in zip(jobs, errors) if e is not None}
-        # A destination is complete when every piece of it came from a seed whose reads all succeeded
+        # A destination is complete when every slice of it came from a seed whose reads all succeeded
         # (or when it was read whole by one read that landed and was verified).
         servers: dict[Destination, list[_Source]] = {}
-        for src, pieces, _ in jobs:
-            for p in pieces:
+        for src, slices, _ in jobs:
+            for p in slices:
                 servers.setdefault(p.dest, []).append(src)
         complete = [d for d in self.pending if d in checked or (
             d in servers and not any(s.ref.worker_id in failed for s in servers[d]))]
@@ -185,13 +153,13 @@ class StripedPull:
             for src in servers[d]:
                 if differing.intersection(d.names):
                     wrong.setdefault(src.ref.worker_id, set()).update(differing.intersection(d.names))
-        for (src, pieces, _), error in zip(jobs, errors):
+        for (src, slices, _), error in zip(jobs, errors):
             if error is not None:
                 self._fail(src.ref, error)
             elif src.ref.worker_id in wrong:
                 self._fail(src.ref, VerificationError("bytes pulled do not match the seed's published digests",
                                                       seed=src.label, tensors=sorted(wrong[src.ref.worker_id])))
-            ok = sum(p.length for p in pieces if p.dest in good)
+            ok = sum(p.length for p in slices if p.dest in good)
             if ok:
                 self.served[src.ref.worker_id] = self.served.get(src.ref.worker_id, 0) + ok
         self.pending = [d for d in self.pending if d not in good]
@@ -213,32 +181,19 @@ class StripedPull:
         self.sources = []
 
     def report(self) -> PullReport:
-        # The seed named is the one that served most of the bytes among those that never failed.
-        ranked = sorted(self.served, key=lambda w: (w not in self.bad, self.served[w]), reverse=True)
-        main = ranked[0] if ranked else next(iter(self.sessions), "")
-        return PullReport(
-            mx_source_id=self.mx_source_id,
-            seed_worker_id=main,
-            seed_session_id=self.sessions.get(main, ""),
-            tensors=len(self.tensors),
-            bytes=self.total_bytes,
-            reads=self.reads,
-            seconds=self.seconds,
-            verified=self.verified,
-            verify_seconds=self.verify_seconds,
-            metadata_seconds=self.metadata_seconds,
-            failures=tuple(self.failures),
-            served=dict(self.served),
-            rounds=self.rounds,
-            digests=dict(self.digests),
+        return build_report(
+            mx_source_id=self.mx_source_id, served=self.served, sessions=self.sessions, failed=self.bad,
+            tensors=len(self.tensors), bytes=self.total_bytes, reads=self.reads, seconds=self.seconds,
+            verified=self.verified, verify_seconds=self.verify_seconds, metadata_seconds=self.metadata_seconds,
+            failures=tuple(self.failures), rounds=self.rounds, digests=dict(self.digests),
         )
 
 
-def _whole_by_read(pieces: Sequence[Piece], reads: Sequence[Read]) -> list[list[Destination]]:
+def _whole_by_read(slices: Sequence[Slice], reads: Sequence[Read]) -> list[list[Destination]]:
     """For each read (sorted by local address, as `reads_for` makes them), the destinations it holds whole."""
     starts = [r.local_addr for r in reads]
     out: list[list[Destination]] = [[] for _ in reads]
-    for p in pieces:
+    for p in slices:
         if p.offset != 0 or p.length != p.dest.size:
             continue  # a destination cut between stripes is verified after the round
         index = bisect.bisect_right(starts, p.dest.addr) - 1
@@ -277,31 +232,3 @@ def read_all(engine: MooncakeEngine, jobs: Sequence[Job]) -> list[TransferError 
     if raised:
         raise raised[0]
     return errors
-
-
-def _expected_digests(
-    local: Sequence[TensorDescriptor], remote: Sequence[TensorDescriptor], verify: str, seed: str
-) -> dict[str, str]:
-    """Name -> the digest our bytes must have after the pull, per the verify mode.
-
-    Checked before any byte moves: with "require", a seed lacking a digest for any
-    tensor with bytes is refused (VerificationError) without being read.
-    """
-    if verify == "off":
-        return {}
-    published = {t.name: t.digest for t in remote if t.digest}
-    with_bytes = [t.name for t in local if t.size > 0]
-    missing = [name for name in with_bytes if name not in published]
-    if missing and verify == "require":
-        raise VerificationError("seed publishes no digest for some tensors and verify is 'require'", seed=seed,
-                                tensors=missing)
-    if missing:
-        log.warning("seed %s publishes no digest for %d of %d tensors: those are not verified (verify=if_present)",
-                    seed, len(missing), len(with_bytes))
-    return {name: published[name] for name in with_bytes if name in published}
-
-
-
-
-def label(ref: SourceRef) -> str:
-    return f"worker {ref.worker_id} (rank {ref.worker_rank})"

@@ -1,0 +1,17 @@
+"""The target: find, check, pull and verify one rank's weights from seeds.
+
+- `policy`: candidates, rounds, fallback to other layouts, bounds (`pull_weights`,
+  `pull_into`, `PullOptions`);
+- `choice`: which seeds first (least loaded, ties at random);
+- `candidate`: one seed becoming a candidate (record fetched and checked, lease);
+- `striped` (+ `stripes`): a same-layout pull over one or more seeds;
+- `reshard` (+ `reshard_plan`): a pull from a seed instance of another TP layout;
+- `verify`: the one verify rule (`VerifyMode`, `expect`);
+- `report`: what a pull reports (`PullReport`).
+"""
+
+from sglang_mx.target.policy import PullOptions, pull_into, pull_weights
+from sglang_mx.target.report import PullReport
+from sglang_mx.target.verify import Verifier, VerifyMode, digest_verifier
+
+__all__ = ["PullOptions", "PullReport", "Verifier", "VerifyMode", "digest_verifier", "pull_into", "pull_weights"]

@@ -1,0 +1,99 @@
+"""The one verify rule of a target: which digest the bytes it keeps are checked against.
+
+Both pull paths (a same-layout striped pull, a mixed-layout reshard) ask `expect`
+for every range of bytes they read, with the digest the seed published for exactly
+those bytes ("" when it published none):
+
+- `VerifyMode.REQUIRE`: the published digest; with none, the bytes may not be read
+  (None: the caller refuses that seed or plan before any byte moves).
+- `VerifyMode.IF_PRESENT`: the published digest, or "" (read unchecked, and said so).
+- `VerifyMode.OFF`: "" (nothing is checked).
+
+A seed's digests are checked once, when it becomes a candidate (`check_published`):
+a digest naming an algorithm this version does not know, or a malformed one, fails
+that seed only, never the pull as a whole.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from sglang_mx.config import VerifyMode
+from sglang_mx.digest import DigestError, check_digest, mismatches
+from sglang_mx.errors import VerificationError
+from sglang_mx.records import TensorDescriptor
+
+__all__ = ["Verifier", "VerifyMode", "check_published", "digest_verifier", "expect", "expected_digests"]
+
+log = logging.getLogger(__name__)
+
+# Given the digests a seed published (name -> digest), the names of our tensors that differ.
+Verifier = Callable[[Mapping[str, str]], Sequence[str]]
+
+
+def expect(mode: VerifyMode, published: str) -> str | None:
+    """The digest bytes read under `mode` must have: `published`; "" when they are read unchecked
+    (off, or if_present with nothing published); None when they may not be read (require, none)."""
+    if not mode.checks:
+        return ""
+    if published:
+        return published
+    return None if mode is VerifyMode.REQUIRE else ""
+
+
+def expected_digests(local: Sequence[TensorDescriptor], remote: Sequence[TensorDescriptor], mode: VerifyMode,
+                     seed: str) -> dict[str, str]:
+    """Name -> the digest our bytes must have after a same-layout pull from one seed, per `mode`.
+
+    Checked before any byte moves: under require, a seed lacking a digest for any
+    tensor with bytes is refused (VerificationError naming them) without being read.
+    """
+    mode = VerifyMode(mode)
+    published = {t.name: t.digest for t in remote}
+    out: dict[str, str] = {}
+    refused: list[str] = []
+    unchecked = 0
+    for t in local:
+        if t.size == 0:
+            continue
+        digest = expect(mode, published.get(t.name, ""))
+        if digest is None:
+            refused.append(t.name)
+        elif digest:
+            out[t.name] = digest
+        else:
+            unchecked += mode.checks
+    if refused:
+        raise VerificationError("seed publishes no digest for some tensors and verify is 'require'", seed=seed,
+                                tensors=refused)
+    if unchecked:
+        log.warning("seed %s publishes no digest for %d of %d tensors: those are not verified (verify=if_present)",
+                    seed, unchecked, sum(1 for t in local if t.size))
+    return out
+
+
+def check_published(tensors: Sequence[TensorDescriptor], seed: str) -> None:
+    """Every digest a seed published (whole tensors and dim-0 pieces) names a known algorithm and
+    is well formed; else VerificationError for this seed, naming the tensors."""
+    bad: list[str] = []
+    reason = ""
+    for t in tensors:
+        for digest in (t.digest, *(p.digest for p in t.pieces)):
+            if digest:
+                try:
+                    check_digest(digest)
+                except DigestError as e:
+                    bad.append(t.name)
+                    reason = reason or str(e)
+                    break
+    if bad:
+        raise VerificationError(f"seed publishes digests this target cannot check ({reason})", seed=seed,
+                                tensors=bad)
+
+
+def digest_verifier(tensors: Mapping[str, torch.Tensor]) -> Verifier:
+    """Checks `tensors` against a seed's digests (on their own device; CUDA is synchronized first)."""
+    return lambda expected: mismatches(tensors, expected)
