@@ -81,7 +81,7 @@ class SglangServer:
     """`python -m sglang.launch_server` in its own process group."""
 
     def __init__(self, model: pathlib.Path, *args: str, tp: int = 1, mx_config: dict | None = None,
-                 name: str = "sglang") -> None:
+                 name: str = "sglang", env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.name = name
         argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), "--device", "cpu",
@@ -91,8 +91,8 @@ class SglangServer:
             argv += ["--modelexpress-config", json.dumps(mx_config)]
         self.log_path = pathlib.Path(tempfile.mkstemp(prefix=f"{name}-", suffix=".log")[1])
         with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(argv, env=sglang_env(tp), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(argv, env={**sglang_env(tp), **(env or {})}, stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
 
     @property
     def log(self) -> str:

@@ -16,7 +16,7 @@ entry point. The patch adds one call into this module at each place where
 - `Scheduler.run_event_loop` -> `mark_ready`.
 
 These functions only read 0.5.10's objects; the logic is
-`sglang_mx.sglang.loader`'s, shared with the plugin. SGLang is imported inside
+`sglang_mx.sglang.process`, `.rank`, `.target_load` and `.publish`'s, shared with the plugin. SGLang is imported inside
 functions only.
 """
 
@@ -24,21 +24,21 @@ from __future__ import annotations
 
 import logging
 
-from sglang_mx.sglang import loader
+from sglang_mx.sglang import process, publish, rank, target_load
 
 log = logging.getLogger("sglang_mx")
 
 __all__ = ["check_server_args", "load_model", "mark_ready", "modelexpress_keys", "publish_after_load"]
 
 
-_state = loader.ProcessState()
+_state = process.ProcessState()
 
 
 def check_server_args(server_args) -> None:
     """Raise ConfigError for a bad `--modelexpress-config` (launcher, at start-up)."""
-    loader.log_at_info()
+    process.log_at_info()
     _state.role(server_args)
-    loader.new_instance()
+    process.new_instance()
 
 
 def modelexpress_keys(server_args) -> dict:
@@ -57,9 +57,9 @@ def load_model(model_loader, *, model_config, device_config):
     """`RemoteInstanceModelLoader.load_model` for backend modelexpress: pull from a seed."""
     from sglang.srt.server_args import get_global_server_args
 
-    loader.log_at_info()
+    process.log_at_info()
     load_config = model_loader.load_config
-    return loader.load_from_peer(
+    return target_load.load_from_peer(
         load_config, model_config, device_config,
         role=_state.role(get_global_server_args()),
         info=_rank_info(model_config, device_config.device, get_global_server_args()),
@@ -73,11 +73,11 @@ def publish_after_load(model_runner) -> None:
     """After `ModelRunner.load_model`: publish this rank's weights when configured to."""
     if getattr(model_runner, "is_draft_worker", False) or getattr(model_runner, "model", None) is None:
         return
-    loader.log_at_info()
+    process.log_at_info()
     role = _state.role(model_runner.server_args)
     if role.config is None:
         return
-    loader.publish_rank(
+    publish.publish_rank(
         _state, model_runner.model, model_runner.remote_instance_transfer_engine,
         model_runner.remote_instance_transfer_engine_session_id,
         _rank_info(model_runner.model_config, model_runner.device, server_args=model_runner.server_args), role,
@@ -86,7 +86,7 @@ def publish_after_load(model_runner) -> None:
 
 def mark_ready() -> None:
     """Before `Scheduler.run_event_loop`: this process's seeds go READY."""
-    loader.mark_ready(_state.publishers)
+    publish.mark_ready(_state.publishers)
 
 
 def _rank_info(model_config, device, server_args):
@@ -104,7 +104,7 @@ def _rank_info(model_config, device, server_args):
         "moe_dp_size": (parallel_state, "get_moe_data_parallel_world_size"),
     }
     pp = parallel_state.get_pp_group()
-    return loader.rank_info(
+    return rank.rank_info(
         model_config, device,
         tp_size=parallel_state.get_tensor_model_parallel_world_size(),
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),

@@ -2,7 +2,7 @@
 
 Registered as the entry point `sglang.srt.plugins: modelexpress`; SGLang calls
 `register()` in every process (launcher, schedulers, detokenizer). The hooks
-translate SGLang objects into plain facts and call `sglang_mx.sglang.loader`;
+translate SGLang objects into plain facts and call `sglang_mx.sglang.process`, `.rank`, `.target_load` and `.publish`;
 the logic lives there and in the modules it calls. Hooks:
 
 - `ServerArgs.check_server_args` (before; once, in the launcher, before any
@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 
-from sglang_mx.sglang import loader
+from sglang_mx.sglang import process, publish, rank, target_load
 
 log = logging.getLogger("sglang_mx")
 
@@ -56,14 +56,14 @@ _WITHDRAW_BEFORE = tuple(_UPDATER + name for name in (
 _SERVER_ARGS = "sglang.srt.server_args.ServerArgs.check_server_args"
 
 
-_state = loader.ProcessState()
+_state = process.ProcessState()
 
 
 def register() -> None:
     """Entry point: install the hooks (SGLang applies them right after)."""
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    loader.log_at_info()
+    process.log_at_info()
     HookRegistry.register(_SERVER_ARGS, _before_server_args_check, HookType.BEFORE)
     HookRegistry.register(_TE_GATE, _around_te_gate, HookType.AROUND)
     HookRegistry.register(_LOADER, _around_remote_load, HookType.AROUND)
@@ -80,7 +80,7 @@ def register() -> None:
 
 def _before_server_args_check(server_args, *args, **kwargs):
     _state.role(server_args)  # raises ConfigError in the launcher, naming the key
-    loader.new_instance()
+    process.new_instance()
     return None
 
 
@@ -98,7 +98,7 @@ def _around_remote_load(original, self, *, model_config, device_config, **kwargs
         return original(self, model_config=model_config, device_config=device_config, **kwargs)
     load_config = self.load_config
     info = _rank_info(model_config, device_config.device, get_server_args())
-    return loader.load_from_peer(
+    return target_load.load_from_peer(
         load_config, model_config, device_config, role=role, info=info,
         transfer_engine=load_config.remote_instance_weight_loader_transfer_engine,
         session_id=load_config.remote_instance_weight_loader_transfer_engine_session_id,
@@ -121,10 +121,10 @@ def _around_publish(original, self, *args, **kwargs):
     info = _state.rank_infos.get(id(self.model))
     if role.config is None or info is None:
         return original(self, *args, **kwargs)
-    if loader.publish_rank(_state, self.model, self.engine, self.session_id, info, role) is None:
+    if publish.publish_rank(_state, self.model, self.engine, self.session_id, info, role) is None:
         return None
     runner = _state.runners.get(id(self.model))
-    _state.sources.append(loader.Source(
+    _state.sources.append(process.Source(
         engine=self.engine, session_id=self.session_id, role=role,
         model=lambda: runner.model if runner is not None else self.model,
         rank_info=lambda: _rank_info(runner.model_config, runner.device, runner.server_args) if runner else info,
@@ -134,21 +134,21 @@ def _around_publish(original, self, *args, **kwargs):
 
 
 def _before_event_loop(self, *args, **kwargs):
-    loader.mark_ready(_state.publishers)
+    publish.mark_ready(_state.publishers)
     return None
 
 
 def _before_weights_change(self, *args, **kwargs):
-    loader.withdraw(_state, why=f"{type(self).__name__} is about to change the weights in place")
+    process.withdraw(_state, why=f"{type(self).__name__} is about to change the weights in place")
     return None
 
 
 def _around_update_from_disk(original, self, recv_req, *args, **kwargs):
-    loader.withdraw(_state, why=f"update_weights_from_disk({recv_req.model_path!r})")
+    process.withdraw(_state, why=f"update_weights_from_disk({recv_req.model_path!r})")
     result = original(self, recv_req, *args, **kwargs)
     # Success or SGLang's rollback: either way the model now holds the checkpoint its
     # model_config names, which is the identity it publishes under again.
-    loader.republish(_state)
+    process.republish(_state)
     return result
 
 
@@ -156,7 +156,7 @@ def _rank_info(model_config, device, server_args):
     from sglang.srt.runtime_context import get_parallel
 
     parallel = get_parallel()
-    return loader.rank_info(
+    return rank.rank_info(
         model_config, device, tp_size=parallel.tp_size, tp_rank=parallel.tp_rank,
         pp_size=parallel.pp_size, pp_rank=parallel.pp_rank, width=lambda key: getattr(parallel, key),
         server_args=server_args,

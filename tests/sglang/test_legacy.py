@@ -12,7 +12,8 @@ from types import SimpleNamespace
 import pytest
 
 from sglang_mx.sglang import legacy as sglang_legacy
-from sglang_mx.sglang import loader
+from sglang_mx.sglang import process
+from sglang_mx.sglang import publish as publish_module
 from sglang_mx.errors import ConfigError
 
 
@@ -23,7 +24,7 @@ def server_args(load_format="remote_instance", backend="modelexpress", config=No
 
 @pytest.fixture
 def published(monkeypatch):
-    """Calls to loader.publish; each returns a publisher recording mark_ready."""
+    """Calls to sglang.publish.publish; each returns a publisher recording mark_ready."""
     calls = []
 
     class Publisher:
@@ -38,9 +39,9 @@ def published(monkeypatch):
                                      known_digests=known_digests, publisher=Publisher()))
         return calls[-1].publisher
 
-    monkeypatch.setattr(sglang_legacy, "_state", loader.ProcessState())
+    monkeypatch.setattr(sglang_legacy, "_state", process.ProcessState())
     monkeypatch.setattr(sglang_legacy, "_rank_info", lambda model_config, device, server_args: ("rank info", device))
-    monkeypatch.setattr(loader, "publish", publish)
+    monkeypatch.setattr(publish_module, "publish", publish)
     return calls
 
 
