@@ -63,7 +63,7 @@ def _retire(publisher, reads: int) -> None:
 def worker(args) -> None:
     from sglang_mx.client import MetadataClient
     from sglang_mx.records import SourceIdentity
-    from sglang_mx.seed import start_seed
+    from sglang_mx.seed import SeedOptions, start_seed
     from sglang_mx.target import PullOptions, digest_verifier, pull_weights
     from sglang_mx.transfer.engine import MooncakeEngine
     from sglang_mx.transfer.tensors import describe
@@ -74,8 +74,8 @@ def worker(args) -> None:
     tensors = _weights(args.size_mb, filled=args.role == "seed")
     publisher = None
     if args.role == "seed":
-        publisher = start_seed(tensors, engine, identity, client, worker_rank=0, worker_id=args.name, ready=True,
-                               max_readers=args.max_readers)
+        publisher = start_seed(tensors, engine, identity, client, worker_rank=0, worker_id=args.name,
+                               options=SeedOptions(ready=True, max_readers=args.max_readers))
         if args.retire_after:
             threading.Thread(target=_retire, args=(publisher, args.retire_after), daemon=True).start()
         _say(name=args.name, event="ready")
@@ -89,8 +89,8 @@ def worker(args) -> None:
                               verifier=digest_verifier(tensors))
         pulled = time.time()
         if args.cascade:
-            publisher = start_seed(tensors, engine, identity, client, worker_rank=0, worker_id=args.name, ready=True,
-                                   max_readers=args.max_readers)
+            publisher = start_seed(tensors, engine, identity, client, worker_rank=0, worker_id=args.name,
+                                   options=SeedOptions(ready=True, max_readers=args.max_readers))
         _say(name=args.name, event="pulled", go=go, pulled=pulled, seeding=time.time() if publisher else None,
              served=report.served, bytes=report.bytes, transfer_s=report.seconds, verify_s=report.verify_seconds,
              failures=len(report.failures))

@@ -63,11 +63,11 @@ def populate_read(read) -> None:
 
 
 def _seed(url: str, size_gb: float, ready, stop) -> None:
-    from sglang_mx.seed import start_seed
+    from sglang_mx.seed import SeedOptions, start_seed
 
     tensors = build(size_gb, fill=True)
     with MetadataClient(url) as client, MooncakeEngine.create("127.0.0.1") as engine:
-        publisher = start_seed(tensors, engine, IDENTITY, client, worker_rank=0, ready=True)
+        publisher = start_seed(tensors, engine, IDENTITY, client, worker_rank=0, options=SeedOptions(ready=True))
         ready.set()
         stop.wait()
         publisher.close()

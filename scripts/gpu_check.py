@@ -41,7 +41,7 @@ import torch  # noqa: E402
 
 from sglang_mx.client import MetadataClient  # noqa: E402
 from sglang_mx.digest import digest_many, verify  # noqa: E402
-from sglang_mx.seed import start_seed  # noqa: E402
+from sglang_mx.seed import SeedOptions, start_seed  # noqa: E402
 from sglang_mx.target import PullOptions, digest_verifier, pull_weights  # noqa: E402
 from sglang_mx.transfer.engine import MooncakeEngine  # noqa: E402
 from sglang_mx.transfer.tensors import describe  # noqa: E402
@@ -193,7 +193,7 @@ def run_seed(args) -> None:
         client = MetadataClient(args.url, timeout_s=10, retries=2)
         # The product's path: start_seed computes the digests on the GPU and publishes them.
         publisher = start_seed(tensors, counting, identity_for(args.protocol, args.mode), client, worker_rank=0,
-                               heartbeat_interval_s=5, ready=True)
+                               options=SeedOptions(heartbeat_interval_s=5, ready=True))
         result.update(status="ready", registrations=counting.regions, register_s=counting.register_s,
                       session=engine.session_id)
         emit(work / "seed.json", result)

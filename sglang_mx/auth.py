@@ -7,6 +7,7 @@ the header ModelExpress's own client sends when its token file is present
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -85,3 +86,49 @@ def url_host(url: str) -> str:
     if url.startswith("["):
         return url[1:].split("]", 1)[0]
     return url.rsplit(":", 1)[0] if url.count(":") == 1 else url
+
+
+def normalize_url(url: str) -> str:
+    """'grpc://host:port', 'http://host:port', 'dns:///host:port' or 'host:port' -> 'host:port'."""
+    for scheme in ("grpc://", "http://", "dns:///"):
+        if url.startswith(scheme):
+            url = url[len(scheme):]
+    return url.rstrip("/")
+
+
+@dataclasses.dataclass(frozen=True)
+class TlsMaterial:
+    """A client's TLS files, read once: the CA bundle that checks the server, and (mutual TLS) its own
+    certificate chain and key."""
+
+    ca: bytes = dataclasses.field(repr=False)
+    cert: bytes | None = dataclasses.field(default=None, repr=False)
+    key: bytes | None = dataclasses.field(default=None, repr=False)
+
+    @classmethod
+    def read(cls, ca_file: str | None, cert_file: str | None = None, key_file: str | None = None,
+             ) -> "TlsMaterial | None":
+        """The files' PEM bytes (None without a CA file); ConfigError for a bad combination or file."""
+        check_tls_files(ca_file, cert_file, key_file)
+        if ca_file is None:
+            return None
+        return cls(ca=read_pem_file(ca_file, what="tls_ca_file"),
+                   cert=read_pem_file(cert_file, what="tls_cert_file") if cert_file else None,
+                   key=read_pem_file(key_file, what="tls_key_file") if key_file else None)
+
+
+def check_tls_files(ca_file: str | None, cert_file: str | None, key_file: str | None) -> None:
+    """The one rule for a client's TLS files: a certificate and its key go together, and with a CA."""
+    if (cert_file is None) != (key_file is None):
+        raise ConfigError("tls_cert_file and tls_key_file go together: give both (a client certificate) or neither")
+    if cert_file is not None and ca_file is None:
+        raise ConfigError("tls_cert_file (a client certificate) needs tls_ca_file: mutual TLS is TLS")
+
+
+def check_token_transport(url: str, *, token: bool, tls: bool, allow_plaintext: bool) -> None:
+    """The one rule for a client's token: it travels in plaintext only to a loopback address, unless
+    `allow_plaintext` says so; ConfigError naming the way out otherwise."""
+    if token and not tls and not allow_plaintext and not is_loopback(url_host(normalize_url(url))):
+        raise ConfigError(
+            f"refusing to send the auth token in plaintext to {normalize_url(url)}: the token would travel in "
+            "plaintext; set tls_ca_file (TLS), or allow_plaintext_token: true on a network you trust")

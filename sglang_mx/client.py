@@ -14,23 +14,15 @@ from typing import Callable, TypeVar
 import grpc
 
 from sglang_mx import wire
-from sglang_mx.auth import bearer_metadata, is_loopback, read_pem_file, url_host
+from sglang_mx.auth import TlsMaterial, bearer_metadata, check_token_transport, normalize_url
 from sglang_mx.config import MxConfig
-from sglang_mx.errors import ConfigError, RequestRejectedError, ServerError, ServerUnavailableError
+from sglang_mx.errors import RequestRejectedError, ServerError, ServerUnavailableError
 from sglang_mx.records import SourceIdentity, SourceRef, SourceStatus, StoredWorker, WorkerRecord
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-
-
-def normalize_url(url: str) -> str:
-    """'grpc://host:port', 'http://host:port' or 'host:port' -> 'host:port'."""
-    for scheme in ("grpc://", "http://", "dns:///"):
-        if url.startswith(scheme):
-            url = url[len(scheme):]
-    return url.rstrip("/")
 
 
 class MetadataClient:
@@ -42,15 +34,15 @@ class MetadataClient:
     `tls_ca_file`: a PEM CA bundle; the channel then uses TLS and checks the
     server's certificate against it (plaintext without it).
     `tls_cert_file` / `tls_key_file`: this client's certificate and key, for a
-    server that requires them (mutual TLS; needs `tls_ca_file`).
+    server that requires them (mutual TLS; needs `tls_ca_file`). `tls`: the same,
+    already read (`for_config` passes what `parse_config` read once).
     """
 
     @classmethod
     def for_config(cls, config: MxConfig) -> "MetadataClient":
-        """A client of the configured server, with its deadline, token and TLS files."""
-        return cls(config.url, timeout_s=config.timeout_s, auth_token=config.auth_token,
-                   tls_ca_file=config.tls_ca_file, tls_cert_file=config.tls_cert_file,
-                   tls_key_file=config.tls_key_file, allow_plaintext_token=config.allow_plaintext_token)
+        """A client of the configured server, with its deadline, token and TLS material as parsed."""
+        return cls(config.url, timeout_s=config.timeout_s, auth_token=config.auth_token, tls=config.tls,
+                   allow_plaintext_token=config.allow_plaintext_token)
 
     def __init__(
         self,
@@ -65,29 +57,22 @@ class MetadataClient:
         tls_cert_file: str | None = None,
         tls_key_file: str | None = None,
         allow_plaintext_token: bool = False,
+        tls: TlsMaterial | None = None,
     ) -> None:
         self.url = normalize_url(url)
-        if auth_token is not None and tls_ca_file is None and not allow_plaintext_token \
-                and not is_loopback(url_host(self.url)):
-            raise ConfigError(
-                f"refusing to send the auth token in plaintext to {self.url}: give tls_ca_file (TLS), or set "
-                "allow_plaintext_token (config key 'allow_plaintext_token': true) on a network you trust")
-        if (tls_cert_file is None) != (tls_key_file is None) or (tls_cert_file is not None and tls_ca_file is None):
-            raise ConfigError("tls_cert_file and tls_key_file (a client certificate) go together, and with "
-                              "tls_ca_file")
+        if tls is None:
+            tls = TlsMaterial.read(tls_ca_file, tls_cert_file, tls_key_file)
+        check_token_transport(self.url, token=auth_token is not None, tls=tls is not None,
+                              allow_plaintext=allow_plaintext_token)
         self._timeout_s = timeout_s
         self._retries = retries
         self._backoff_s = backoff_s
         self._metadata = bearer_metadata(auth_token)
         limit = max_message_mb * 1024 * 1024
         options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
-        if tls_ca_file is not None:
-            ca = read_pem_file(tls_ca_file, what="TLS CA file")
-            chain = key = None
-            if tls_cert_file is not None:
-                chain = read_pem_file(tls_cert_file, what="TLS client certificate file")
-                key = read_pem_file(tls_key_file, what="TLS client key file")
-            credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=chain)
+        if tls is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates=tls.ca, private_key=tls.key,
+                                                       certificate_chain=tls.cert)
             self._channel = grpc.secure_channel(self.url, credentials, options=options)
         else:
             self._channel = grpc.insecure_channel(self.url, options=options)

@@ -13,7 +13,9 @@ import json
 import os
 from typing import Any, Mapping
 
-from sglang_mx.auth import MX_TOKEN_PATH_ENV, is_loopback, read_pem_file, read_token_file, url_host
+from sglang_mx.auth import (
+    MX_TOKEN_PATH_ENV, TlsMaterial, check_tls_files, check_token_transport, normalize_url, read_token_file,
+)
 from sglang_mx.errors import ConfigError
 
 DEFAULT_URL = "localhost:8001"
@@ -72,12 +74,14 @@ class MxConfig:
     tls_key_file: str | None = None
     # Send the token over plaintext to a non-loopback server (anyone on the path can read it).
     allow_plaintext_token: bool = False
-    # Not a key: the token `parse_config` read from auth_token_file (kept out of repr and logs).
+    # Not keys: what `parse_config` read from auth_token_file (kept out of repr and logs) and the TLS files.
     auth_token: str | None = dataclasses.field(default=None, repr=False, compare=False)
+    tls: TlsMaterial | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.url:
             raise ConfigError("url is empty; expected host:port of the metadata server, e.g. localhost:8001")
+        object.__setattr__(self, "url", normalize_url(self.url))
         if self.transport == "nixl":
             raise ConfigError(
                 "transport 'nixl' is not supported by sglang-mx; allowed: 'transfer_engine' (Mooncake)"
@@ -100,16 +104,9 @@ class MxConfig:
             raise ConfigError(f"max_seeds={self.max_seeds} is out of range; allowed: an integer >= 1")
         if self.max_readers < 0:
             raise ConfigError(f"max_readers={self.max_readers} is out of range; allowed: an integer >= 0 (0: no cap)")
-        if (self.tls_cert_file is None) != (self.tls_key_file is None):
-            raise ConfigError("tls_cert_file and tls_key_file go together: give both (a client certificate) or neither")
-        if self.tls_cert_file is not None and self.tls_ca_file is None:
-            raise ConfigError("tls_cert_file (a client certificate) needs tls_ca_file: mutual TLS is TLS")
-        if self.auth_token_file is not None and self.tls_ca_file is None and not self.allow_plaintext_token:
-            host = url_host(self.url.split("://", 1)[-1].rstrip("/"))
-            if not is_loopback(host):
-                raise ConfigError(
-                    f"auth_token_file is set and {self.url} is not a loopback address: the token would travel in "
-                    "plaintext; set tls_ca_file (TLS), or allow_plaintext_token: true on a network you trust")
+        check_tls_files(self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
+        check_token_transport(self.url, token=self.auth_token_file is not None, tls=self.tls_ca_file is not None,
+                              allow_plaintext=self.allow_plaintext_token)
 
 
 _NUMBER = ((int, float), "a number")
@@ -142,7 +139,7 @@ def parse_config(raw: str | Mapping[str, Any] | None, env: Mapping[str, str] | N
     """Parse `--modelexpress-config` (a JSON object string, a dict, or None).
 
     The one place that reads files for the config: the token file (its token is
-    kept in `auth_token`) and the TLS CA bundle (checked to be PEM).
+    kept in `auth_token`) and the TLS files (checked to be PEM, kept in `tls`).
     """
     env = os.environ if env is None else env
     if raw is None or raw == "":
@@ -172,9 +169,9 @@ def parse_config(raw: str | Mapping[str, Any] | None, env: Mapping[str, str] | N
     if "auth_token_file" not in values and env.get(MX_TOKEN_PATH_ENV):
         values["auth_token_file"] = env[MX_TOKEN_PATH_ENV]
     config = MxConfig(**values)  # checks the values before any file is touched
-    for key in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
-        if getattr(config, key) is not None:
-            read_pem_file(getattr(config, key), what=key)
-    if config.auth_token_file is None:
-        return config
-    return dataclasses.replace(config, auth_token=read_token_file(config.auth_token_file, what="auth_token_file"))
+    tls = TlsMaterial.read(config.tls_ca_file, config.tls_cert_file, config.tls_key_file)
+    token = read_token_file(config.auth_token_file, what="auth_token_file") if config.auth_token_file else None
+    return dataclasses.replace(config, tls=tls, auth_token=token)
+
+
+DEFAULTS = MxConfig()  # every default in one place: the options objects (PullOptions, SeedOptions) start from it

@@ -94,7 +94,7 @@ def _identity() -> SourceIdentity:
 
 def _run_seed(args: argparse.Namespace) -> None:
     from sglang_mx.client import MetadataClient
-    from sglang_mx.seed import start_seed
+    from sglang_mx.seed import SeedOptions, start_seed
     from sglang_mx.transfer.engine import MooncakeEngine
 
     t0 = time.monotonic()
@@ -104,7 +104,7 @@ def _run_seed(args: argparse.Namespace) -> None:
     load_s = time.monotonic() - t1
     engine = MooncakeEngine.create(args.host, protocol=args.protocol)
     client = MetadataClient(args.url)
-    publisher = start_seed(tensors, engine, _identity(), client, worker_rank=0, ready=True)
+    publisher = start_seed(tensors, engine, _identity(), client, worker_rank=0, options=SeedOptions(ready=True))
     print(json.dumps({"write_s": t1 - t0, "load_s": load_s, "worker_id": publisher.worker_id}), flush=True)
     sys.stdin.read()  # the parent closes our stdin when it is done with us
     publisher.close()

@@ -9,6 +9,7 @@ the SGLang glue, the demo and the tests' seed processes assemble a seed.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import signal
 import threading
@@ -19,6 +20,7 @@ from typing import Mapping, Sequence
 import torch
 
 from sglang_mx.client import MetadataClient
+from sglang_mx.config import DEFAULTS, MxConfig
 from sglang_mx.digest import digest_many
 from sglang_mx.errors import MxError, RequestRejectedError, ServerError
 from sglang_mx.leases import LeaseServer, ReaderLeases
@@ -28,6 +30,24 @@ from sglang_mx.records import PieceDigest, ShardSpec, SourceIdentity, SourceStat
 from sglang_mx.shards import pieces_of
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SeedOptions:
+    """How a seed publishes and serves (mirrors target.PullOptions). Built from an already validated
+    MxConfig (`from_config`) or by callers that choose their own values; defaults are MxConfig's."""
+
+    heartbeat_interval_s: float = DEFAULTS.heartbeat_interval_s
+    accelerator: str = ""  # "cuda", "cpu", ... (the worker record's accelerator)
+    ready: bool = False  # READY at once (weights final) instead of INITIALIZING until mark_ready()
+    digests: bool = True  # publish every tensor's content digest (and its dim-0 pieces' with shards)
+    max_readers: int | None = DEFAULTS.max_readers  # reader-lease cap (0: no cap; None: no lease endpoint)
+    lease_ttl_s: float = DEFAULTS.reader_lease_s
+
+    @classmethod
+    def from_config(cls, config: MxConfig, *, accelerator: str = "") -> "SeedOptions":
+        return cls(heartbeat_interval_s=config.heartbeat_interval_s, accelerator=accelerator,
+                   max_readers=config.max_readers, lease_ttl_s=config.reader_lease_s)
 
 
 class SeedPublisher:
@@ -206,23 +226,18 @@ def start_seed(
     *,
     worker_rank: int,
     worker_id: str | None = None,
-    heartbeat_interval_s: float = 30.0,
-    accelerator: str = "",
-    ready: bool = False,
-    digests: bool = True,
-    max_readers: int | None = 0,
-    lease_ttl_s: float = 60.0,
+    options: SeedOptions = SeedOptions(),
     shards: Mapping[str, ShardSpec] | None = None,
     topology: Mapping[str, str] | None = None,
     known_digests: Mapping[str, str] | None = None,
 ) -> SeedPublisher:
-    """Register and publish one rank's `tensors` as INITIALIZING (READY at once with `ready`).
+    """Register and publish one rank's `tensors` as INITIALIZING (READY at once with `options.ready`).
 
-    With `digests`, every tensor's content digest is computed first (on its own
-    device, after every kernel queued before: sglang_mx.digest synchronizes) and
+    With `options.digests`, every tensor's content digest is computed first (on its
+    own device, after every kernel queued before: sglang_mx.digest synchronizes) and
     published with its descriptor, for targets to verify their pulls against.
-    The seed serves reader leases capped at `max_readers` (0: no cap; None: no
-    lease endpoint) and heartbeats their count as source_load.
+    The seed serves reader leases capped at `options.max_readers` (0: no cap; None:
+    no lease endpoint) and heartbeats their count as source_load.
     `shards` (name -> ShardSpec, sglang_mx.shards) are published with the descriptors for
     targets of other layouts, with the digests of each dim-0 split's pieces; `topology`
     is the worker record's topology (sglang_mx.layout.seed_topology). `known_digests`: digests
@@ -233,6 +248,7 @@ def start_seed(
     """
     start = time.perf_counter()
     published, known = {}, {}
+    digests = options.digests
     if digests:
         known = {name: d for name, d in (known_digests or {}).items() if name in tensors}
         published = {**known, **digest_many({n: t for n, t in tensors.items() if n not in known})}
@@ -244,12 +260,12 @@ def start_seed(
                  sum(len(p) for p in pieces.values()), time.perf_counter() - start)
     publisher = SeedPublisher(
         client, engine, identity, worker_rank=worker_rank, tensors=describe(tensors, published, shards, pieces),
-        worker_id=worker_id, heartbeat_interval_s=heartbeat_interval_s, accelerator=accelerator,
-        max_readers=max_readers, lease_ttl_s=lease_ttl_s, topology=topology,
+        worker_id=worker_id, heartbeat_interval_s=options.heartbeat_interval_s, accelerator=options.accelerator,
+        max_readers=options.max_readers, lease_ttl_s=options.lease_ttl_s, topology=topology,
     )
     close_on_exit(publisher)
     publisher.start()
-    if ready:
+    if options.ready:
         publisher.mark_ready()
     return publisher
 

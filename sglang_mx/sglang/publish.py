@@ -46,7 +46,7 @@ def publish(model, transfer_engine, session_id: str, info: RankInfo, role: Role,
     from sglang_mx.client import MetadataClient
     from sglang_mx.layout import model_source_id, seed_topology
     from sglang_mx.model_tensors import collect_tensors, layout_fingerprint
-    from sglang_mx.seed import start_seed
+    from sglang_mx.seed import SeedOptions, start_seed
     from sglang_mx.transfer.engine import MooncakeEngine
 
     require_engine(transfer_engine)
@@ -63,8 +63,7 @@ def publish(model, transfer_engine, session_id: str, info: RankInfo, role: Role,
     return start_seed(
         tensors, MooncakeEngine.wrap(transfer_engine, session_id), identity_for(info, config),
         MetadataClient.for_config(config), worker_rank=info.worker_rank,
-        worker_id=f"{instance_id}-rank{info.worker_rank}", heartbeat_interval_s=config.heartbeat_interval_s,
-        accelerator=info.device, max_readers=config.max_readers, lease_ttl_s=config.reader_lease_s,
+        worker_id=f"{instance_id}-rank{info.worker_rank}", options=SeedOptions.from_config(config, accelerator=info.device),
         shards=shards, topology=topology, known_digests=known_digests,
     )
 

@@ -17,7 +17,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from sglang_mx.client import MetadataClient
-from sglang_mx.config import MxConfig
+from sglang_mx.config import DEFAULTS, MxConfig
 from sglang_mx.errors import CandidateFailure, NoSourceError, TransferError, VerificationError
 from sglang_mx.identity import describe_identity, mx_source_id
 from sglang_mx.layout import RankInfo, identity_for, model_source_id
@@ -41,13 +41,14 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PullOptions:
     """How long and how widely to look for a seed. Built from an already validated MxConfig
-    (`from_config`) or by callers that choose their own values; not validated again here."""
+    (`from_config`) or by callers that choose their own values; not validated again here.
+    Defaults are MxConfig's."""
 
-    wait_timeout_s: float = 60.0  # how long to wait for a READY seed to appear
+    wait_timeout_s: float = DEFAULTS.wait_timeout_s  # how long to wait for a READY seed to appear
     poll_interval_s: float = 1.0
-    max_candidates: int = 5  # seeds tried before giving up
-    verify: VerifyMode = VerifyMode.IF_PRESENT
-    max_seeds: int = 1  # seeds read from at once, each a stripe of the bytes
+    max_candidates: int = DEFAULTS.max_candidates  # seeds tried before giving up
+    verify: VerifyMode = DEFAULTS.verify
+    max_seeds: int = DEFAULTS.max_seeds  # seeds read from at once, each a stripe of the bytes
     # Equally loaded seeds in random order (spread targets over them), or in the server's (newest first).
     spread: bool = True
     rng: random.Random | None = dataclasses.field(default=None, compare=False)
@@ -57,7 +58,6 @@ class PullOptions:
     def from_config(cls, config: MxConfig) -> "PullOptions":
         return cls(wait_timeout_s=config.wait_timeout_s, max_candidates=config.max_candidates, verify=config.verify,
                    max_seeds=config.max_seeds)
-
 
 
 def pull_weights(

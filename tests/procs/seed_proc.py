@@ -15,7 +15,7 @@ import torch
 
 from sglang_mx.client import MetadataClient
 from sglang_mx.records import SourceIdentity
-from sglang_mx.seed import start_seed
+from sglang_mx.seed import SeedOptions, start_seed
 from sglang_mx.transfer.engine import MooncakeEngine
 from sglang_mx.layout import seed_topology
 from tests.procs import layouts, weights
@@ -54,7 +54,8 @@ def main() -> None:
     client = MetadataClient(args.url, timeout_s=5, retries=1)
     publisher = start_seed(tensors, engine, identity, client, worker_rank=args.rank,
                            worker_id=f"{args.instance}-rank{args.rank}" if args.instance else None,
-                           heartbeat_interval_s=args.heartbeat, ready=True, digests=not args.no_digests,
+                           options=SeedOptions(heartbeat_interval_s=args.heartbeat, ready=True,
+                                               digests=not args.no_digests),
                            shards=shards, topology=topology)
     if args.mutate:  # the weights change under a READY record (what an unguarded in-place update does)
         tensors[args.mutate].view(-1).view(torch.uint8)[0] ^= 0xFF

@@ -172,5 +172,5 @@ def test_tls_options_are_checked(tls_files, tmp_path):
     not_pem.write_text("hello")
     with pytest.raises(ConfigError, match="is not a PEM file"):
         MetadataServer(ServerOptions(host="127.0.0.1", port=0, tls_cert_file=str(not_pem), tls_key_file=tls_files.key))
-    with pytest.raises(ConfigError, match="TLS CA file .* cannot be read"):
+    with pytest.raises(ConfigError, match="tls_ca_file .* cannot be read"):
         MetadataClient("127.0.0.1:1", tls_ca_file=str(tmp_path / "absent"))
