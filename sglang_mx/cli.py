@@ -93,7 +93,7 @@ def _add_demo(sub) -> None:
 
 def _sources(args) -> int:
     from sglang_mx import fleet
-    from sglang_mx.auth import read_token_file
+    from sglang_mx.credentials import read_token_file
     from sglang_mx.client import MetadataClient
 
     if args.watch is not None and args.watch <= 0:

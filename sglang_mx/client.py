@@ -14,7 +14,7 @@ from typing import Callable, TypeVar
 import grpc
 
 from sglang_mx import wire
-from sglang_mx.auth import TlsMaterial, bearer_metadata, check_token_transport, normalize_url
+from sglang_mx.credentials import TlsMaterial, bearer_metadata, check_token_transport, normalize_url
 from sglang_mx.config import MxConfig
 from sglang_mx.errors import RequestRejectedError, ServerError, ServerUnavailableError
 from sglang_mx.records import SourceIdentity, SourceRef, SourceStatus, StoredWorker, WorkerRecord

@@ -13,7 +13,7 @@ import json
 import os
 from typing import Any, Mapping
 
-from sglang_mx.auth import (
+from sglang_mx.credentials import (
     MX_TOKEN_PATH_ENV, TlsMaterial, check_tls_files, check_token_transport, normalize_url, read_token_file,
 )
 from sglang_mx.errors import ConfigError

@@ -164,23 +164,6 @@ def worker_from_pb(msg: pb.WorkerMetadata) -> WorkerRecord:
     )
 
 
-def encode_worker(worker: WorkerRecord) -> bytes:
-    """Serialize a record for a store that keeps bytes (the Redis store)."""
-    return worker_to_pb(worker).SerializeToString()
-
-
-def decode_worker(data: bytes) -> WorkerRecord:
-    return worker_from_pb(pb.WorkerMetadata.FromString(data))
-
-
-def encode_identity(identity: SourceIdentity) -> bytes:
-    return identity_to_pb(identity).SerializeToString()
-
-
-def decode_identity(data: bytes) -> SourceIdentity:
-    return identity_from_pb(pb.SourceIdentity.FromString(data))
-
-
 # --- Listing --------------------------------------------------------------
 
 def ref_to_pb(ref: SourceRef) -> pb.SourceInstanceRef:
@@ -293,26 +276,12 @@ def list_response(refs: Sequence[SourceRef]) -> pb.ListSourcesResponse:
     return pb.ListSourcesResponse(instances=[ref_to_pb(r) for r in refs])
 
 
-def get_response(stored: StoredWorker | None, *, mx_source_id: str = "", worker_id: str = "") -> pb.GetMetadataResponse:
-    """found=false naming the ids asked for, or the whole record."""
-    if stored is None:
-        return pb.GetMetadataResponse(found=False, mx_source_id=mx_source_id, worker_id=worker_id)
-    return pb.GetMetadataResponse(
-        found=True,
-        worker=worker_to_pb(stored.worker),
-        mx_source_id=stored.mx_source_id,
-        worker_id=stored.worker_id,
-        identity=identity_to_pb(stored.identity),
-    )
-
-
 def update_status_response(*, success: bool, message: str) -> pb.UpdateStatusResponse:
     return pb.UpdateStatusResponse(success=success, message=message)
 
 
 # --- Reader leases: a seed's WorkerService (PrepareTensorRead / ReleaseTensorRead) ---
 
-WORKER_SERVICE_NAME = "model_express.p2p.WorkerService"
 WorkerServiceStub = pb_grpc.WorkerServiceStub
 WorkerServiceServicer = pb_grpc.WorkerServiceServicer
 add_worker_servicer_to_server = pb_grpc.add_WorkerServiceServicer_to_server
@@ -334,34 +303,7 @@ def release_read_response() -> pb.ReleaseTensorReadResponse:
     return pb.ReleaseTensorReadResponse()
 
 
-# --- Stored bytes (server side) ---------------------------------------------
-#
-# The server keeps a published worker as the bytes it arrived as and answers
-# GetMetadata by framing those bytes, never decoding them. A protobuf message is
-# the concatenation of its fields' encodings, in any order, and for a scalar
-# field that appears twice the last one wins; WorkerMetadata.status (4) and
-# updated_at (5) are removed from the stored bytes at publish and appended with
-# their current values at answer time.
-
-_MASK64 = (1 << 64) - 1
-
-
-def _varint(value: int) -> bytes:
-    value &= _MASK64  # negative int64 values take ten bytes, as protobuf encodes them
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _length_delimited(field: int, *parts: bytes) -> list[bytes]:
-    return [_varint(field << 3 | 2), _varint(sum(map(len, parts))), *parts]
-
-
-def _status_suffix(status: SourceStatus, updated_at_ms: int) -> bytes:
-    return _varint(4 << 3) + _varint(int(status)) + _varint(5 << 3) + _varint(updated_at_ms)
+# --- Stored bytes (server side): the records the server keeps; framed in server/framing.py ---
 
 
 def encode_published(request: pb.PublishMetadataRequest, *, mx_source_id: str, status: SourceStatus,
@@ -415,18 +357,9 @@ def decode_stored(mx_source_id: str, worker_id: str, stored: WorkerBytes) -> Sto
     )
 
 
-def get_response_bytes(stored: WorkerBytes | None, *, mx_source_id: str, worker_id: str) -> bytes:
-    """A serialized GetMetadataResponse, framed around the stored bytes without decoding them."""
-    if stored is None:
-        return pb.GetMetadataResponse(found=False, mx_source_id=mx_source_id,
-                                      worker_id=worker_id).SerializeToString()
-    return b"".join([
-        b"\x08\x01",  # found = true
-        *_length_delimited(2, stored.worker_bytes, _status_suffix(stored.status, stored.updated_at_ms)),
-        *_length_delimited(3, mx_source_id.encode()),
-        *_length_delimited(4, worker_id.encode()),
-        *_length_delimited(5, stored.identity_bytes),
-    ])
+def not_found_response_bytes(mx_source_id: str, worker_id: str) -> bytes:
+    """A serialized GetMetadataResponse with found=false naming the ids asked for."""
+    return pb.GetMetadataResponse(found=False, mx_source_id=mx_source_id, worker_id=worker_id).SerializeToString()
 
 
 # --- Serving ------------------------------------------------------------------
@@ -436,7 +369,7 @@ def _passthrough(response: bytes) -> bytes:
 
 
 def add_servicer_to_server(servicer: P2pServiceServicer, server: grpc.Server) -> None:
-    """Register the four RPCs; GetMetadata's handler answers bytes (`get_response_bytes`) that go out as they are."""
+    """Register the four RPCs; GetMetadata's handler answers bytes (server/framing.py) that go out as they are."""
     handlers = {
         "PublishMetadata": (servicer.PublishMetadata, pb.PublishMetadataRequest, pb.PublishMetadataResponse),
         "ListSources": (servicer.ListSources, pb.ListSourcesRequest, pb.ListSourcesResponse),

@@ -1,6 +1,6 @@
 """Fixtures shared by every test: a metadata server on 127.0.0.1, a client, sample records.
 
-Kept generic on purpose; subpackages (tests/transfer/) add their own conftest.py.
+Kept generic on purpose; subpackages (tests/sglang/) add their own conftest.py.
 """
 
 from __future__ import annotations

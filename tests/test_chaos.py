@@ -39,7 +39,7 @@ def expected():
 
 
 def test_random_kills_end_verified_or_clearly_failed(make_server, engine, expected, monkeypatch):
-    monkeypatch.setattr(engine_module, "PIECE_BYTES", 1 << 20)  # many batches in flight per plan
+    monkeypatch.setattr(engine_module, "CHUNK_BYTES", 1 << 20)  # many batches in flight per plan
     # A killed seed leaves READY listings within a second, so each trial sees only its own seeds.
     server = make_server(heartbeat_timeout_s=1.0, reaper_interval_s=0.2)
     client = MetadataClient(server.address, timeout_s=5)

@@ -2,7 +2,6 @@
 
 import time
 
-import pytest
 
 from sglang_mx.client import MetadataClient
 from sglang_mx.server import MetadataServer, ServerOptions

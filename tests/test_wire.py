@@ -14,6 +14,7 @@ from google.protobuf import descriptor_pb2
 from grpc_tools import protoc
 
 from sglang_mx import wire
+from sglang_mx.server import framing
 from sglang_mx._proto import p2p_pb2
 from sglang_mx.records import (
     BackendFramework,
@@ -43,6 +44,23 @@ def _strip_json_names(messages) -> None:
         for field in message.field:
             field.ClearField("json_name")
         _strip_json_names(message.nested_type)
+
+
+# Serialized records, as a tool would make them (the server stores what wire.encode_published makes).
+def encode_worker(worker: WorkerRecord) -> bytes:
+    return wire.worker_to_pb(worker).SerializeToString()
+
+
+def decode_worker(data: bytes) -> WorkerRecord:
+    return wire.worker_from_pb(p2p_pb2.WorkerMetadata.FromString(data))
+
+
+def encode_identity(identity: SourceIdentity) -> bytes:
+    return wire.identity_to_pb(identity).SerializeToString()
+
+
+def decode_identity(data: bytes) -> SourceIdentity:
+    return wire.identity_from_pb(p2p_pb2.SourceIdentity.FromString(data))
 
 
 def test_generated_code_is_fresh(tmp_path):
@@ -243,7 +261,7 @@ def test_identity_round_trip():
     assert msg.backend_framework == pb.BACKEND_FRAMEWORK_SGLANG
     assert dict(msg.extra_parameters) == {"a": "1", "B": "2"}
     assert wire.identity_from_pb(msg) == FULL_IDENTITY
-    assert wire.decode_identity(wire.encode_identity(FULL_IDENTITY)) == FULL_IDENTITY
+    assert decode_identity(encode_identity(FULL_IDENTITY)) == FULL_IDENTITY
 
 
 def test_identity_from_pb_gives_plain_enums():
@@ -260,12 +278,12 @@ def test_digest_round_trips_and_modelexpress_keeps_it_as_an_unknown_field(theirs
     their_worker = message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{PACKAGE}.WorkerMetadata"))
     worker = WorkerRecord(worker_rank=0, transfer_engine_session_id="h:1", tensors=(
         TensorDescriptor(name="w", addr=4096, size=8, dtype="bfloat16", digest="xxh3-64:0123456789abcdef"),))
-    data = wire.encode_worker(worker)
-    assert wire.decode_worker(data).tensors[0].digest == "xxh3-64:0123456789abcdef"
+    data = encode_worker(worker)
+    assert decode_worker(data).tensors[0].digest == "xxh3-64:0123456789abcdef"
     parsed = their_worker.FromString(data)  # modelexpress 0.7.0's own descriptor
     assert parsed.tensor_source.tensors[0].name == "w" and parsed.tensor_source.tensors[0].size == 8
     # A ModelExpress server that stores and re-serializes the record keeps our field.
-    assert wire.decode_worker(parsed.SerializeToString()).tensors[0].digest == "xxh3-64:0123456789abcdef"
+    assert decode_worker(parsed.SerializeToString()).tensors[0].digest == "xxh3-64:0123456789abcdef"
 
 
 def test_split_facts_round_trip_and_modelexpress_keeps_them_as_unknown_fields(theirs):
@@ -279,11 +297,11 @@ def test_split_facts_round_trip_and_modelexpress_keeps_them_as_unknown_fields(th
     tensors = (TensorDescriptor(name="qkv", addr=4096, size=1536, dtype="bfloat16", shard=shard, pieces=pieces),
                TensorDescriptor(name="norm", addr=8192, size=32, shard=ShardSpec(dim=-1, shape=(16,))),
                TensorDescriptor(name="bare", addr=16384, size=8))
-    data = wire.encode_worker(WorkerRecord(worker_rank=1, transfer_engine_session_id="h:1", tensors=tensors))
-    assert wire.decode_worker(data).tensors == tensors
+    data = encode_worker(WorkerRecord(worker_rank=1, transfer_engine_session_id="h:1", tensors=tensors))
+    assert decode_worker(data).tensors == tensors
     parsed = their_worker.FromString(data)  # modelexpress 0.7.0's own descriptor
     assert [t.name for t in parsed.tensor_source.tensors] == ["qkv", "norm", "bare"]
-    assert wire.decode_worker(parsed.SerializeToString()).tensors == tensors
+    assert decode_worker(parsed.SerializeToString()).tensors == tensors
 
 
 def test_worker_round_trip_with_transfer_engine_session():
@@ -297,7 +315,7 @@ def test_worker_round_trip_with_transfer_engine_session():
     assert msg.WhichOneof("source_payload") == "tensor_source"
     assert len(msg.tensors) == 0, "the deprecated field 3 must not be written"
     assert wire.worker_from_pb(msg) == worker
-    assert wire.decode_worker(wire.encode_worker(worker)) == worker
+    assert decode_worker(encode_worker(worker)) == worker
 
 
 def test_worker_round_trip_with_nixl_metadata():
@@ -402,7 +420,7 @@ def test_published_bytes_carry_no_status_and_the_answer_appends_the_current_one(
     stored = _stored(worker)
     parsed = pb.WorkerMetadata.FromString(stored.worker_bytes)
     assert (parsed.status, parsed.updated_at) == (0, 0)
-    response = pb.GetMetadataResponse.FromString(wire.get_response_bytes(stored, mx_source_id="src", worker_id="w"))
+    response = pb.GetMetadataResponse.FromString(framing.get_response_bytes(stored, mx_source_id="src", worker_id="w"))
     assert response.found and (response.mx_source_id, response.worker_id) == ("src", "w")
     assert (response.worker.status, response.worker.updated_at) == (SourceStatus.READY, 1_700_000_000_123)
     assert response.worker.worker_rank == 3 and response.identity.model_name == "org/m"
@@ -431,7 +449,7 @@ def test_modelexpress_own_parser_reads_the_framed_answer(legacy):
     worker = WorkerRecord(worker_rank=1, transfer_engine_session_id="127.0.0.1:7", status=SourceStatus.STALE,
                           updated_at_ms=5, tensors=tuple(TensorDescriptor(f"t{i}", 4096 * (i + 1), 64)
                                                          for i in range(300)))
-    data = wire.get_response_bytes(_stored(worker, legacy=legacy), mx_source_id="src", worker_id="w")
+    data = framing.get_response_bytes(_stored(worker, legacy=legacy), mx_source_id="src", worker_id="w")
     done = subprocess.run([sys.executable, str(pathlib.Path(__file__).parent / "compat" / "mx_parse.py")],
                           input=base64.b64encode(data).decode() + "\n", capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -13,9 +13,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from sglang_mx import wire
-from sglang_mx.auth import is_loopback, read_pem_file
+from sglang_mx.credentials import is_loopback, read_pem_file
 from sglang_mx.errors import ConfigError
-from sglang_mx.server.auth import AuthInterceptor, Role, TokenFile, TokenRegistry
+from sglang_mx.server.auth import AuthInterceptor, Access, TokenFile, TokenRegistry
 from sglang_mx.server.factory import make_store
 from sglang_mx.server.options import ServerOptions
 from sglang_mx.server.reaper import Reaper
@@ -91,9 +91,9 @@ class MetadataServer:
         if options.token_files:
             self.tokens = TokenRegistry([
                 TokenFile(path, role, label) for path, role, label in (
-                    (options.auth_token_file, Role.WRITER, "auth token file"),
-                    (options.writer_token_file, Role.WRITER, "writer token file"),
-                    (options.reader_token_file, Role.READER, "reader token file"),
+                    (options.auth_token_file, Access.WRITER, "auth token file"),
+                    (options.writer_token_file, Access.WRITER, "writer token file"),
+                    (options.reader_token_file, Access.READER, "reader token file"),
                 ) if path is not None
             ])
         elif not is_loopback(options.host):
@@ -225,8 +225,8 @@ class MetadataServer:
 
 # GIL switch interval of a process that only serves (Python's default: 5 ms). grpcio's one
 # thread that accepts calls and delivers their events must win the GIL for each event; with
-# handler threads running, a 5 ms interval makes it wait up to that long each time. Measured
-# with 200 targets on 2 cores: a probe's ListSources p50 14 ms with 0.5 ms, 60-160 ms with 5 ms.
+# handler threads running, a 5 ms interval makes it wait up to that long each time (README,
+# "The metadata server", has the measurements).
 SERVING_SWITCH_INTERVAL_S = 0.0005
 
 

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 import grpc
 
-from sglang_mx.auth import AUTH_METADATA_KEY, MAX_TOKEN_FILE_BYTES, check_token
+from sglang_mx.credentials import AUTH_METADATA_KEY, MAX_TOKEN_FILE_BYTES, check_token
 from sglang_mx.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def current_principal() -> str:
     return _PRINCIPAL.get()
 
 
-class Role(enum.Enum):
+class Access(enum.Enum):
     READER = "reader"  # ListSources, GetMetadata
     WRITER = "writer"  # every RPC
 
@@ -55,13 +55,13 @@ class Role(enum.Enum):
 @dataclasses.dataclass(frozen=True)
 class Credential:
     principal: str
-    role: Role
+    role: Access
 
 
 @dataclasses.dataclass(frozen=True)
 class TokenFile:
     path: str
-    role: Role
+    role: Access
     label: str = "auth token file"  # how messages name it
 
 
@@ -113,7 +113,7 @@ class TokenRegistry:
 
     def _read(self) -> tuple[tuple[bytes, Credential], ...]:
         entries = [e for file in self._files for e in read_token_lines(file)]
-        entries.sort(key=lambda e: e[1].role is not Role.WRITER)  # writers first: they win a tie
+        entries.sort(key=lambda e: e[1].role is not Access.WRITER)  # writers first: they win a tie
         return tuple(entries)
 
     def _stat(self) -> tuple:
@@ -138,7 +138,7 @@ class TokenRegistry:
                 return False
             self._entries = entries
         log.info("token files reloaded: %d reader, %d writer token(s)",
-                 sum(c.role is Role.READER for _, c in entries), sum(c.role is Role.WRITER for _, c in entries))
+                 sum(c.role is Access.READER for _, c in entries), sum(c.role is Access.WRITER for _, c in entries))
         return True
 
     def maybe_reload(self) -> None:
@@ -206,7 +206,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         if credential is None:
             return self._deny(method, start, grpc.StatusCode.UNAUTHENTICATED,
                               f"{rpc}: unauthenticated: {token if isinstance(token, str) else 'wrong bearer token'}")
-        if credential.role is Role.READER and method not in READ_METHODS:
+        if credential.role is Access.READER and method not in READ_METHODS:
             return self._deny(method, start, grpc.StatusCode.PERMISSION_DENIED,
                               f"{rpc}: permission denied: a reader token may call ListSources and GetMetadata "
                               "only; use a writer token")

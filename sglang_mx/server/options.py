@@ -12,9 +12,8 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_REDIS_PREFIX = "mx:"
 DEFAULT_MAX_TENSORS = 1_000_000  # per published worker
 DEFAULT_MAX_RECORD_MB = 64  # a 100,000-tensor worker is about 9 MB
-# `sglang-mx server`'s --bulk-nice. Measured with 200 targets, the server on a core of its own,
-# a prober's ListSources p99: memory 58-68 ms at 0, 39-44 at 10, 36-41 at 19; Redis 70-98 ms at
-# 10, 22-60 at 19. Only a saturated CPU sees a difference.
+# `sglang-mx server`'s --bulk-nice: only a saturated CPU sees a difference (README, "The metadata
+# server", has the measurements).
 SERVING_BULK_NICE = 19
 
 
@@ -28,9 +27,7 @@ class ServerOptions:
     max_message_mb: int = 256
     # Threads answering GetMetadata and PublishMetadata; None: 2 for the memory store, 4 for
     # Redis. Few: they share one GIL, and every thread more takes turns from the listing
-    # threads. Measured with 200 targets, the server on a core of its own, bulk_nice 19:
-    # memory, 2 answered as many GetMetadata calls as 4; Redis, 4 answered 380-450 /s with a
-    # prober's ListSources p99 14-41 ms, 8 answered 340-390 /s at 51-151 ms, 16 fewer still.
+    # threads (README, "The metadata server", has the measurements).
     workers: int | None = None
     # How much lower these threads' CPU priority is than the process's (Linux: each thread has
     # its own nice value; elsewhere ignored). When the server's CPU is saturated, the kernel

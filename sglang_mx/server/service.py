@@ -22,7 +22,7 @@ from sglang_mx import wire
 from sglang_mx.errors import StoreUnavailableError
 from sglang_mx.identity import mx_source_id
 from sglang_mx.records import SourceStatus
-from sglang_mx.server import limits
+from sglang_mx.server import framing, limits
 from sglang_mx.server.auth import current_principal
 from sglang_mx.server.limits import LimitExceeded, RecordLimits
 from sglang_mx.server.options import DEFAULT_MAX_RECORD_MB, DEFAULT_MAX_TENSORS
@@ -118,7 +118,7 @@ class P2pServicer(wire.P2pServiceServicer):
         stored = None
         if request.mx_source_id and request.worker_id:
             stored = self._store.get_bytes(request.mx_source_id, request.worker_id)
-        return wire.get_response_bytes(stored, mx_source_id=request.mx_source_id, worker_id=request.worker_id)
+        return framing.get_response_bytes(stored, mx_source_id=request.mx_source_id, worker_id=request.worker_id)
 
     @_guarded
     def UpdateStatus(self, request, context):

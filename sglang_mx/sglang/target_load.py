@@ -101,7 +101,7 @@ class _EarlyClient:
     """A metadata client made, and its channel connected, in a thread while the model builds.
 
     The identity's layout fingerprint needs the built model, so listing waits for
-    the build; importing grpc and protobuf (0.4 s here) and the connection do not.
+    the build; importing grpc and protobuf and the connection do not.
     If anything goes wrong here the pull makes its own client, whose calls report it.
     """
 
@@ -155,8 +155,8 @@ def _dummy_fill(*, fill: bool):
     just before each read is submitted, which is cheaper than a fill. A quantized
     model's post-processing computes from the values (scales, requantization) and
     may branch on them, so it gets harmless constants, written with one intra-op
-    thread: many small parallel fills on a busy 2-core machine wait on OpenMP
-    barriers (1.3 s instead of 0.6 s per GB measured here). SGLang's loader calls
+    thread: many small parallel fills on a busy machine wait on OpenMP barriers
+    more than they fill. SGLang's loader calls
     `initialize_dummy_weights` through its module globals (0.5.10 and 0.5.23
     alike); the swap lasts for this one load, in the loading thread.
     """

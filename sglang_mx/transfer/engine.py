@@ -20,16 +20,17 @@ log = logging.getLogger(__name__)
 # "nvlink" is multi-node NVLink (Mooncake built with USE_MNNVL); "nvlink_intra" is NVLink between GPUs of
 # one node (CUDA IPC; in the CUDA wheels, e.g. mooncake-transfer-engine-cuda13 0.3.14).
 PROTOCOLS = ("tcp", "rdma", "nvlink", "nvlink_intra", "efa")
-# A read larger than this is submitted in pieces, so big tensors spread over the
+# A read larger than this is submitted in chunks, so big tensors spread over the
 # transport's connections and finish (and get verified) sooner.
-PIECE_BYTES = 16 << 20
-# Sleep between polls of the batches in flight (5 ms measured slower on loopback).
+CHUNK_BYTES = 16 << 20
+# Sleep between polls of the batches in flight: short, since a read lands every few ms on loopback
+# (README "Benchmarks" has the comparison).
 POLL_S = 0.001
 
 
-def _pieces(read: Read) -> Iterator[tuple[int, int, int]]:
-    for offset in range(0, read.length, PIECE_BYTES):
-        n = min(PIECE_BYTES, read.length - offset)
+def _chunks(read: Read) -> Iterator[tuple[int, int, int]]:
+    for offset in range(0, read.length, CHUNK_BYTES):
+        n = min(CHUNK_BYTES, read.length - offset)
         yield read.local_addr + offset, read.remote_addr + offset, n
 
 
@@ -111,8 +112,8 @@ class MooncakeEngine:
     ) -> None:
         """Pull every read from the seed; raise TransferError on any failure.
 
-        Each read is submitted as its own Mooncake batch (pieces of at most
-        PIECE_BYTES each), right after `prepare(read)` readied its destination,
+        Each read is submitted as its own Mooncake batch (chunks of at most
+        CHUNK_BYTES each), right after `prepare(read)` readied its destination,
         and this thread then polls the batches with short sleeps: the binding's
         blocking waits spin on a core that Mooncake's io threads need.
         `on_done(i)` runs in this thread once every byte of `reads[i]` has arrived
@@ -129,7 +130,7 @@ class MooncakeEngine:
         total = sum(r.length for r in reads)
         budget_s = timeout_s if timeout_s is not None else 30.0 + total * 1e-9
         deadline = time.monotonic() + budget_s
-        left = [0] * len(reads)  # pieces of each read still in flight
+        left = [0] * len(reads)  # chunks of each read still in flight
         pending: list[tuple[int, int]] = []  # (batch id, read index)
         landed: list[int] = []  # reads done whose on_done has not run yet
         failure: TransferError | None = None
@@ -145,7 +146,7 @@ class MooncakeEngine:
                 try:
                     if prepare is not None:
                         prepare(read)
-                    for local, remote, length in _pieces(read):
+                    for local, remote, length in _chunks(read):
                         batch = self._engine.batch_transfer_async_read(seed_session, [local], [remote], [length])
                         if batch is None or batch <= 0:
                             failure = self._read_error("could not be submitted", index, reads, seed_session, batch)

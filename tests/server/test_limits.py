@@ -142,7 +142,7 @@ def _worker(n: int) -> WorkerRecord:
 
 def test_a_100k_tensor_rank_fits_the_defaults_both_ways(client, make_identity):
     worker = _worker(100_000)
-    assert len(wire.encode_worker(worker)) > 8 * 1024 * 1024
+    assert len(wire.worker_to_pb(worker).SerializeToString()) > 8 * 1024 * 1024
     source = client.publish(make_identity(), worker, "big")
     assert client.get_metadata(source, "big").worker.tensors == worker.tensors
 

@@ -20,7 +20,7 @@ from sglang_mx.config import parse_config
 from sglang_mx.errors import ConfigError, ServerError
 from sglang_mx.records import SourceStatus
 from sglang_mx.server import MetadataServer, ServerOptions
-from sglang_mx.server.auth import Role, TokenFile, TokenRegistry
+from sglang_mx.server.auth import Access, TokenFile, TokenRegistry
 
 pb = wire.messages
 
@@ -129,14 +129,14 @@ def test_sighup_reloads_the_token_files(tmp_path, unused_port):
 def test_registry_checks_for_changes_at_most_once_per_interval(tmp_path):
     now = [0.0]
     path = tmp_path / "t"
-    registry = TokenRegistry([TokenFile(_write(path, "one\n"), Role.WRITER)], check_interval_s=1.0,
+    registry = TokenRegistry([TokenFile(_write(path, "one\n"), Access.WRITER)], check_interval_s=1.0,
                              clock=lambda: now[0])
     _write(path, "two-two\n")
     registry.maybe_reload()
     assert registry.lookup(b"one") is not None  # not looked at yet
     now[0] = 1.0
     registry.maybe_reload()
-    assert registry.lookup(b"one") is None and registry.lookup(b"two-two").role is Role.WRITER
+    assert registry.lookup(b"one") is None and registry.lookup(b"two-two").role is Access.WRITER
 
 
 # --- the token file's checks ----------------------------------------------------------------------------
@@ -150,7 +150,7 @@ def test_token_file_size_limit_and_mode_warning(tmp_path, caplog):
     loose.write_text("tok\n")
     loose.chmod(0o644)
     with caplog.at_level(logging.WARNING, logger="sglang_mx.server.auth"):
-        TokenRegistry([TokenFile(str(loose), Role.READER, "reader token file")])
+        TokenRegistry([TokenFile(str(loose), Access.READER, "reader token file")])
     assert f"reader token file {str(loose)!r} can be read by group or others (mode 644): chmod 600 it" in caplog.text
 
 

@@ -8,7 +8,6 @@ target started for B may load from that seed.
 import json
 import urllib.request
 
-import pytest
 
 from sglang_mx.records import SourceStatus
 from sglang_mx.sglang.launch import TARGET_ARGS, SglangServer, seed_args

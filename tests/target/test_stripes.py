@@ -44,7 +44,7 @@ def test_a_cut_inside_a_tensor_puts_it_in_two_stripes():
     assert [(p.dest.names[0], p.offset, p.length) for p in second] == [("c", 50, 200)]
 
 
-def test_reads_for_one_seed_use_its_own_addresses_and_merge_contiguous_pieces():
+def test_reads_for_one_seed_use_its_own_addresses_and_merge_contiguous_slices():
     first, _ = cut(destinations(LOCAL), 2)
     remote = {"a": 0x70000, "tied": 0x70000, "b": 0x70064, "c": 0x80000}
     assert reads_for(first, remote) == [Read(0x1000, 0x70000, 150), Read(0x9000, 0x80000, 50)]

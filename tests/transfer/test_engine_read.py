@@ -52,8 +52,8 @@ def engine_with(binding) -> MooncakeEngine:
     return MooncakeEngine.wrap(binding, "fake:1")
 
 
-def test_large_reads_go_in_pieces_and_on_done_runs_once_per_whole_read(monkeypatch):
-    monkeypatch.setattr(engine_module, "PIECE_BYTES", 100)
+def test_large_reads_go_in_chunks_and_on_done_runs_once_per_whole_read(monkeypatch):
+    monkeypatch.setattr(engine_module, "CHUNK_BYTES", 100)
     monkeypatch.setattr(engine_module, "POLL_S", 0)
     binding = FakeBinding()
     reads = [Read(1000, 5000, 250), Read(2000, 6000, 100), Read(3000, 7000, 1)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from sglang_mx.auth import bearer_metadata
+from sglang_mx.credentials import bearer_metadata
 from sglang_mx.config import parse_config
 from sglang_mx.errors import ConfigError
 from sglang_mx.client import MetadataClient
