@@ -1,11 +1,18 @@
 """Fixtures shared by every test: a metadata server on 127.0.0.1, a client, sample records.
 
 Kept generic on purpose; subpackages (tests/sglang/) add their own conftest.py.
+
+The test tiers: `pytest -m "not slow"` is the fast tier (about two minutes: every pure
+module, the in-process servers, one shared redis-server). A test is slow when its module
+says so (`pytestmark = pytest.mark.slow`: it starts processes of its own or moves hundreds
+of MB), when it uses a fixture that starts processes (SPAWNING_FIXTURES), or when it lives
+in a folder of such tests (SLOW_FOLDERS); `pytest_collection_modifyitems` marks the last two.
 """
 
 from __future__ import annotations
 
 import itertools
+import pathlib
 import socket
 import time
 from typing import Callable, Iterator
@@ -21,6 +28,20 @@ from sglang_mx.records import (
     TensorDescriptor,
     WorkerRecord,
 )
+
+
+# Fixtures that start processes for one test (seed processes, redis-servers of its own).
+SPAWNING_FIXTURES = frozenset({"seeds", "make_redis_server"})
+# Folders (under tests/) whose every test starts real SGLang servers or their processes.
+SLOW_FOLDERS = frozenset({"sglang"})
+_TESTS = pathlib.Path(__file__).parent
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        folder = pathlib.Path(str(item.fspath)).relative_to(_TESTS).parts[0]
+        if folder in SLOW_FOLDERS or SPAWNING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 def sample_identity(**overrides) -> SourceIdentity:

@@ -18,6 +18,8 @@ from sglang_mx import wire
 from sglang_mx.client import MetadataClient
 from sglang_mx.server.options import SERVING_BULK_NICE
 
+pytestmark = pytest.mark.slow  # `sglang-mx server` processes
+
 START_TIMEOUT_S = 15
 
 

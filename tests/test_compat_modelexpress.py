@@ -19,6 +19,8 @@ from sglang_mx.client import MetadataClient
 from sglang_mx.server import MetadataServer, ServerOptions
 from sglang_mx.records import BackendFramework, SourceIdentity, SourceStatus, TensorDescriptor, WorkerRecord
 
+pytestmark = pytest.mark.slow  # the real ModelExpress client in processes of its own
+
 PEER = pathlib.Path(__file__).resolve().parent / "compat" / "mx_peer.py"
 GOLDEN_ID = "8b7aa4b533b72278"
 

@@ -21,8 +21,9 @@ from tests.test_compat_modelexpress import GOLDEN_ID, MX_SESSION, MX_TENSORS, MX
 
 TOKEN = "mx-shared-token.0123456789"
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("modelexpress") is None,
-                                reason="modelexpress is not installed (pip install --no-deps modelexpress==0.7.0)")
+pytestmark = [pytest.mark.skipif(importlib.util.find_spec("modelexpress") is None,
+                                 reason="modelexpress is not installed (pip install --no-deps modelexpress==0.7.0)"),
+              pytest.mark.slow]  # the real ModelExpress client in processes of its own
 
 
 def _run_peer(url: str, token_path: str | None) -> subprocess.CompletedProcess:

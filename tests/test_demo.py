@@ -4,7 +4,11 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.procs import ROOT
+
+pytestmark = pytest.mark.slow  # the demo: seed and target processes
 
 
 def test_demo_moves_identical_bytes_and_reports_speed():

@@ -107,6 +107,7 @@ def _sources(*args: str, **kwargs) -> subprocess.CompletedProcess:
                           timeout=60, **kwargs)
 
 
+@pytest.mark.slow  # `sglang-mx sources` processes
 def test_cli_table_and_json(fleet_server):
     done = _sources("--url", fleet_server.address)
     assert done.returncode == 0, done.stderr
@@ -126,6 +127,7 @@ def test_cli_table_and_json(fleet_server):
     assert all(0 <= d["age_s"] < 60 for d in data)
 
 
+@pytest.mark.slow  # `sglang-mx sources` processes
 def test_cli_with_token_and_tls(make_server, tmp_path, make_identity, make_worker):
     pytest.importorskip("cryptography")
     from tests.certs import make_self_signed
@@ -144,6 +146,7 @@ def test_cli_with_token_and_tls(make_server, tmp_path, make_identity, make_worke
     assert "UNAUTHENTICATED" in done.stderr and "missing bearer token" in done.stderr
 
 
+@pytest.mark.slow  # `sglang-mx sources` processes
 def test_cli_errors(unused_port, tmp_path):
     done = _sources("--url", f"127.0.0.1:{unused_port}", "--timeout", "1")
     assert done.returncode == 2
@@ -155,6 +158,7 @@ def test_cli_errors(unused_port, tmp_path):
     assert done.returncode == 2 and "--watch 0 must be a positive number of seconds" in done.stderr
 
 
+@pytest.mark.slow  # `sglang-mx sources` processes
 def test_cli_watch_refreshes_until_ctrl_c(fleet_server, tmp_path):
     out_path = tmp_path / "out.txt"
     with open(out_path, "w") as out:

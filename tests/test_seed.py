@@ -2,11 +2,14 @@
 
 import time
 
+import pytest
 
 from sglang_mx.client import MetadataClient
 from sglang_mx.server import MetadataServer, ServerOptions
 from sglang_mx.records import SourceStatus
 from tests.procs import SeedProcess
+
+pytestmark = pytest.mark.slow  # seed processes
 
 
 def _status(client, seed):

@@ -140,6 +140,7 @@ def _worker(n: int) -> WorkerRecord:
         for i in range(n)))
 
 
+@pytest.mark.slow  # 100,000 tensors both ways
 def test_a_100k_tensor_rank_fits_the_defaults_both_ways(client, make_identity):
     worker = _worker(100_000)
     assert len(wire.worker_to_pb(worker).SerializeToString()) > 8 * 1024 * 1024

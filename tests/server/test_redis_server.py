@@ -20,6 +20,7 @@ from sglang_mx.records import SourceStatus
 from tests.procs import SeedProcess
 
 pytest.importorskip("redis")
+pytestmark = pytest.mark.slow  # server and redis-server processes, restarted
 
 
 def _redis_options(redis, prefix: str = "mx:", **options) -> dict:

@@ -265,6 +265,7 @@ def test_health_of_unknown_service_is_not_found(channel):
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+@pytest.mark.slow  # a 100,000-tensor record, both ways
 def test_large_record_round_trips(client, make_identity):
     n = 100_000
     tensors = tuple(

@@ -9,6 +9,8 @@ from sglang_mx.transfer.tensors import describe
 from sglang_mx.records import SourceIdentity
 from tests.procs import SeedProcess, weights
 
+pytestmark = pytest.mark.slow  # seed processes; 300 MB over Mooncake
+
 IDENTITY = SourceIdentity(model_name="test/model", tensor_parallel_size=1, dtype="mixed")
 
 
