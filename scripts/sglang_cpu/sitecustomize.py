@@ -9,12 +9,22 @@ including the schedulers SGLang spawns. It does two things, lazily, on import:
    `torchvision::nms` and `torchvision::qnms`. Declare them first.
 2. SGLang's rotary embedding takes a vLLM kernel unless
    `sglang.srt.layers.rotary_embedding.base._is_cpu` is True; set it.
+3. Final-logit soft-capping (Gemma 2) takes a Triton kernel, which has no CPU
+   driver, unless `sglang.srt.layers.logits_processor._is_cpu` is True (the
+   flag gates only the soft-capping paths there); set it.
+
+With `SGLANG_MX_TEST_DUMP=DIR` set it also installs the conformance tests'
+tensor dump (`mx_dump.py`, test-only): every rank writes every tensor of its
+model to DIR once its load is done.
 """
 
 import importlib.abc
+import os
 import sys
 
 _ROPE_MODULE = "sglang.srt.layers.rotary_embedding.base"
+_LOGITS_MODULE = "sglang.srt.layers.logits_processor"
+_RUNNER_MODULE = "sglang.srt.model_executor.model_runner"
 _keep = []  # the torch.library.Library must outlive the import
 
 
@@ -39,7 +49,13 @@ class _CpuWorkarounds(importlib.abc.MetaPathFinder):
             self._torchvision_done = True
             _declare_torchvision_ops()
             return None
-        if fullname != _ROPE_MODULE:
+        if fullname in (_ROPE_MODULE, _LOGITS_MODULE):
+            after = _set_cpu_flag
+        elif fullname == _RUNNER_MODULE and os.environ.get("SGLANG_MX_TEST_DUMP"):
+            import mx_dump
+
+            after = mx_dump.install
+        else:
             return None
         spec = next(
             (s for f in sys.meta_path if f is not self and hasattr(f, "find_spec")
@@ -52,10 +68,14 @@ class _CpuWorkarounds(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             run_module(module)
-            module._is_cpu = True
+            after(module)
 
         spec.loader.exec_module = exec_module
         return spec
+
+
+def _set_cpu_flag(module) -> None:
+    module._is_cpu = True
 
 
 sys.meta_path.insert(0, _CpuWorkarounds())
