@@ -19,6 +19,7 @@ from sglang_mx.credentials import (
 from sglang_mx.errors import ConfigError
 
 DEFAULT_URL = "localhost:8001"
+MAX_LEASES = 4096  # the most live reader leases a seed holds, whatever max_readers says (0 included)
 TRANSPORTS = ("transfer_engine",)
 FALLBACKS = ("fail", "disk")
 
@@ -102,8 +103,9 @@ class MxConfig:
             raise ConfigError(f"max_candidates={self.max_candidates} is out of range; allowed: an integer >= 1")
         if self.max_seeds < 1:
             raise ConfigError(f"max_seeds={self.max_seeds} is out of range; allowed: an integer >= 1")
-        if self.max_readers < 0:
-            raise ConfigError(f"max_readers={self.max_readers} is out of range; allowed: an integer >= 0 (0: no cap)")
+        if not 0 <= self.max_readers <= MAX_LEASES:
+            raise ConfigError(f"max_readers={self.max_readers} is out of range; allowed: 0 (no cap of your own) "
+                              f"to {MAX_LEASES}")
         check_tls_files(self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
         check_token_transport(self.url, token=self.auth_token_file is not None, tls=self.tls_ca_file is not None,
                               allow_plaintext=self.allow_plaintext_token)

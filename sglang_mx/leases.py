@@ -15,28 +15,61 @@ record as `worker_grpc_endpoint`:
 - the seed's heartbeat reports the count as `source_load`, and sends one early
   when the count changes, so listings show who is busy.
 
-The lease is advisory for the bytes (Mooncake does not check it) and carries no
-secret: it only spreads load. A seed without the endpoint (a ModelExpress seed)
-is read without a lease.
+Only the holder can renew or release a lease. The lease id is itself the
+holder's secret: 128 random bits from `secrets` (a CSPRNG), sent only in the
+response to the target that asked. Renewal and release must name the exact id,
+so another target can neither end someone's lease nor keep it alive; guessing
+an id is hopeless (2**-128 per try). This needs no new wire field, so a
+ModelExpress client (which never renews) takes and releases its lease with the
+id it got, exactly as before. A separate secret field would not work for it: it
+would not send the secret back, so the seed would have to accept its release
+without one. The seed keeps only each id's SHA-256 (its table holds no secret,
+and a lookup compares digests, not the id) and logs only `lease_tag(id)`, the
+first 8 hex digits of that digest, which both sides can compute to match logs.
+The id travels in plaintext, like the endpoint itself: someone who can watch
+the fleet's network can see it (and can read the seed's Mooncake memory too).
+
+However `max_readers` is set (0: no configured cap), a seed holds at most
+MAX_LEASES live leases: beyond that it answers RESOURCE_EXHAUSTED as at its
+cap. Every call drops the expired leases first, so the table is bounded by
+MAX_LEASES entries, each gone `ttl_s` after its last renewal.
+
+The lease is advisory for the bytes (Mooncake does not check it): it only
+spreads load. A seed without the endpoint (a ModelExpress seed) is read without
+a lease.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import logging
+import secrets
 import threading
 import time
-import uuid
 from concurrent import futures
 from typing import Callable
 
 import grpc
 
 from sglang_mx import wire
+from sglang_mx.config import MAX_LEASES
 from sglang_mx.errors import MxError
 
 log = logging.getLogger(__name__)
+
+LEASE_ID_BYTES = 16
+"""Random bytes in a lease id (128 bits; url-safe base64, 22 characters)."""
+
+
+def lease_tag(lease_id: str) -> str:
+    """A name for a lease that is safe to log: 8 hex digits of its SHA-256 (the id is the holder's secret)."""
+    return _digest(lease_id)[:8]
+
+
+def _digest(lease_id: str) -> str:
+    return hashlib.sha256(lease_id.encode()).hexdigest()
 
 
 class SeedBusyError(MxError):
@@ -48,41 +81,41 @@ class SeedBusyError(MxError):
 
 
 class ReaderLeases:
-    """Counts a seed's active readers, at most `max_readers` (0: no cap); leases expire after `ttl_s`.
+    """Counts a seed's active readers, at most `cap` of them; leases expire after `ttl_s`.
 
+    `cap` is `max_readers`, or MAX_LEASES when `max_readers` is 0 (no configured cap).
     `on_change(active)` runs (outside the lock) whenever the count changes.
     """
 
     def __init__(self, *, max_readers: int = 0, ttl_s: float = 60.0,
                  clock: Callable[[], float] = time.monotonic,
                  on_change: Callable[[int], None] | None = None) -> None:
-        if max_readers < 0:
-            raise MxError(f"max_readers={max_readers} must be >= 0 (0: no cap)")
+        if not 0 <= max_readers <= MAX_LEASES:
+            raise MxError(f"max_readers={max_readers} is out of range; allowed: 0 (no cap) to {MAX_LEASES}")
         if ttl_s <= 0:
             raise MxError(f"lease ttl_s={ttl_s} must be > 0")
         self.max_readers = max_readers
+        self.cap = max_readers or MAX_LEASES
         self.ttl_s = ttl_s
         self._clock = clock
         self._on_change = on_change
         self._lock = threading.Lock()
-        self._expiry: dict[str, float] = {}
-        self._ids = itertools.count(1)
-        self._prefix = uuid.uuid4().hex[:8]
+        self._expiry: dict[str, float] = {}  # by _digest(lease id), so it holds no secret; in expiry order
         self.peak = 0  # most leases held at once
         self.granted = 0
         self.refused = 0
         self.expired = 0
 
     def acquire(self) -> str | None:
-        """A new lease id, or None when the seed is at its cap."""
+        """A new lease id (the holder's secret), or None when the seed is at its cap."""
         with self._lock:
             changed = self._expire_locked()
-            if self.max_readers and len(self._expiry) >= self.max_readers:
+            if len(self._expiry) >= self.cap:
                 self.refused += 1
                 lease = None
             else:
-                lease = f"{self._prefix}-{next(self._ids)}"
-                self._expiry[lease] = self._clock() + self.ttl_s
+                lease = secrets.token_urlsafe(LEASE_ID_BYTES)
+                self._expiry[_digest(lease)] = self._clock() + self.ttl_s
                 self.granted += 1
                 self.peak = max(self.peak, len(self._expiry))
                 changed = True
@@ -93,11 +126,12 @@ class ReaderLeases:
 
     def renew(self, lease_id: str) -> bool:
         """Move a live lease's expiry to now + ttl_s; False when it is unknown or has expired."""
+        key = _digest(lease_id)
         with self._lock:
             changed = self._expire_locked()
-            known = lease_id in self._expiry
-            if known:
-                self._expiry[lease_id] = self._clock() + self.ttl_s
+            known = self._expiry.pop(key, None) is not None
+            if known:  # last again: see _expire_locked
+                self._expiry[key] = self._clock() + self.ttl_s
             active = len(self._expiry)
         if changed:
             self._notify(active)
@@ -105,11 +139,12 @@ class ReaderLeases:
 
     def release(self, lease_id: str) -> bool:
         """End a lease; False when it was unknown or had already expired."""
+        key = _digest(lease_id)
         with self._lock:
-            known = self._expiry.pop(lease_id, None) is not None
-            self._expire_locked()
+            expired = self._expire_locked()
+            known = self._expiry.pop(key, None) is not None
             active = len(self._expiry)
-        if known:
+        if expired or known:
             self._notify(active)
         return known
 
@@ -123,11 +158,15 @@ class ReaderLeases:
         return active
 
     def _expire_locked(self) -> bool:
+        # The table is in expiry order (each lease gets now + ttl_s when granted or renewed, and goes last),
+        # so the expired ones are its first entries: a call costs what it drops, not the table's size.
         now = self._clock()
-        stale = [lease for lease, expiry in self._expiry.items() if expiry <= now]
-        for lease in stale:
-            del self._expiry[lease]
-            log.warning("reader lease %s expired after %g s without a release", lease, self.ttl_s)
+        stale = [key for key, _ in itertools.takewhile(lambda entry: entry[1] <= now, self._expiry.items())]
+        for key in stale:
+            del self._expiry[key]
+        if stale:
+            log.warning("%d reader lease(s) expired after %g s without a release: %s", len(stale), self.ttl_s,
+                        ", ".join(key[:8] for key in stale[:8]) + (", ..." if len(stale) > 8 else ""))
         self.expired += len(stale)
         return bool(stale)
 
@@ -148,8 +187,9 @@ class _Servicer(wire.WorkerServiceServicer):
         renew = request.mx_renew_lease_id
         lease = renew if renew and self._leases.renew(renew) else self._leases.acquire()
         if lease is None:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"{self._leases.max_readers} reader(s) already (max_readers)")
+            bound = (f"max_readers={self._leases.max_readers}" if self._leases.max_readers
+                     else f"the bound of {MAX_LEASES} leases a seed holds")
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self._leases.cap} reader(s) already ({bound})")
         return wire.prepare_read_response(lease, self._leases.ttl_s)
 
     def ReleaseTensorRead(self, request, context):
@@ -185,7 +225,7 @@ class ReadLease:
     endpoint: str
     mx_source_id: str
     worker_id: str
-    lease_id: str
+    lease_id: str = dataclasses.field(repr=False)  # the holder's secret: logged as lease_tag(lease_id)
     _channel: grpc.Channel | None = dataclasses.field(default=None, repr=False)
     ttl_s: float = 0.0  # as the seed announced it; 0: unknown (not renewed)
     renewals: int = 0
@@ -195,7 +235,8 @@ class ReadLease:
     def keep_alive(self) -> "ReadLease":
         """Start renewing (a no-op when the seed announced no TTL)."""
         if self.ttl_s > 0 and self._channel is not None and self._keeper is None:
-            self._keeper = threading.Thread(target=self._renew_loop, name=f"mx-lease-{self.lease_id}", daemon=True)
+            self._keeper = threading.Thread(target=self._renew_loop, name=f"mx-lease-{lease_tag(self.lease_id)}",
+                                            daemon=True)
             self._keeper.start()
         return self
 
@@ -208,12 +249,12 @@ class ReadLease:
                     wire.prepare_read_request(self.mx_source_id, self.worker_id, renew=self.lease_id),
                     timeout=period)
             except grpc.RpcError as e:  # busy after an expiry, or the seed is gone: the pull finds out
-                log.info("renewing lease %s at %s failed (%s); no longer renewed", self.lease_id, self.endpoint,
-                         e.code().name)
+                log.info("renewing lease %s at %s failed (%s); no longer renewed", lease_tag(self.lease_id),
+                         self.endpoint, e.code().name)
                 return
             if response.lease_id != self.lease_id:
-                log.info("lease %s at %s had expired; holding %s instead", self.lease_id, self.endpoint,
-                         response.lease_id)
+                log.info("lease %s at %s had expired; holding %s instead", lease_tag(self.lease_id), self.endpoint,
+                         lease_tag(response.lease_id))
                 self.lease_id = response.lease_id
             self.renewals += 1
 
@@ -228,8 +269,8 @@ class ReadLease:
             wire.WorkerServiceStub(channel).ReleaseTensorRead(
                 wire.release_read_request(self.mx_source_id, self.worker_id, self.lease_id), timeout=timeout_s)
         except grpc.RpcError as e:
-            log.info("releasing lease %s at %s failed (%s): it expires on its own", self.lease_id, self.endpoint,
-                     e.code().name)
+            log.info("releasing lease %s at %s failed (%s): it expires on its own", lease_tag(self.lease_id),
+                     self.endpoint, e.code().name)
         finally:
             channel.close()
 

@@ -53,7 +53,8 @@ def test_fleet_keys_parse_and_are_checked():
     assert (config.max_seeds, config.max_readers, config.reader_lease_s) == (3, 2, 30)
     assert (MxConfig().max_seeds, MxConfig().max_readers) == (1, 0)
     for raw, message in [('{"max_seeds": 0}', "max_seeds=0 is out of range; allowed: an integer >= 1"),
-                         ('{"max_readers": -1}', "max_readers=-1 is out of range; allowed: an integer >= 0"),
+                         ('{"max_readers": -1}', "max_readers=-1 is out of range; allowed: 0 (no cap of your own) to 4096"),
+                         ('{"max_readers": 4097}', "max_readers=4097 is out of range; allowed: 0 (no cap of your own) to 4096"),
                          ('{"reader_lease_s": 0}', "reader_lease_s=0 is out of range"),
                          ('{"max_seeds": 1.5}', "key 'max_seeds' must be an integer, got 1.5")]:
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
