@@ -175,7 +175,7 @@ def _parse(expected: str) -> tuple[str, str]:
 
 
 def _compute(algorithm: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
-    views = {name: _byte_view(name, t) for name, t in tensors.items()}
+    views = {name: byte_view(name, t) for name, t in tensors.items()}
     for device in {v.device for v in views.values() if v.device.type == "cuda"}:
         torch.cuda.synchronize(device)
     if algorithm == XXH3_64:
@@ -191,8 +191,8 @@ def _compute(algorithm: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, s
     return out
 
 
-def _byte_view(name: str, t: torch.Tensor) -> torch.Tensor:
-    """A flat uint8 view of `t`'s bytes (no copy)."""
+def byte_view(name: str, t: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 view of a contiguous tensor's bytes (no copy); DigestError for anything else."""
     if not isinstance(t, torch.Tensor):
         raise DigestError(f"{name!r} is a {type(t).__name__}, not a torch.Tensor")
     if t.device.type == "meta":

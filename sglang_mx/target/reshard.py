@@ -26,7 +26,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from sglang_mx.client import MetadataClient
-from sglang_mx.digest import mismatches
+from sglang_mx.digest import byte_view, mismatches
 from sglang_mx.errors import TransferError, VerificationError
 from sglang_mx.leases import ReadLease
 from sglang_mx.records import TOPOLOGY_INSTANCE, TOPOLOGY_MODEL_ID, TOPOLOGY_PP_SIZE, TOPOLOGY_TP_SIZE, SourceRef, \
@@ -149,11 +149,6 @@ def pull_instance(
     )
 
 
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach()
-    return t.reshape(-1) if t.dtype == torch.uint8 else t.reshape(-1).view(torch.uint8)
-
-
 def _execute(engine: MooncakeEngine, plan: ReshardPlan, sessions: Mapping[int, str],
              tensors: Mapping[str, torch.Tensor], prepare, clock, label: str) -> tuple[float, float, int]:
     """Run the plan: (seconds from the first read to the last byte verified and placed, seconds spent
@@ -167,7 +162,7 @@ def _execute(engine: MooncakeEngine, plan: ReshardPlan, sessions: Mapping[int, s
     staged_bytes = sum(s.size for s in plan.staged)
     staging = torch.empty(staged_bytes, dtype=torch.uint8, device=device) if staged_bytes else None
     regions = engine.register([(staging.data_ptr(), staged_bytes)]) if staging is not None else []
-    flat = {name: _flat(t) for name, t in tensors.items()}
+    flat = {name: byte_view(name, t) for name, t in tensors.items()}
     lock = threading.Lock()
     differing: list[str] = []
     spent = [0.0]
