@@ -42,6 +42,11 @@ def _add_server(sub) -> None:
                    help=f"most workers one source may hold (default {d.max_workers_per_source})")
     p.add_argument("--max-sources", type=int, default=d.max_sources, metavar="N",
                    help=f"most sources the server holds (default {d.max_sources})")
+    p.add_argument("--max-records-per-principal", type=int, default=d.max_records_per_principal, metavar="N",
+                   help=f"most records one writer (token, or its NAME) may hold; without tokens, all writers "
+                        f"together (default {d.max_records_per_principal})")
+    p.add_argument("--max-mb-per-principal", type=int, default=d.max_mb_per_principal, metavar="MB",
+                   help=f"most MB of records one writer may hold, serialized (default {d.max_mb_per_principal})")
     p.add_argument("--workers", type=int, default=d.workers, metavar="N",
                    help=f"threads answering GetMetadata and PublishMetadata (default 2 for memory, 4 for redis); "
                         f"listings and heartbeats have {d.fast_workers} of their own")
@@ -60,6 +65,9 @@ def _add_server(sub) -> None:
     p.add_argument("--allow-unauthenticated", action="store_true",
                    help="serve a non-loopback --host without any token (anyone who reaches the port may "
                         "publish, change and read records)")
+    p.add_argument("--allow-plaintext-tokens", action="store_true",
+                   help="take tokens without TLS on a non-loopback --host (when something else encrypts the "
+                        "network: a TLS-terminating proxy, a mesh)")
     p.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain: serve TLS (with --tls-key)")
     p.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
     p.add_argument("--tls-client-ca", metavar="FILE",
@@ -151,11 +159,13 @@ def main(argv: list[str] | None = None) -> int:
                 max_message_mb=args.max_message_mb, store=args.store, redis_url=args.redis_url,
                 redis_prefix=args.redis_prefix, redis_cache_mb=args.redis_cache_mb, max_tensors=args.max_tensors,
                 max_record_mb=args.max_record_mb, max_workers_per_source=args.max_workers_per_source,
-                max_sources=args.max_sources, max_concurrent_rpcs=args.max_concurrent_rpcs, workers=args.workers,
-                bulk_nice=args.bulk_nice,
+                max_sources=args.max_sources, max_records_per_principal=args.max_records_per_principal,
+                max_mb_per_principal=args.max_mb_per_principal, max_concurrent_rpcs=args.max_concurrent_rpcs,
+                workers=args.workers, bulk_nice=args.bulk_nice,
                 auth_token_file=args.auth_token_file,
                 writer_token_file=args.writer_token_file, reader_token_file=args.reader_token_file,
-                allow_unauthenticated=args.allow_unauthenticated, tls_cert_file=args.tls_cert,
+                allow_unauthenticated=args.allow_unauthenticated,
+                allow_plaintext_tokens=args.allow_plaintext_tokens, tls_cert_file=args.tls_cert,
                 tls_key_file=args.tls_key, tls_client_ca_file=args.tls_client_ca, metrics_port=args.metrics_port,
             ))
             return 0

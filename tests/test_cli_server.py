@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sglang_mx import wire
 from sglang_mx.client import MetadataClient
+from sglang_mx.errors import ServerError
 from sglang_mx.server.options import SERVING_BULK_NICE
 
 pytestmark = pytest.mark.slow  # `sglang-mx server` processes
@@ -120,3 +121,30 @@ def test_standalone_server_answers_big_reads_at_a_lower_priority(tmp_path, unuse
     lowered = {tid for tid, nice in after.items() if nice == min(19, base + SERVING_BULK_NICE)}
     assert lowered and not lowered & set(before), after
     assert after[proc.pid] == base  # the process (its main thread) keeps its priority
+
+
+def test_quota_flags_reach_the_server(tmp_path, unused_port, make_identity, make_worker):
+    address = f"127.0.0.1:{unused_port}"
+    with open(tmp_path / "server.log", "w") as log:
+        proc = subprocess.Popen(_server_cmd("--host", "127.0.0.1", "--port", str(unused_port),
+                                            "--max-records-per-principal", "1", "--max-mb-per-principal", "1"),
+                                stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_serving(address, proc)
+        with MetadataClient(address) as client:
+            client.publish(make_identity(), make_worker(), "w0")
+            with pytest.raises(ServerError, match=r"holds 1 records; 1 more would pass the limit of 1 per writer "
+                                                  r"\(raise it with --max-records-per-principal\)"):
+                client.publish(make_identity(), make_worker(), "w1")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("flag", ["--max-records-per-principal", "--max-mb-per-principal"])
+def test_quota_flags_must_be_positive(flag, capsys):
+    from sglang_mx.cli import main
+
+    assert main(["server", "--host", "127.0.0.1", flag, "0"]) == 2
+    option = flag[2:].replace("-", "_")
+    assert f"sglang-mx: error: {option}=0 must be >= 1" in capsys.readouterr().err

@@ -147,7 +147,9 @@ class MetadataServer:
             P2pServicer(self._store, heartbeat_timeout_s=options.heartbeat_timeout_s,
                         max_tensors=options.max_tensors, max_record_bytes=options.max_record_mb * 1024 * 1024,
                         capacity=Capacity(max_workers_per_source=options.max_workers_per_source,
-                                          max_sources=options.max_sources)),
+                                          max_sources=options.max_sources,
+                                          max_records_per_principal=options.max_records_per_principal,
+                                          max_bytes_per_principal=options.max_mb_per_principal * 1024 * 1024)),
             self._grpc,
         )
         self._health = health.HealthServicer()

@@ -6,7 +6,8 @@ import dataclasses
 import threading
 
 from sglang_mx.records import EncodedWorker, SourceQuery, SourceRef, SourceStatus, WorkerBytes
-from sglang_mx.server.store import Capacity, CapacityError, NotOwnerError, ReapStats, SourceStore
+from sglang_mx.server.store import (Capacity, CapacityError, NotOwnerError, ReapStats, SourceStore, check_quota,
+                                    record_bytes)
 
 
 @dataclasses.dataclass
@@ -17,11 +18,20 @@ class _Entry:
     source_load: float | None = None
 
 
+@dataclasses.dataclass
+class _Usage:
+    records: int = 0
+    bytes: int = 0
+
+
 class MemoryStore(SourceStore):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         # mx_source_id -> worker_id -> entry; the outer key is the list index.
         self._sources: dict[str, dict[str, _Entry]] = {}
+        # model_name -> (mx_source_id, worker_id) of its records: the model index.
+        self._models: dict[str, set[tuple[str, str]]] = {}
+        self._usage: dict[str, _Usage] = {}  # owner -> what its records hold
 
     def put(self, record: EncodedWorker, capacity: Capacity = Capacity()) -> None:
         entry = _Entry(record, record.status, record.updated_at_ms)
@@ -33,12 +43,33 @@ class MemoryStore(SourceStore):
                     raise NotOwnerError(record.mx_source_id, record.worker_id)
             else:
                 if workers is None and capacity.max_sources and len(self._sources) >= capacity.max_sources:
-                    raise CapacityError(f"this server holds {len(self._sources)} sources, its limit "
-                                        f"(--max-sources {capacity.max_sources}); no new source is accepted")
+                    raise CapacityError.too_many_sources(len(self._sources), capacity.max_sources)
                 if workers and capacity.max_workers_per_source and len(workers) >= capacity.max_workers_per_source:
-                    raise CapacityError(f"source {record.mx_source_id} has {len(workers)} workers, the limit "
-                                        f"(--max-workers-per-source {capacity.max_workers_per_source})")
+                    raise CapacityError.too_many_workers(record.mx_source_id, len(workers),
+                                                         capacity.max_workers_per_source)
+            usage = self._usage.get(record.owner, _Usage())
+            mine = old is not None and old.record.owner == record.owner
+            check_quota(capacity, record.owner, records=usage.records, stored_bytes=usage.bytes,
+                        new_bytes=record_bytes(record), replaced_bytes=record_bytes(old.record) if mine else None)
+            if old is not None:
+                self._forget(old.record)
             self._sources.setdefault(record.mx_source_id, {})[record.worker_id] = entry
+            self._models.setdefault(record.model_name, set()).add((record.mx_source_id, record.worker_id))
+            usage = self._usage.setdefault(record.owner, _Usage())
+            usage.records += 1
+            usage.bytes += record_bytes(record)
+
+    def _forget(self, record: EncodedWorker) -> None:
+        """Take a record that is being replaced or deleted out of the model index and its owner's use."""
+        keys = self._models[record.model_name]
+        keys.discard((record.mx_source_id, record.worker_id))
+        if not keys:
+            del self._models[record.model_name]
+        usage = self._usage[record.owner]
+        usage.records -= 1
+        usage.bytes -= record_bytes(record)
+        if not usage.records:
+            del self._usage[record.owner]
 
     def update_status(
         self,
@@ -74,14 +105,18 @@ class MemoryStore(SourceStore):
         rank, status, since, model = query.worker_rank, query.status, query.min_updated_at_ms, query.model_name
         with self._lock:
             if query.mx_source_id is not None:
-                groups = [(query.mx_source_id, self._sources.get(query.mx_source_id, {}))]
+                candidates = [(query.mx_source_id, worker_id, entry)
+                              for worker_id, entry in self._sources.get(query.mx_source_id, {}).items()]
+            elif model is not None:
+                candidates = [(source_id, worker_id, self._sources[source_id][worker_id])
+                              for source_id, worker_id in self._models.get(model, ())]
             else:
-                groups = list(self._sources.items())
+                candidates = [(source_id, worker_id, entry) for source_id, workers in self._sources.items()
+                              for worker_id, entry in workers.items()]
             # Filter on the entries' own fields first: a ref is built only for what is returned.
             refs = [
                 _ref(source_id, worker_id, entry)
-                for source_id, workers in groups
-                for worker_id, entry in workers.items()
+                for source_id, worker_id, entry in candidates
                 if (rank is None or entry.record.worker_rank == rank)
                 and (status is None or entry.status == status)
                 and (since is None or entry.updated_at_ms >= since)
@@ -104,6 +139,7 @@ class MemoryStore(SourceStore):
                         marked += 1
                     if entry.status == SourceStatus.STALE and entry.updated_at_ms < delete_before:
                         del workers[worker_id]
+                        self._forget(entry.record)
                         deleted += 1
                 if not workers:
                     del self._sources[source_id]

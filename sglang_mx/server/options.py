@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from sglang_mx.credentials import is_loopback
 from sglang_mx.errors import ConfigError
 
 DEFAULT_PORT = 8001
@@ -12,6 +13,12 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_REDIS_PREFIX = "mx:"
 DEFAULT_MAX_TENSORS = 1_000_000  # per published worker
 DEFAULT_MAX_RECORD_MB = 64  # a 100,000-tensor worker is about 9 MB
+# Per principal (a writer token, or its NAME; without tokens, every writer together). One token
+# often stands for a whole fleet of seeds: 65,536 records is 8,192 nodes of 8 GPUs, and 16 GiB
+# holds 1,800 workers of 100,000 tensors (9 MB each) or about 150,000 of 1,000 tensors (110 KB).
+# Far below what --max-sources x --max-workers-per-source would let one writer fill.
+DEFAULT_MAX_RECORDS_PER_PRINCIPAL = 65_536
+DEFAULT_MAX_MB_PER_PRINCIPAL = 16_384
 # `sglang-mx server`'s --bulk-nice: only a saturated CPU sees a difference (README, "The metadata
 # server", has the measurements).
 SERVING_BULK_NICE = 19
@@ -47,6 +54,11 @@ class ServerOptions:
     max_record_mb: int = DEFAULT_MAX_RECORD_MB  # identity + worker of one published worker, serialized
     max_workers_per_source: int = 4096
     max_sources: int = 10_000
+    # Quotas of each principal (DEFAULT_MAX_RECORDS_PER_PRINCIPAL has the reasoning): the records
+    # it owns and their serialized bytes (identity + worker). A publish past either is refused
+    # RESOURCE_EXHAUSTED; republishing a record without growing it always passes.
+    max_records_per_principal: int = DEFAULT_MAX_RECORDS_PER_PRINCIPAL
+    max_mb_per_principal: int = DEFAULT_MAX_MB_PER_PRINCIPAL
     # Token files, one token per line ('TOKEN' or 'NAME TOKEN'); re-read when they change.
     # auth_token_file: tokens that may call everything (the one shared token of earlier versions);
     # writer_token_file: the same role; reader_token_file: ListSources and GetMetadata only.
@@ -55,6 +67,9 @@ class ServerOptions:
     reader_token_file: str | None = None
     # Serve a non-loopback address without any token: an explicit choice.
     allow_unauthenticated: bool = False
+    # Take tokens over plaintext on a non-loopback address (without tls_cert_file): an explicit
+    # choice, for a network where something else encrypts (a TLS-terminating proxy, a mesh).
+    allow_plaintext_tokens: bool = False
     # PEM certificate chain and private key: serve TLS instead of plaintext.
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
@@ -70,8 +85,9 @@ class ServerOptions:
                 raise ConfigError(f"{name}={getattr(self, name)} must be > 0 seconds")
         if self.max_message_mb < 1:
             raise ConfigError(f"max_message_mb={self.max_message_mb} must be >= 1")
-        for name in ("max_tensors", "max_record_mb", "max_workers_per_source", "max_sources", "bulk_workers",
-                     "fast_workers", "max_concurrent_rpcs"):
+        for name in ("max_tensors", "max_record_mb", "max_workers_per_source", "max_sources",
+                     "max_records_per_principal", "max_mb_per_principal", "bulk_workers", "fast_workers",
+                     "max_concurrent_rpcs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
         if not 0 <= self.bulk_nice <= 19:
@@ -86,6 +102,12 @@ class ServerOptions:
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port={self.metrics_port} is out of range; allowed: 0-65535 "
                               "(0 picks a free port)")
+        if self.token_files and self.tls_cert_file is None and not is_loopback(self.host) \
+                and not self.allow_plaintext_tokens:
+            raise ConfigError(
+                f"serving {self.host} with tokens but without TLS lets anyone on the network read the tokens "
+                "callers send: give --tls-cert and --tls-key, listen on 127.0.0.1, or pass "
+                "--allow-plaintext-tokens to choose it (for a network that is encrypted otherwise)")
         if self.store not in STORE_KINDS:
             raise ConfigError(f"store={self.store!r} is not a store; allowed: {', '.join(STORE_KINDS)}")
 

@@ -13,9 +13,20 @@ Layout, under a configurable key prefix P (default "mx:"):
 - `P src:<src>`: ZSET worker_id -> updated_at (ms): the per-source index;
   listing and reaping read it, never SCAN/KEYS.
 - `P sources`: SET of source ids that have workers.
+- `P model:<model_name>`: SET of `<len(src)>:<src>:<worker_id>` (the record key
+  after `P rec:`): the model index; listing by model name reads it, never every
+  source.
+- `P meta:<src>`: HASH worker_id -> JSON {o: owner, b: bytes, m: model_name} of
+  each record: what its owner's quota and the model index hold for it. It
+  outlives a record that expired, so the next reap (or publish) of that worker
+  can release both.
+- `P usage:records`, `P usage:bytes`: HASHes owner -> the records / bytes
+  (identity + worker blobs) its records hold: the per-principal quotas.
+- `P layout`: "2" once the records of the previous layout (no model index, no
+  quotas) have been adopted into it; each server adopts them when it starts.
 
-Publish writes a record and both indexes in one Lua script (after checking the
-record's owner and the capacity limits), so a reader never sees half a record. Heartbeats and the reaper run Lua scripts
+Publish writes a record and every index in one Lua script (after checking the
+record's owner, the capacity limits and its owner's quota), so a reader never sees half a record. Heartbeats and the reaper run Lua scripts
 that touch only the small fields and the index: atomic per record, O(1) in the
 number of tensors, and harmless when several replicas run them at once.
 Every write also (re)sets a TTL on the record when `record_ttl_s` is given, a
@@ -41,7 +52,8 @@ from redis.retry import Retry
 from sglang_mx.errors import ConfigError, StoreUnavailableError
 from sglang_mx.records import EncodedWorker, SourceQuery, SourceRef, SourceStatus, WorkerBytes
 from sglang_mx.server.options import DEFAULT_REDIS_PREFIX, DEFAULT_REDIS_URL
-from sglang_mx.server.store import Capacity, CapacityError, NotOwnerError, ReapStats, SourceStore
+from sglang_mx.server.store import (Capacity, CapacityError, NotOwnerError, QuotaError, ReapStats, SourceStore,
+                                    record_bytes)
 
 log = logging.getLogger(__name__)
 
@@ -58,24 +70,63 @@ _UNAVAILABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
 _SMALL_FIELDS = ("status", "updated_at", "rank", "model", "accelerator", "topology", "load")  # what listing reads
 _STALE = str(int(SourceStatus.STALE))
 
-# KEYS: record, index, sources. ARGV: owner, max_workers, max_sources ('0' = no limit), worker_id,
-# source_id, updated_at, ttl_ms ('0' = none), then the hash's field/value pairs.
-# Returns 1 when stored, -1: owned by another principal, -2: too many workers, -3: too many sources.
-_PUT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  local owner = redis.call('HGET', KEYS[1], 'owner')
-  if owner and owner ~= '' and owner ~= ARGV[1] then return -1 end
-else
-  if ARGV[2] ~= '0' and redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[2]) then return -2 end
-  if ARGV[3] ~= '0' and redis.call('SISMEMBER', KEYS[3], ARGV[5]) == 0
-     and redis.call('SCARD', KEYS[3]) >= tonumber(ARGV[3]) then return -3 end
+# Lua shared by the scripts that add or remove a record's accounting (its `P meta:<src>` entry, its
+# model index entry, its owner's use). `account(... , sign)` adds (1) or releases (-1) one record.
+_ACCOUNTING = """
+local function account(usage_records, usage_bytes, model_prefix, member, owner, size, model, sign)
+  if sign > 0 then redis.call('SADD', model_prefix .. model, member)
+  else redis.call('SREM', model_prefix .. model, member) end
+  if redis.call('HINCRBY', usage_records, owner, sign) <= 0 then
+    redis.call('HDEL', usage_records, owner)
+    redis.call('HDEL', usage_bytes, owner)
+  else
+    redis.call('HINCRBY', usage_bytes, owner, string.format('%d', sign * size))
+  end
 end
+local function release(meta_key, worker_id, usage_records, usage_bytes, model_prefix, member)
+  local meta = redis.call('HGET', meta_key, worker_id)
+  if not meta then return nil end
+  redis.call('HDEL', meta_key, worker_id)
+  meta = cjson.decode(meta)
+  account(usage_records, usage_bytes, model_prefix, member, meta.o, meta.b, meta.m, -1)
+  return meta
+end
+"""
+
+# KEYS: record, index, sources, meta, usage records, usage bytes. ARGV: owner, max_workers, max_sources,
+# max_records, max_bytes ('0' = no limit), worker_id, source_id, updated_at, ttl_ms ('0' = none), size,
+# model, model key prefix, member, then the hash's field/value pairs. Returns {1} when stored, {-1}: owned
+# by another principal, {-2}: too many workers, {-3}: too many sources, {-4, records held}: past the
+# owner's records quota, {-5, bytes held, growth}: past its bytes quota (the rule of store.check_quota).
+_PUT = _ACCOUNTING + """
+local owner, size = ARGV[1], tonumber(ARGV[10])
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local current = redis.call('HGET', KEYS[1], 'owner')
+  if current and current ~= '' and current ~= owner then return {-1} end
+else
+  if ARGV[2] ~= '0' and redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[2]) then return {-2} end
+  if ARGV[3] ~= '0' and redis.call('SISMEMBER', KEYS[3], ARGV[7]) == 0
+     and redis.call('SCARD', KEYS[3]) >= tonumber(ARGV[3]) then return {-3} end
+end
+local old = redis.call('HGET', KEYS[4], ARGV[6])
+old = old and cjson.decode(old)
+local mine = old and old.o == owner
+local held = tonumber(redis.call('HGET', KEYS[5], owner) or '0')
+if not mine and ARGV[4] ~= '0' and held >= tonumber(ARGV[4]) then return {-4, held} end
+local held_bytes = tonumber(redis.call('HGET', KEYS[6], owner) or '0')
+local growth = size - (mine and old.b or 0)
+if ARGV[5] ~= '0' and growth > 0 and held_bytes + growth > tonumber(ARGV[5]) then
+  return {-5, held_bytes, growth}
+end
+release(KEYS[4], ARGV[6], KEYS[5], KEYS[6], ARGV[12], ARGV[13])
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 8))
-if ARGV[7] ~= '0' then redis.call('PEXPIRE', KEYS[1], ARGV[7]) end
-redis.call('ZADD', KEYS[2], ARGV[6], ARGV[4])
-redis.call('SADD', KEYS[3], ARGV[5])
-return 1
+redis.call('HSET', KEYS[1], unpack(ARGV, 14))
+if ARGV[9] ~= '0' then redis.call('PEXPIRE', KEYS[1], ARGV[9]) end
+redis.call('ZADD', KEYS[2], ARGV[8], ARGV[6])
+redis.call('SADD', KEYS[3], ARGV[7])
+redis.call('HSET', KEYS[4], ARGV[6], cjson.encode({o = owner, b = size, m = ARGV[11]}))
+account(KEYS[5], KEYS[6], ARGV[12], ARGV[13], owner, size, ARGV[11], 1)
+return {1}
 """
 
 # KEYS: record, index. ARGV: worker_id, rank, status, now_ms, load ('' = keep), ttl_ms ('0' = none),
@@ -91,30 +142,47 @@ redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
 return 1
 """
 
-# KEYS: index. ARGV: record key prefix, min updated_at ('-inf' = any), rank, status, model ('' = any).
-# Filters in Redis on the small fields (never the blobs); returns worker_id followed by the
-# _SMALL_FIELDS of each match, flat.
-_LIST = """
-local out = {}
-for _, wid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[2], '+inf')) do
-  local f = redis.call('HMGET', ARGV[1] .. wid, 'status', 'updated_at', 'rank', 'model', 'accelerator',
-                       'topology', 'load')
-  if f[1] and (ARGV[3] == '' or f[3] == ARGV[3]) and (ARGV[4] == '' or f[1] == ARGV[4])
-     and (ARGV[5] == '' or f[4] == ARGV[5]) then
-    out[#out + 1] = wid
+# Lua shared by the listing scripts: append `name` and the _SMALL_FIELDS of the record at `key` to
+# `out` when it matches rank, status and model ('' = any). Never reads the blobs.
+_LIST_ROW = """
+local function add_row(out, name, key, rank, status, model)
+  local f = redis.call('HMGET', key, 'status', 'updated_at', 'rank', 'model', 'accelerator', 'topology', 'load')
+  if f[1] and (rank == '' or f[3] == rank) and (status == '' or f[1] == status) and (model == '' or f[4] == model) then
+    out[#out + 1] = name
     for i = 1, 7 do out[#out + 1] = f[i] or false end
   end
+end
+"""
+
+# KEYS: index. ARGV: record key prefix, min updated_at ('-inf' = any), rank, status, model ('' = any).
+# Returns worker_id followed by the _SMALL_FIELDS of each match, flat.
+_LIST = _LIST_ROW + """
+local out = {}
+for _, wid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[2], '+inf')) do
+  add_row(out, wid, ARGV[1] .. wid, ARGV[3], ARGV[4], ARGV[5])
 end
 return out
 """
 
-# KEYS: record, index, sources. ARGV: worker_id, source_id, stale_before, delete_before, STALE value.
-# Decides from the record as it is now, so a second reaper finds nothing left to do.
-_REAP_ONE = """
+# KEYS: model index. ARGV: `P rec:`, rank, status, model. Returns each match's member (see the layout)
+# followed by its _SMALL_FIELDS, flat; the caller filters on updated_at.
+_LIST_MODEL = _LIST_ROW + """
+local out = {}
+for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  add_row(out, member, ARGV[1] .. member, ARGV[2], ARGV[3], ARGV[4])
+end
+return out
+"""
+
+# KEYS: record, index, sources, meta, usage records, usage bytes. ARGV: worker_id, source_id, stale_before,
+# delete_before, STALE value, model key prefix, member. Decides from the record as it is now, so a second
+# reaper finds nothing left to do.
+_REAP_ONE = _ACCOUNTING + """
 local f = redis.call('HMGET', KEYS[1], 'status', 'updated_at')
 local marked, deleted = 0, 0
-if not f[1] then
+if not f[1] then  -- expired (the TTL safety net): its index entries and accounting go now
   redis.call('ZREM', KEYS[2], ARGV[1])
+  release(KEYS[4], ARGV[1], KEYS[5], KEYS[6], ARGV[6], ARGV[7])
 else
   local status, at = f[1], tonumber(f[2]) or 0  -- unreadable time: expire it
   if status ~= ARGV[5] and at < tonumber(ARGV[3]) then
@@ -125,12 +193,29 @@ else
   if status == ARGV[5] and at < tonumber(ARGV[4]) then
     redis.call('DEL', KEYS[1])
     redis.call('ZREM', KEYS[2], ARGV[1])
+    release(KEYS[4], ARGV[1], KEYS[5], KEYS[6], ARGV[6], ARGV[7])
     deleted = 1
   end
 end
 if redis.call('ZCARD', KEYS[2]) == 0 then redis.call('SREM', KEYS[3], ARGV[2]) end
 return {marked, deleted}
 """
+
+# KEYS: index, meta, usage records, usage bytes. ARGV: record key prefix, model key prefix, member prefix.
+# Accounts the records of one source that have no meta entry (written by the previous layout).
+_ADOPT = _ACCOUNTING + """
+for _, wid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local key = ARGV[1] .. wid
+  if redis.call('HEXISTS', KEYS[2], wid) == 0 and redis.call('EXISTS', key) == 1 then
+    local f = redis.call('HMGET', key, 'owner', 'model')
+    local owner, model = f[1] or '', f[2] or ''
+    local size = redis.call('HSTRLEN', key, 'identity') + redis.call('HSTRLEN', key, 'worker')
+    redis.call('HSET', KEYS[2], wid, cjson.encode({o = owner, b = size, m = model}))
+    account(KEYS[3], KEYS[4], ARGV[2], ARGV[3] .. wid, owner, size, model, 1)
+  end
+end
+"""
+_LAYOUT = "2"
 
 
 def redact_url(url: str) -> str:
@@ -195,13 +280,25 @@ class RedisStore(SourceStore):
         self._put = self._r.register_script(_PUT)
         self._update_one = self._r.register_script(_UPDATE_ONE)
         self._list = self._r.register_script(_LIST)
+        self._list_model = self._r.register_script(_LIST_MODEL)
         self._reap_one = self._r.register_script(_REAP_ONE)
+        self._adopt = self._r.register_script(_ADOPT)
         self._closed = threading.Event()
         try:
             self._r.ping()
+            self._adopt_previous_layout()
         except _UNAVAILABLE as e:
             self._r.close()
             raise StoreUnavailableError(f"cannot reach Redis ({e})", url=self.url) from e
+
+    def _adopt_previous_layout(self) -> None:
+        """Put records written before the model index and the quotas into both (once per prefix)."""
+        if self._r.get(self._layout_key()) == _LAYOUT.encode():
+            return
+        for source_id in (s.decode() for s in self._r.smembers(self._sources_key())):
+            self._adopt(keys=[self._index_key(source_id), self._meta_key(source_id), *self._usage_keys()],
+                        args=[self._record_prefix(source_id), self._model_prefix(), self._member(source_id, "")])
+        self._r.set(self._layout_key(), _LAYOUT)
 
     # --- keys ---------------------------------------------------------------------------------------
 
@@ -211,8 +308,25 @@ class RedisStore(SourceStore):
     def _index_key(self, mx_source_id: str) -> str:
         return f"{self.prefix}src:{mx_source_id}"
 
+    def _meta_key(self, mx_source_id: str) -> str:
+        return f"{self.prefix}meta:{mx_source_id}"
+
+    def _model_prefix(self) -> str:
+        return f"{self.prefix}model:"
+
+    def _usage_keys(self) -> tuple[str, str]:
+        return f"{self.prefix}usage:records", f"{self.prefix}usage:bytes"
+
+    def _layout_key(self) -> str:
+        return f"{self.prefix}layout"
+
+    @staticmethod
+    def _member(mx_source_id: str, worker_id: str) -> str:
+        """A record's name in the model index: its key after `P rec:`."""
+        return f"{len(mx_source_id.encode())}:{mx_source_id}:{worker_id}"
+
     def _record_prefix(self, mx_source_id: str) -> str:
-        return f"{self.prefix}rec:{len(mx_source_id.encode())}:{mx_source_id}:"
+        return f"{self.prefix}rec:{self._member(mx_source_id, '')}"
 
     def _record_key(self, mx_source_id: str, worker_id: str) -> str:
         return self._record_prefix(mx_source_id) + worker_id
@@ -234,22 +348,28 @@ class RedisStore(SourceStore):
             "version": (version := os.urandom(8).hex()),
         }
         pairs = [item for pair in fields.items() for item in pair]
-        # One script: the owner and capacity checks and the write happen at once (a fresh record:
+        source_id, worker_id, size = record.mx_source_id, record.worker_id, record_bytes(record)
+        # One script: the owner, capacity and quota checks and the write happen at once (a fresh record:
         # no stale `load` from the previous one), so readers never see half a record.
-        result = int(self._put(
-            keys=[self._record_key(record.mx_source_id, record.worker_id), self._index_key(record.mx_source_id),
-                  self._sources_key()],
-            args=[record.owner, capacity.max_workers_per_source, capacity.max_sources, record.worker_id,
-                  record.mx_source_id, record.updated_at_ms, self._ttl_ms, *pairs],
+        result, *numbers = (int(n) for n in self._put(
+            keys=[self._record_key(source_id, worker_id), self._index_key(source_id), self._sources_key(),
+                  self._meta_key(source_id), *self._usage_keys()],
+            args=[record.owner, capacity.max_workers_per_source, capacity.max_sources,
+                  capacity.max_records_per_principal, capacity.max_bytes_per_principal, worker_id, source_id,
+                  record.updated_at_ms, self._ttl_ms, size, record.model_name, self._model_prefix(),
+                  self._member(source_id, worker_id), *pairs],
         ))
         if result == -1:
-            raise NotOwnerError(record.mx_source_id, record.worker_id)
+            raise NotOwnerError(source_id, worker_id)
         if result == -2:
-            raise CapacityError(f"source {record.mx_source_id} has {capacity.max_workers_per_source} workers, the "
-                                f"limit (--max-workers-per-source {capacity.max_workers_per_source})")
+            raise CapacityError.too_many_workers(source_id, capacity.max_workers_per_source,
+                                                 capacity.max_workers_per_source)
         if result == -3:
-            raise CapacityError(f"this server holds {capacity.max_sources} sources, its limit "
-                                f"(--max-sources {capacity.max_sources}); no new source is accepted")
+            raise CapacityError.too_many_sources(capacity.max_sources, capacity.max_sources)
+        if result == -4:
+            raise QuotaError.for_records(record.owner, numbers[0], capacity.max_records_per_principal)
+        if result == -5:
+            raise QuotaError.for_bytes(record.owner, numbers[0], numbers[1], capacity.max_bytes_per_principal)
         self._cache.put((record.mx_source_id, record.worker_id), version.encode(), record.identity_bytes,
                         record.worker_bytes)
 
@@ -296,23 +416,31 @@ class RedisStore(SourceStore):
     def list(self, query: SourceQuery) -> list[SourceRef]:
         if query.limit is not None and query.limit <= 0:
             return []
-        if query.mx_source_id is not None:
-            sources = [query.mx_source_id]
+        filters = ["" if query.worker_rank is None else str(query.worker_rank),
+                   "" if query.status is None else str(int(query.status)),
+                   "" if query.model_name is None else query.model_name]
+        rows: list[tuple[str, str, list[bytes | None]]] = []  # (source, worker, small fields)
+        if query.mx_source_id is None and query.model_name is not None:  # the model index: one script
+            flat = self._list_model(keys=[self._model_prefix() + query.model_name],
+                                    args=[f"{self.prefix}rec:", *filters])
+            rows = [(*_split_member(name), fields) for name, fields in _rows(flat)]
         else:
-            sources = sorted(s.decode() for s in self._r.smembers(self._sources_key()))
-        args = ["-inf" if query.min_updated_at_ms is None else str(query.min_updated_at_ms),
-                "" if query.worker_rank is None else str(query.worker_rank),
-                "" if query.status is None else str(int(query.status)),
-                "" if query.model_name is None else query.model_name]
-        pipe = self._r.pipeline(transaction=False)
-        for source_id in sources:  # one script per source: it reads the index and the small fields
-            self._list(keys=[self._index_key(source_id)], args=[self._record_prefix(source_id), *args], client=pipe)
+            if query.mx_source_id is not None:
+                sources = [query.mx_source_id]
+            else:
+                sources = sorted(s.decode() for s in self._r.smembers(self._sources_key()))
+            since = "-inf" if query.min_updated_at_ms is None else str(query.min_updated_at_ms)
+            pipe = self._r.pipeline(transaction=False)
+            for source_id in sources:  # one script per source: it reads the index and the small fields
+                self._list(keys=[self._index_key(source_id)], args=[self._record_prefix(source_id), since, *filters],
+                           client=pipe)
+            for source_id, flat in zip(sources, pipe.execute()):
+                rows += [(source_id, name.decode(errors="replace"), fields) for name, fields in _rows(flat)]
         refs = []
-        for source_id, flat in zip(sources, pipe.execute()):
-            for i in range(0, len(flat), 1 + len(_SMALL_FIELDS)):
-                ref = _ref(source_id, flat[i].decode(errors="replace"), flat[i + 1: i + 1 + len(_SMALL_FIELDS)])
-                if ref is not None and query.matches(ref):
-                    refs.append(ref)
+        for source_id, worker_id, fields in rows:
+            ref = _ref(source_id, worker_id, fields)
+            if ref is not None and query.matches(ref):
+                refs.append(ref)
         refs.sort(key=lambda r: (r.updated_at_ms, r.mx_source_id, r.worker_id), reverse=True)
         return refs[: query.limit] if query.limit is not None else refs
 
@@ -331,8 +459,9 @@ class RedisStore(SourceStore):
                 for worker_id in chunk:
                     self._reap_one(
                         keys=[self._record_key(source_id, worker_id), self._index_key(source_id),
-                              self._sources_key()],
-                        args=[worker_id, source_id, stale_before, delete_before, _STALE],
+                              self._sources_key(), self._meta_key(source_id), *self._usage_keys()],
+                        args=[worker_id, source_id, stale_before, delete_before, _STALE, self._model_prefix(),
+                              self._member(source_id, worker_id)],
                         client=pipe,
                     )
                 for m, d in pipe.execute():
@@ -344,6 +473,20 @@ class RedisStore(SourceStore):
         if not self._closed.is_set():
             self._closed.set()
             self._r.close()
+
+
+def _rows(flat: list) -> Iterable[tuple[bytes, list[bytes | None]]]:
+    """(name, small fields) of a listing script's flat answer."""
+    width = 1 + len(_SMALL_FIELDS)
+    for i in range(0, len(flat), width):
+        yield flat[i], flat[i + 1: i + width]
+
+
+def _split_member(member: bytes) -> tuple[str, str]:
+    """(source, worker) of a model index member, `<len(src)>:<src>:<worker_id>`."""
+    length, rest = member.split(b":", 1)
+    n = int(length)
+    return rest[:n].decode(errors="replace"), rest[n + 1:].decode(errors="replace")
 
 
 def _ref(source_id: str, worker_id: str, row: list[bytes | None]) -> SourceRef | None:

@@ -26,10 +26,21 @@ class ReapStats:
 
 @dataclasses.dataclass(frozen=True)
 class Capacity:
-    """Limits a store enforces atomically when a publish would create a record (0: none)."""
+    """Limits a store enforces atomically when a publish would create or grow a record (0: none).
+
+    A principal's quota counts the records it owns and their stored bytes (identity plus worker
+    bytes, `record_bytes`); records published without a token belong to the principal "".
+    """
 
     max_workers_per_source: int = 0
     max_sources: int = 0
+    max_records_per_principal: int = 0
+    max_bytes_per_principal: int = 0
+
+
+def record_bytes(record: EncodedWorker) -> int:
+    """What a record counts against its owner's byte quota."""
+    return len(record.identity_bytes) + len(record.worker_bytes)
 
 
 class NotOwnerError(MxError):
@@ -43,6 +54,46 @@ class NotOwnerError(MxError):
 class CapacityError(MxError):
     """A publish would create a record past a `Capacity` limit."""
 
+    @classmethod
+    def too_many_sources(cls, held: int, limit: int) -> "CapacityError":
+        return cls(f"this server holds {held} sources, its limit (--max-sources {limit}); no new source is accepted")
+
+    @classmethod
+    def too_many_workers(cls, mx_source_id: str, held: int, limit: int) -> "CapacityError":
+        return cls(f"source {mx_source_id} has {held} workers, the limit (--max-workers-per-source {limit})")
+
+
+class QuotaError(CapacityError):
+    """A publish would take one principal past its quota of records or of bytes."""
+
+    def __init__(self, principal: str, *, what: str, used: int, adding: int, limit: int, flag: str) -> None:
+        self.principal, self.what, self.used, self.adding, self.limit = principal, what, used, adding, limit
+        who = f"writer {principal!r}" if principal else "the server's writers (no tokens: one shared quota)"
+        super().__init__(f"{who} holds {used} {what}; {adding} more would pass the limit of {limit} per writer "
+                         f"(raise it with {flag})")
+
+    @classmethod
+    def for_records(cls, principal: str, used: int, limit: int) -> "QuotaError":
+        return cls(principal, what="records", used=used, adding=1, limit=limit, flag="--max-records-per-principal")
+
+    @classmethod
+    def for_bytes(cls, principal: str, used: int, adding: int, limit: int) -> "QuotaError":
+        return cls(principal, what="bytes of records", used=used, adding=adding, limit=limit,
+                   flag="--max-mb-per-principal")
+
+
+def check_quota(capacity: Capacity, owner: str, *, records: int, stored_bytes: int, new_bytes: int,
+                replaced_bytes: int | None) -> None:
+    """Raise QuotaError if `owner`, who holds `records` records of `stored_bytes` bytes, may not
+    store a record of `new_bytes` bytes. `replaced_bytes`: the size of the record of `owner` it
+    replaces (None: it makes `owner` a new record). A publish that does not grow its owner's use
+    is always accepted, so a lowered limit never blocks a seed republishing what it has."""
+    if replaced_bytes is None and capacity.max_records_per_principal and records >= capacity.max_records_per_principal:
+        raise QuotaError.for_records(owner, records, capacity.max_records_per_principal)
+    growth = new_bytes - (replaced_bytes or 0)
+    if capacity.max_bytes_per_principal and growth > 0 and stored_bytes + growth > capacity.max_bytes_per_principal:
+        raise QuotaError.for_bytes(owner, stored_bytes, growth, capacity.max_bytes_per_principal)
+
 
 class SourceStore(abc.ABC):
     """A backend for the metadata server. Implementations MUST be thread-safe."""
@@ -55,7 +106,11 @@ class SourceStore(abc.ABC):
         new one, never parts of both. `record.status` and `record.updated_at_ms`
         are stored as given. MUST raise NotOwnerError, storing nothing, when a
         record exists whose owner is neither "" nor `record.owner`, and
-        CapacityError when creating the record would pass a `capacity` limit.
+        CapacityError when creating the record would pass a `capacity` limit:
+        QuotaError (as `check_quota` decides it) when it would take `record.owner`
+        past its quota. The stored record counts against its owner from then on
+        (a record claimed from owner "" moves to the new owner) and stops
+        counting when it is replaced, reaped or expires.
         """
 
     @abc.abstractmethod
@@ -87,9 +142,10 @@ class SourceStore(abc.ABC):
         """Refs of records matching every set field of `query`, newest first.
 
         `min_updated_at_ms` keeps records whose updated_at is at least that;
-        `limit` caps the count after sorting. MUST NOT scan records of other
-        sources when `query.mx_source_id` is set, MUST NOT read the stored bytes,
-        and MUST skip (not fail on) a record it cannot read.
+        `limit` caps the count after sorting. MUST NOT read records of other
+        sources when `query.mx_source_id` is set, nor records of other models when
+        `query.model_name` is set (an index, not a scan); MUST NOT read the stored
+        bytes, and MUST skip (not fail on) a record it cannot read.
         """
 
     @abc.abstractmethod

@@ -247,3 +247,39 @@ def test_random_bytes_on_every_method_leave_the_server_serving(live):
     finally:
         channel.close()
     _intact(client, kept)
+
+
+# --- per-principal quotas -------------------------------------------------------------------------------
+
+def test_one_writer_cannot_fill_the_server(make_server, store_options, tokens):
+    """Each token has its own quota of records and bytes: alice at hers is refused RESOURCE_EXHAUSTED,
+    naming her use, the limit and the flag; bob publishes on, and alice may still republish."""
+    server = make_server(max_records_per_principal=3, max_mb_per_principal=1, **store_options, **tokens)
+    channel = grpc.insecure_channel(server.address)
+    stub = wire.P2pServiceStub(channel)
+    try:
+        with MetadataClient(server.address, auth_token=ALICE, timeout_s=10) as alice, \
+                MetadataClient(server.address, auth_token=BOB, timeout_s=10) as bob:
+            for i in range(3):
+                alice.publish(_identity(), _worker(2), f"alice{i}")
+            with pytest.raises(ServerError) as info:
+                alice.publish(_identity("org/other"), _worker(2), "alice3")
+            assert info.value.code == "RESOURCE_EXHAUSTED"
+            assert ("writer 'alice' holds 3 records; 1 more would pass the limit of 3 per writer (raise it with "
+                    "--max-records-per-principal)") in str(info.value)
+            alice.publish(_identity(), _worker(5), "alice0")  # republishing is not a new record
+            big = _request(worker_id="bob-big", n=0)
+            big.worker.tensor_source.tensors.extend(pb.TensorDescriptor(
+                name=f"model.layers.{i}.{'x' * 200}", addr=BASE + i * 8, size=8) for i in range(3000))
+            assert stub.PublishMetadata(big, timeout=30, metadata=_as(BOB)).success  # 0.7 MB of bob's 1 MB
+            big.worker_id = "bob-big-2"
+            with pytest.raises(grpc.RpcError) as info:
+                stub.PublishMetadata(big, timeout=30, metadata=_as(BOB))
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "writer 'bob' holds" in info.value.details()
+            assert "bytes of records" in info.value.details() and "--max-mb-per-principal" in info.value.details()
+            bob.publish(_identity(), _worker(2), "bob-small")
+            assert sorted(r.worker_id for r in bob.list_sources()) == [
+                "alice0", "alice1", "alice2", "bob-big", "bob-small"]
+    finally:
+        channel.close()

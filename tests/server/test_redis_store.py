@@ -197,6 +197,48 @@ def test_ttl_safety_net_expires_silent_records_and_reap_cleans_the_index(redis_s
         store.close()
 
 
+def test_an_expired_record_leaves_the_model_index_and_its_owners_quota_at_the_next_reap(redis_server, redis_prefix,
+                                                                                      rclient):
+    from sglang_mx import wire
+    from sglang_mx.server.store import Capacity, QuotaError
+
+    capacity = Capacity(max_records_per_principal=1)
+    store = RedisStore(redis_server.url, prefix=redis_prefix, record_ttl_s=0.3)
+    try:
+        store.put(wire.encode_record(SRC, "silent", IDENTITY, _worker(3), owner="alice"), capacity)
+        time.sleep(0.5)
+        assert store.list(SourceQuery(model_name="org/model")) == []
+        with pytest.raises(QuotaError, match="writer 'alice' holds 1 records"):  # until the reap: counted
+            store.put(wire.encode_record(SRC, "next", IDENTITY, _worker(3), owner="alice"), capacity)
+        assert store.reap(T0 + HB + 100, HB, GC) == ReapStats(0, 0)
+        assert not [k for k in rclient.keys(f"{redis_prefix}*") if k != f"{redis_prefix}layout".encode()]
+        store.put(wire.encode_record(SRC, "next", IDENTITY, _worker(3), owner="alice"), capacity)
+    finally:
+        store.close()
+
+
+def test_records_of_the_previous_layout_are_adopted_at_start(store, redis_server, redis_prefix, rclient):
+    """Records written before the model index and the quotas: a server that starts puts them in both."""
+    from sglang_mx import wire
+    from sglang_mx.server.store import Capacity, QuotaError
+
+    store.put(wire.encode_record(SRC, "w0", IDENTITY, _worker(3), owner="alice"))
+    store.put(wire.encode_record("0123456789abcdef", "w1", IDENTITY, _worker(3), owner="bob"))
+    keys = [k for k in rclient.keys(f"{redis_prefix}*") if k.split(b":")[1] in (b"meta", b"model", b"usage", b"layout")]
+    rclient.delete(*keys)  # what the previous version wrote: records, their indexes, nothing else
+    assert store.list(SourceQuery(model_name="org/model")) == []
+    restarted = RedisStore(redis_server.url, prefix=redis_prefix)
+    try:
+        assert sorted(r.worker_id for r in restarted.list(SourceQuery(model_name="org/model"))) == ["w0", "w1"]
+        with pytest.raises(QuotaError, match="writer 'alice' holds 1 records"):
+            restarted.put(wire.encode_record(SRC, "w2", IDENTITY, _worker(3), owner="alice"),
+                          Capacity(max_records_per_principal=1))
+        assert restarted.reap(T0 + GC + HB + 1, HB, GC) == ReapStats(marked_stale=2, deleted=2)
+        assert rclient.keys(f"{redis_prefix}*") == [f"{redis_prefix}layout".encode()]
+    finally:
+        restarted.close()
+
+
 # --- outages and configuration ----------------------------------------------------------------------
 
 def test_outage_raises_store_unavailable_then_recovers(make_redis_server):

@@ -174,6 +174,33 @@ def test_cli_refuses_a_public_address_without_a_token():
     assert done.returncode == 2 and "--allow-unauthenticated" in done.stderr
 
 
+PLAINTEXT_TOKENS = "with tokens but without TLS lets anyone on the network read the tokens callers send: give " \
+                   "--tls-cert and --tls-key, listen on 127.0.0.1, or pass --allow-plaintext-tokens to choose it"
+
+
+@pytest.mark.parametrize("files", [{"auth_token_file": "t"}, {"writer_token_file": "w"}, {"reader_token_file": "r"}])
+def test_a_server_with_tokens_beyond_loopback_needs_tls_or_an_explicit_choice(tmp_path, files):
+    files = {key: _write(tmp_path / name, "tok\n") for key, name in files.items()}
+    with pytest.raises(ConfigError, match=f"^serving 0.0.0.0 {PLAINTEXT_TOKENS}"):
+        ServerOptions(host="0.0.0.0", port=0, **files)
+    with pytest.raises(ConfigError, match="--allow-plaintext-tokens"):
+        MetadataServer(ServerOptions(host="10.1.2.3", port=0, **files))
+    for host in ("127.0.0.1", "localhost", "::1"):  # loopback: nothing crosses a network
+        ServerOptions(host=host, port=0, **files)
+    ServerOptions(host="0.0.0.0", port=0, tls_cert_file="c.pem", tls_key_file="k.pem", **files)  # TLS
+    # Chosen: it gets past the check; 192.0.2.1 (TEST-NET) is no address of this machine.
+    with pytest.raises(ConfigError, match="cannot listen on 192.0.2.1"):
+        MetadataServer(ServerOptions(host="192.0.2.1", port=0, allow_plaintext_tokens=True, **files))
+
+
+def test_cli_refuses_tokens_in_plaintext_beyond_loopback(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "sglang_mx.cli", "server", "--host", "0.0.0.0", "--port", "0",
+                           "--writer-token-file", _write(tmp_path / "w", "tok\n")],
+                          capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert done.returncode == 2 and f"sglang-mx: error: serving 0.0.0.0 {PLAINTEXT_TOKENS}" in done.stderr
+
+
 def test_clients_refuse_to_send_a_token_in_plaintext_beyond_loopback(tmp_path):
     with pytest.raises(ConfigError, match="refusing to send the auth token in plaintext to 10.1.2.3:8001"):
         MetadataClient("10.1.2.3:8001", auth_token="tok")

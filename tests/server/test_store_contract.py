@@ -15,7 +15,7 @@ import time
 import pytest
 
 from sglang_mx.server import MemoryStore, ReapStats, SourceStore
-from sglang_mx.server.store import Capacity, CapacityError, NotOwnerError
+from sglang_mx.server.store import Capacity, CapacityError, NotOwnerError, QuotaError
 from sglang_mx.records import (
     EncodedWorker,
     SourceIdentity,
@@ -48,17 +48,29 @@ def _worker(rank: int = 0, *, status: SourceStatus = SourceStatus.READY, at: int
 
 
 def _encoded(worker_id: str, *, source: str = SRC_A, owner: str = "", worker_bytes: bytes = b"\x08\x00",
-             status: SourceStatus = SourceStatus.READY) -> EncodedWorker:
+             status: SourceStatus = SourceStatus.READY, model: str = "org/model-a", at: int = T0) -> EncodedWorker:
     """A record as the servicer hands it to a store; the bytes are opaque to the store."""
-    return EncodedWorker(mx_source_id=source, worker_id=worker_id, model_name="org/model-a", worker_rank=0,
-                         status=status, updated_at_ms=T0, identity_bytes=b"\x1a\x0borg/model-a",
+    return EncodedWorker(mx_source_id=source, worker_id=worker_id, model_name=model, worker_rank=0,
+                         status=status, updated_at_ms=at, identity_bytes=IDENTITY_BYTES,
                          worker_bytes=worker_bytes, owner=owner)
 
 
+IDENTITY_BYTES = b"\x1a\x0borg/model-a"  # what every _encoded record's identity adds to its size
+
+
+def _sized(worker_id: str, size: int, **kw) -> EncodedWorker:
+    """A record of `size` bytes as quotas count them (identity + worker bytes)."""
+    return _encoded(worker_id, worker_bytes=b"\x08" * (size - len(IDENTITY_BYTES)), **kw)
+
+
 class StoreContract:
-    """Subclass with `make_store()` returning a fresh, empty store."""
+    """Subclass with `make_store()` returning a fresh, empty store, and `poison()`."""
 
     def make_store(self) -> SourceStore:
+        raise NotImplementedError
+
+    def poison(self, store: SourceStore, mx_source_id: str, worker_id: str) -> None:
+        """Make every later read of that record raise: a listing that touches it fails."""
         raise NotImplementedError
 
     @pytest.fixture
@@ -211,6 +223,64 @@ class StoreContract:
         assert sorted(r.worker_id for r in store.list(SourceQuery())) == ["a0", "a1", "b0"]
         assert store.get_bytes(SRC_A, "a1").worker_bytes == b"\x08\x00new"
 
+    # --- per-principal quotas ------------------------------------------------------------------------
+
+    def test_records_quota_is_per_principal(self, store):
+        capacity = Capacity(max_records_per_principal=2)
+        store.put(_encoded("a0", owner="alice"), capacity)
+        store.put(_encoded("a1", owner="alice", source=SRC_B), capacity)
+        with pytest.raises(QuotaError, match=r"^writer 'alice' holds 2 records; 1 more would pass the limit of 2 per "
+                                             r"writer \(raise it with --max-records-per-principal\)$"):
+            store.put(_encoded("a2", owner="alice"), capacity)
+        store.put(_encoded("a1", owner="alice", source=SRC_B, worker_bytes=b"\x08\x00new"), capacity)  # replacing
+        store.put(_encoded("b0", owner="bob"), capacity)
+        store.put(_encoded("b1", owner="bob"), capacity)
+        with pytest.raises(QuotaError, match="writer 'bob' holds 2 records"):
+            store.put(_encoded("b2", owner="bob"), capacity)
+        assert sorted(r.worker_id for r in store.list(SourceQuery())) == ["a0", "a1", "b0", "b1"]
+        assert store.get_bytes(SRC_B, "a1").worker_bytes == b"\x08\x00new"
+
+    def test_bytes_quota_counts_what_a_principal_stores(self, store):
+        capacity = Capacity(max_bytes_per_principal=250)
+        store.put(_sized("a0", 100, owner="alice"), capacity)
+        store.put(_sized("a1", 100, owner="alice"), capacity)
+        with pytest.raises(QuotaError, match=r"^writer 'alice' holds 200 bytes of records; 100 more would pass the "
+                                             r"limit of 250 per writer \(raise it with --max-mb-per-principal\)$"):
+            store.put(_sized("a2", 100, owner="alice"), capacity)
+        with pytest.raises(QuotaError, match="holds 200 bytes of records; 60 more"):  # growing a record counts
+            store.put(_sized("a1", 160, owner="alice"), capacity)
+        assert store.get_bytes(SRC_A, "a1").worker_bytes == _sized("a1", 100).worker_bytes
+        store.put(_sized("a1", 150, owner="alice"), capacity)  # 250: at the limit is allowed
+        store.put(_sized("a0", 40, owner="alice"), capacity)  # shrinking frees 60 ...
+        store.put(_sized("a2", 60, owner="alice"), capacity)  # ... for a new record
+        store.put(_sized("b0", 250, owner="bob"), capacity)  # another principal: its own quota
+        with pytest.raises(QuotaError, match="^the server's writers \\(no tokens: one shared quota\\) holds 0 bytes"):
+            store.put(_sized("anon", 251), capacity)
+
+    def test_a_publish_that_does_not_grow_passes_a_lowered_quota(self, store):
+        store.put(_sized("a0", 100, owner="alice"))
+        store.put(_sized("a1", 100, owner="alice"))
+        lowered = Capacity(max_records_per_principal=1, max_bytes_per_principal=50)
+        store.put(_sized("a1", 100, owner="alice", status=SourceStatus.INITIALIZING), lowered)  # a seed's restart
+        with pytest.raises(QuotaError, match="holds 2 records"):
+            store.put(_sized("a2", 10, owner="alice"), lowered)
+
+    def test_reaped_and_claimed_records_move_out_of_a_principals_quota(self, store):
+        capacity = Capacity(max_records_per_principal=1, max_bytes_per_principal=100)
+        store.put(_sized("old", 100, owner="alice", status=SourceStatus.STALE, at=T0 - GC - 1), capacity)
+        with pytest.raises(QuotaError, match="writer 'alice' holds 1 records"):
+            store.put(_sized("new", 100, owner="alice"), capacity)
+        assert store.reap(T0, HB, GC) == ReapStats(marked_stale=0, deleted=1)
+        store.put(_sized("new", 100, owner="alice"), capacity)
+        # a record published without a token counts for "" until a writer claims it
+        store.put(_sized("shared", 100), capacity)
+        with pytest.raises(QuotaError, match="no tokens: one shared quota\\) holds 1 records"):
+            store.put(_sized("shared2", 100), capacity)
+        store.put(_sized("shared", 100, owner="bob"), capacity)
+        store.put(_sized("shared2", 100), capacity)  # "" holds none now
+        with pytest.raises(QuotaError, match="writer 'bob' holds 1 records"):
+            store.put(_sized("bob2", 10, owner="bob"), capacity)
+
     # --- list ---------------------------------------------------------------------------------------
 
     @pytest.fixture
@@ -270,6 +340,30 @@ class StoreContract:
 
     def test_list_on_empty_store(self, store):
         assert store.list(SourceQuery()) == []
+
+    def test_list_by_model_name_reads_that_models_records_only(self, store):
+        """The model index: a listing by model never touches another model's records (here poisoned,
+        so that reading one fails), however many there are."""
+        for i in range(3):
+            source = f"{i:016x}"
+            for w in range(20):
+                store.put(_encoded(f"crowd{w}", source=source, model="org/crowd"))
+                self.poison(store, source, f"crowd{w}")
+            store.put(_encoded(f"lone{i}", source=source, model="org/lone", at=T0 + i))
+        assert self._ids(store.list(SourceQuery(model_name="org/lone"))) == ["lone2", "lone1", "lone0"]
+        assert self._ids(store.list(SourceQuery(model_name="org/lone", min_updated_at_ms=T0 + 1, limit=1))) == ["lone2"]
+        assert store.list(SourceQuery(model_name="org/none")) == []
+
+    def test_the_model_index_follows_republishes_and_reaps(self, store):
+        store.put(_encoded("w0", model="org/first"))
+        store.put(_encoded("w1", model="org/first", status=SourceStatus.STALE, at=T0 - GC - 1))
+        store.put(_encoded("w0", model="org/second", at=T0 + 1))  # the same worker, now another model
+        assert self._ids(store.list(SourceQuery(model_name="org/first"))) == ["w1"]
+        assert self._ids(store.list(SourceQuery(model_name="org/second"))) == ["w0"]
+        assert store.reap(T0, HB, GC) == ReapStats(marked_stale=0, deleted=1)
+        assert store.list(SourceQuery(model_name="org/first")) == []
+        store.put(_encoded("w1", model="org/first"))
+        assert self._ids(store.list(SourceQuery(model_name="org/first"))) == ["w1"]
 
     # --- reap ---------------------------------------------------------------------------------------
 
@@ -376,9 +470,17 @@ class StoreContract:
         assert final.tensors in (version_a.tensors, version_b.tensors)
 
 
+class _Poisoned:
+    def __getattr__(self, name):
+        raise AssertionError(f"read {name} of a poisoned record")
+
+
 class TestMemoryStore(StoreContract):
     def make_store(self) -> SourceStore:
         return MemoryStore()
+
+    def poison(self, store, mx_source_id, worker_id):
+        store._sources[mx_source_id][worker_id] = _Poisoned()
 
 
 class TestRedisStore(StoreContract):
@@ -392,3 +494,12 @@ class TestRedisStore(StoreContract):
         from sglang_mx.server.redis_store import RedisStore
 
         return RedisStore(self.redis_url, prefix=self.redis_prefix, record_ttl_s=3600)
+
+    def poison(self, store, mx_source_id, worker_id):
+        """A string where the record's hash was: Redis refuses HMGET on it, failing the whole call."""
+        import redis
+
+        key = store._record_key(mx_source_id, worker_id)
+        with redis.Redis.from_url(self.redis_url) as r:
+            r.delete(key)
+            r.set(key, b"poison")
