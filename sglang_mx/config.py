@@ -17,6 +17,7 @@ from sglang_mx.credentials import (
     MX_TOKEN_PATH_ENV, TlsMaterial, check_tls_files, check_token_transport, normalize_url, read_token_file,
 )
 from sglang_mx.errors import ConfigError
+from sglang_mx.manifest import DIGEST_ALGORITHMS, is_manifest_id
 
 DEFAULT_URL = "localhost:8001"
 MAX_LEASES = 4096  # the most live reader leases a seed holds, whatever max_readers says (0 included)
@@ -52,9 +53,20 @@ class MxConfig:
     transport: str = "transfer_engine"
     wait_timeout_s: float = 60.0  # how long a target waits for a READY seed
     fallback: str = "fail"  # no usable seed: "fail" the start-up, or load from "disk"
-    # After a pull, check every tensor against the seed's published digest: "require" (a seed
-    # without digests is not used), "if_present" (check when published), or "off".
-    verify: VerifyMode = VerifyMode.IF_PRESENT  # parsed from its string value
+    # After a pull, check every tensor against the seed's published digest: "require" (the default:
+    # a seed without a digest for every byte, or with digests computed over bytes it never checked, is
+    # not used), "if_present" (check what is published; for fleets whose metadata server drops our
+    # fields), or "off".
+    verify: VerifyMode = VerifyMode.REQUIRE  # parsed from its string value
+    # Pinned weights: use only seeds whose manifest id (sglang_mx.manifest, `sglang-mx sources`) is
+    # listed here. Their digests must be cryptographic (blake3) unless allow_weak_digests.
+    expect: tuple[str, ...] = ()
+    allow_weak_digests: bool = False
+    # Seeds: the digest algorithm they publish ("" each device's default; "blake3" for pinning).
+    digest: str = ""
+    # What the checkpoint is by content, given by the operator ("" : computed, sglang_mx.checkpoint); for
+    # targets that do not hold the checkpoint's files. Seeds and targets must name it alike.
+    checkpoint: str = ""
     max_candidates: int = 5
     # Targets: read disjoint stripes from up to this many READY seeds at once.
     max_seeds: int = 1
@@ -94,6 +106,16 @@ class MxConfig:
         if self.verify not in VERIFY_MODES:
             raise ConfigError(f"verify {self.verify!r} is not allowed; allowed: {', '.join(map(repr, VERIFY_MODES))}")
         object.__setattr__(self, "verify", VerifyMode(self.verify))
+        object.__setattr__(self, "expect", tuple(self.expect))
+        bad = [m for m in self.expect if not is_manifest_id(m)]
+        if bad:
+            raise ConfigError(f"expect holds {bad[0]!r}, which is not a manifest id; allowed: a list of 64 lowercase "
+                              "hex digits as `sglang-mx sources --json` prints them (\"manifest\")")
+        if self.verify is not VerifyMode.REQUIRE and self.verify != "require" and self.expect:
+            raise ConfigError(f"expect pins digests, so it needs verify 'require', not {self.verify!r}")
+        if self.digest not in ("", *DIGEST_ALGORITHMS):
+            raise ConfigError(f"digest {self.digest!r} is not an algorithm sglang-mx knows; allowed: "
+                              f"{', '.join(DIGEST_ALGORITHMS)} (or leave it out: each device's default)")
         if self.model_name is not None and not self.model_name.strip():
             raise ConfigError("model_name is empty; leave it out to use --model-path")
         for key in ("wait_timeout_s", "heartbeat_interval_s", "timeout_s", "reader_lease_s"):
@@ -122,6 +144,10 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "wait_timeout_s": _NUMBER,
     "fallback": _STRING,
     "verify": _STRING,
+    "expect": ((list,), "a list of manifest ids"),
+    "allow_weak_digests": ((bool,), "true or false"),
+    "digest": _STRING,
+    "checkpoint": _STRING,
     "max_candidates": ((int,), "an integer"),
     "max_seeds": ((int,), "an integer"),
     "any_layout": ((bool,), "true or false"),

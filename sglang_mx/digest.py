@@ -73,12 +73,13 @@ from typing import Mapping
 import torch
 
 from sglang_mx.errors import MxError
+from sglang_mx.manifest import DIGEST_ALGORITHMS
 
 __all__ = ["ALGORITHMS", "DigestError", "UnknownAlgorithmError", "digest_many", "tensor_digest", "verify"]
 
-XXH3_64 = "xxh3-64"
-MXH64 = "mxh64"
-ALGORITHMS = (XXH3_64, MXH64)
+XXH3_64, MXH64, BLAKE3 = ALGORITHMS = DIGEST_ALGORITHMS
+# Hex digits of each algorithm's value: 64-bit hashes, and BLAKE3's 256 bits.
+_HEX_DIGITS = {XXH3_64: 16, MXH64: 16, BLAKE3: 64}
 
 
 class DigestError(MxError, ValueError):
@@ -99,9 +100,9 @@ class UnknownAlgorithmError(DigestError):
 # --- public API ------------------------------------------------------------
 
 
-def tensor_digest(t: torch.Tensor) -> str:
-    """The digest of `t`'s bytes: xxh3-64 for a CPU tensor, mxh64 otherwise."""
-    return digest_many({"tensor": t})["tensor"]
+def tensor_digest(t: torch.Tensor, algorithm: str = "") -> str:
+    """The digest of `t`'s bytes: `algorithm`, or by default xxh3-64 for a CPU tensor, mxh64 otherwise."""
+    return digest_many({"tensor": t}, algorithm)["tensor"]
 
 
 def verify(t: torch.Tensor, expected: str) -> bool:
@@ -122,12 +123,17 @@ def check_digest(digest: str) -> str:
     return f"{algorithm}:{value}"
 
 
-def digest_many(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
-    """Name -> digest for every tensor, each with its device's algorithm.
+def digest_many(tensors: Mapping[str, torch.Tensor], algorithm: str = "") -> dict[str, str]:
+    """Name -> digest for every tensor: with `algorithm` (one of ALGORITHMS) that one, else each
+    with its device's default (xxh3-64 on CPU, mxh64 elsewhere).
 
     CUDA tensors are hashed together per device: one synchronize before, one
     read-back of all their results after.
     """
+    if algorithm:
+        if algorithm not in ALGORITHMS:
+            raise UnknownAlgorithmError(algorithm, algorithm)
+        return _compute(algorithm, dict(tensors))
     out: dict[str, str] = {}
     cpu = {name: t for name, t in tensors.items() if t.device.type == "cpu"}
     out.update(_compute(XXH3_64, cpu))
@@ -155,7 +161,7 @@ def mismatches(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, str])
 
 # --- dispatch ----------------------------------------------------------------
 
-_DIGEST_RE = re.compile(r"([^:]*):([0-9a-fA-F]{16})")
+_DIGEST_RE = re.compile(r"([^:]*):([0-9a-fA-F]+)")
 
 
 def _parse(expected: str) -> tuple[str, str]:
@@ -165,12 +171,14 @@ def _parse(expected: str) -> tuple[str, str]:
         if algorithm and algorithm not in ALGORITHMS:
             raise UnknownAlgorithmError(algorithm, expected)
         raise DigestError(
-            f"malformed digest {expected!r}: expected '<algorithm>:<16 hex digits>' with an algorithm "
-            f"in {', '.join(ALGORITHMS)}"
+            f"malformed digest {expected!r}: expected '<algorithm>:<hex digits>' (16 for xxh3-64 and mxh64, "
+            f"64 for blake3) with an algorithm in {', '.join(ALGORITHMS)}"
         )
     algorithm, value = match.group(1), match.group(2).lower()
     if algorithm not in ALGORITHMS:
         raise UnknownAlgorithmError(algorithm, expected)
+    if len(value) != _HEX_DIGITS[algorithm]:
+        raise DigestError(f"malformed digest {expected!r}: {algorithm} has {_HEX_DIGITS[algorithm]} hex digits")
     return algorithm, value
 
 
@@ -180,6 +188,8 @@ def _compute(algorithm: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, s
         torch.cuda.synchronize(device)
     if algorithm == XXH3_64:
         return {name: f"{XXH3_64}:{_xxh3_64(v):016x}" for name, v in views.items()}
+    if algorithm == BLAKE3:
+        return {name: f"{BLAKE3}:{_blake3(v)}" for name, v in views.items()}
     results = {name: _mxh64_device(v) for name, v in views.items()}
     out: dict[str, str] = {}
     by_device: dict[torch.device, list[str]] = {}
@@ -224,6 +234,21 @@ def _xxh3_64(u8: torch.Tensor) -> int:
     for start in range(0, u8.numel(), _HOST_CHUNK):
         h.update(memoryview(u8[start : start + _HOST_CHUNK].cpu().numpy()))
     return h.intdigest()
+
+
+def _blake3(u8: torch.Tensor) -> str:
+    """BLAKE3-256 of the bytes, hex: multi-threaded on the host (CUDA tensors streamed in chunks)."""
+    try:
+        import blake3
+    except ImportError as e:
+        raise DigestError("the blake3 digest needs the blake3 package: pip install blake3") from e
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    if u8.device.type == "cpu":
+        h.update(memoryview(u8.numpy()))
+    else:
+        for start in range(0, u8.numel(), _HOST_CHUNK):
+            h.update(memoryview(u8[start : start + _HOST_CHUNK].cpu().numpy()))
+    return h.hexdigest()
 
 
 # --- mxh64 ---------------------------------------------------------------------

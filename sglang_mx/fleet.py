@@ -13,9 +13,11 @@ import time
 from typing import Callable, Sequence, TextIO
 
 from sglang_mx.client import MetadataClient
+from sglang_mx.manifest import manifest_id
 from sglang_mx.records import TOPOLOGY_MODEL_ID, SourceStatus
 
-COLUMNS = ("MODEL", "MX_SOURCE_ID", "WORKER_ID", "RANK", "LAYOUT", "STATUS", "AGE", "TENSORS", "BYTES")
+COLUMNS = ("MODEL", "MX_SOURCE_ID", "WORKER_ID", "RANK", "LAYOUT", "STATUS", "AGE", "TENSORS", "BYTES", "MANIFEST")
+MANIFEST_SHOWN = 16  # hex digits of the manifest id in the table (--json has all 64, for `expect`)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -32,6 +34,9 @@ class FleetRow:
     pp_size: int = 0
     ep_size: int = 0
     any_layout: bool = False  # it advertises a model id: targets of other TP layouts may reshard from it
+    # sglang_mx.manifest id recomputed from the record, as a pinned target computes it; "" when the record
+    # has no tensors.
+    manifest: str = ""
 
     @property
     def layout(self) -> str:
@@ -65,6 +70,7 @@ def collect(client: MetadataClient, *, model_name: str | None = None) -> list[Fl
             pp_size=stored.identity.pipeline_parallel_size,
             ep_size=stored.identity.expert_parallel_size,
             any_layout=bool(worker.topology.get(TOPOLOGY_MODEL_ID)),
+            manifest=manifest_id(stored.mx_source_id, worker.worker_rank, worker.tensors) if worker.tensors else "",
         ))
     rows.sort(key=lambda r: (r.model_name, r.mx_source_id, r.worker_rank, r.worker_id))
     return rows
@@ -96,7 +102,7 @@ def format_bytes(n: int) -> str:
 def _cells(row: FleetRow, now_ms: int) -> tuple[str, ...]:
     age = format_age(now_ms - row.updated_at_ms) if row.updated_at_ms > 0 else "-"
     return (row.model_name, row.mx_source_id, row.worker_id, str(row.worker_rank), row.layout, row.status.name, age,
-            str(row.tensors), format_bytes(row.total_bytes))
+            str(row.tensors), format_bytes(row.total_bytes), row.manifest[:MANIFEST_SHOWN] or "-")
 
 
 def render_table(rows: Sequence[FleetRow], now_ms: int) -> str:
@@ -131,6 +137,7 @@ def render_json(rows: Sequence[FleetRow], now_ms: int) -> str:
             "age_s": round((now_ms - r.updated_at_ms) / 1000, 3) if r.updated_at_ms > 0 else None,
             "tensors": r.tensors,
             "total_bytes": r.total_bytes,
+            "manifest": r.manifest or None,
         }
         for r in rows
     ]) + "\n"

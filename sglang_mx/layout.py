@@ -12,6 +12,8 @@ a seed advertises so that targets of other layouts find it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from typing import Mapping
 
 from sglang_mx.config import MxConfig
@@ -62,6 +64,12 @@ class RankInfo:
     # dtypes, strides, in order): two builds that lay tensors out differently never pair.
     layout_fingerprint: str = ""
     role: str = ""  # "draft" for a speculative-decoding draft model; "" for the served model
+    # What the checkpoint is by content (sglang_mx.checkpoint.content_id), and what says it: SGLang's
+    # --model-checksum manifest, when given. "" until the glue fills it in (publish, target load).
+    checkpoint: str = ""
+    checksum_manifest: str = ""
+    # SGLang's --json-model-override-args as given ("" none): they change the model built from the files.
+    model_overrides: str = ""
 
     @property
     def worker_rank(self) -> int:
@@ -69,10 +77,17 @@ class RankInfo:
 
 
 def identity_for(info: RankInfo, config: MxConfig) -> SourceIdentity:
-    """The SourceIdentity of an SGLang instance; anything that changes bytes is in it."""
+    """The SourceIdentity of an SGLang instance; anything that changes bytes is in it.
+
+    The wire's hashing rule lowercases names; `model_name_sha256` keeps names that differ only in case
+    apart. `checkpoint` (the config key, else what the files are by content) and the model-config
+    overrides decide what was built, so they are in it too.
+    """
     model_name = config.model_name or info.model_path
     if info.role and config.model_name:
         model_name = f"{config.model_name}:{info.role}"  # model_name names the served model, not its draft
+    checkpoint = config.checkpoint or info.checkpoint
+    overrides = _canonical_json(info.model_overrides)
     return SourceIdentity(
         mx_version=MX_VERSION,
         model_name=model_name,
@@ -93,8 +108,22 @@ def identity_for(info: RankInfo, config: MxConfig) -> SourceIdentity:
             **info.byte_settings,
             **({"layout_fingerprint": info.layout_fingerprint} if info.layout_fingerprint else {}),
             **({"role": info.role} if info.role else {}),
+            "model_name_sha256": hashlib.sha256(model_name.encode()).hexdigest()[:16],
+            **({"checkpoint": checkpoint} if checkpoint else {}),
+            **({"model_overrides": hashlib.sha256(overrides.encode()).hexdigest()[:16]} if overrides else {}),
         },
     )
+
+
+def _canonical_json(text: str) -> str:
+    """`text` as compact JSON with sorted keys (so spacing and key order do not matter); "" for none."""
+    if not text or not text.strip():
+        return ""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text  # SGLang refuses it anyway; hash what was given
+    return "" if value in ({}, None) else json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 # LaunchSettings layout widths that must equal these for a rank's layout to be plannable

@@ -16,6 +16,8 @@ from typing import Mapping
 # (sglang_mx.target.reshard): the layout-free model id, its TP and PP sizes, the instance its ranks share.
 TOPOLOGY_MODEL_ID, TOPOLOGY_TP_SIZE, TOPOLOGY_PP_SIZE, TOPOLOGY_INSTANCE = (
     "mx_model_id", "mx_tp_size", "mx_pp_size", "mx_instance")
+# Every sglang-mx seed's record: its manifest id (sglang_mx.manifest), what an operator pins.
+TOPOLOGY_MANIFEST = "mx_manifest"
 
 
 class SourceStatus(enum.IntEnum):
@@ -47,6 +49,13 @@ class SourceType(enum.IntEnum):
     CUTE_DSL_CACHE = 7
     FLASHINFER_CACHE = 8
     TVM_FFI_CACHE = 9
+
+
+# TensorDescriptor.digest_origin values: the digest was computed over bytes loaded from the checkpoint,
+# is the digest the publisher's own pull checked these bytes against, or was computed over pulled
+# bytes nobody checked (proof of nothing beyond "these are the bytes I hold").
+DIGEST_FROM_CHECKPOINT, DIGEST_VERIFIED, DIGEST_UNVERIFIED = "checkpoint", "verified", "unverified"
+DIGEST_ORIGINS = (DIGEST_FROM_CHECKPOINT, DIGEST_VERIFIED, DIGEST_UNVERIFIED)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -125,6 +134,8 @@ class TensorDescriptor:
     digest: str = ""  # "<algorithm>:<hex>" of the bytes (sglang_mx.digest); "" when none was published
     shard: ShardSpec | None = None  # how it is split across ranks; None when no facts were published
     pieces: tuple[PieceDigest, ...] = ()  # digests of pieces of a dim-0 split (sglang_mx.shards)
+    # Where `digest` came from (DIGEST_ORIGINS): "checkpoint", "verified", "unverified"; "" not said.
+    digest_origin: str = ""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -26,7 +26,12 @@ from sglang_mx.errors import MxError, RequestRejectedError, ServerError
 from sglang_mx.leases import LeaseServer, ReaderLeases
 from sglang_mx.transfer.engine import MooncakeEngine
 from sglang_mx.transfer.tensors import describe
-from sglang_mx.records import PieceDigest, ShardSpec, SourceIdentity, SourceStatus, TensorDescriptor, WorkerRecord
+from sglang_mx.identity import mx_source_id
+from sglang_mx.manifest import manifest_id
+from sglang_mx.records import (
+    DIGEST_FROM_CHECKPOINT, DIGEST_UNVERIFIED, DIGEST_VERIFIED, TOPOLOGY_MANIFEST, PieceDigest, ShardSpec,
+    SourceIdentity, SourceStatus, TensorDescriptor, WorkerRecord,
+)
 from sglang_mx.shards import pieces_of
 
 log = logging.getLogger(__name__)
@@ -41,13 +46,16 @@ class SeedOptions:
     accelerator: str = ""  # "cuda", "cpu", ... (the worker record's accelerator)
     ready: bool = False  # READY at once (weights final) instead of INITIALIZING until mark_ready()
     digests: bool = True  # publish every tensor's content digest (and its dim-0 pieces' with shards)
+    # The digest algorithm (sglang_mx.digest.ALGORITHMS); "" each device's default (xxh3-64 on CPU,
+    # mxh64 on GPUs). "blake3" is cryptographic: what a pinned manifest (`expect`) needs.
+    digest: str = ""
     max_readers: int | None = DEFAULTS.max_readers  # reader-lease cap (0: no cap; None: no lease endpoint)
     lease_ttl_s: float = DEFAULTS.reader_lease_s
 
     @classmethod
     def from_config(cls, config: MxConfig, *, accelerator: str = "") -> "SeedOptions":
         return cls(heartbeat_interval_s=config.heartbeat_interval_s, accelerator=accelerator,
-                   max_readers=config.max_readers, lease_ttl_s=config.reader_lease_s)
+                   max_readers=config.max_readers, lease_ttl_s=config.reader_lease_s, digest=config.digest)
 
 
 class SeedPublisher:
@@ -97,6 +105,11 @@ class SeedPublisher:
         self._close_lock = threading.Lock()
 
     # --- lifecycle ---------------------------------------------------------
+
+    @property
+    def manifest(self) -> str:
+        """The rank's manifest id (sglang_mx.manifest) as published in its topology; "" when none."""
+        return self._topology.get(TOPOLOGY_MANIFEST, "")
 
     def start(self) -> "SeedPublisher":
         """Register the tensors' memory and publish them as INITIALIZING."""
@@ -242,7 +255,10 @@ def start_seed(
     targets of other layouts, with the digests of each dim-0 split's pieces; `topology`
     is the worker record's topology (sglang_mx.layout.seed_topology). `known_digests`: digests
     these very bytes were just checked against (a target that pulled and verified them
-    seeds in cascade), published as they are instead of hashing the bytes again.
+    seeds in cascade), published as they are instead of hashing the bytes again; given at
+    all (even empty), it says the tensors were pulled, so every other digest is published
+    as "unverified" (computed over bytes nobody checked); without it, as "checkpoint".
+    The record's topology carries the rank's manifest id (`mx_manifest`, sglang_mx.manifest).
     The publisher closes (STALE, memory unregistered) at interpreter exit and on
     SIGTERM; call `mark_ready()` once the rank serves.
     """
@@ -251,15 +267,19 @@ def start_seed(
     digests = options.digests
     if digests:
         known = {name: d for name, d in (known_digests or {}).items() if name in tensors}
-        published = {**known, **digest_many({n: t for n, t in tensors.items() if n not in known})}
+        published = {**known, **digest_many({n: t for n, t in tensors.items() if n not in known}, options.digest)}
         published = {name: published[name] for name in tensors}
-    pieces = piece_digests_of(tensors, shards) if digests and shards else {}
+    rest = DIGEST_FROM_CHECKPOINT if known_digests is None else DIGEST_UNVERIFIED
+    origins = {name: DIGEST_VERIFIED if name in known else rest for name in published}
+    pieces = piece_digests_of(tensors, shards, options.digest) if digests and shards else {}
     if published:
         log.info("seed rank %d: digests of %d tensors (%d of them verified in the pull, not hashed again) and %d "
                  "split pieces in %.3f s", worker_rank, len(published), len(known),
                  sum(len(p) for p in pieces.values()), time.perf_counter() - start)
+    descriptors = describe(tensors, published, shards, pieces, origins)
+    topology = {**(topology or {}), TOPOLOGY_MANIFEST: manifest_id(mx_source_id(identity), worker_rank, descriptors)}
     publisher = SeedPublisher(
-        client, engine, identity, worker_rank=worker_rank, tensors=describe(tensors, published, shards, pieces),
+        client, engine, identity, worker_rank=worker_rank, tensors=descriptors,
         worker_id=worker_id, heartbeat_interval_s=options.heartbeat_interval_s, accelerator=options.accelerator,
         max_readers=options.max_readers, lease_ttl_s=options.lease_ttl_s, topology=topology,
     )
@@ -270,8 +290,8 @@ def start_seed(
     return publisher
 
 
-def piece_digests_of(tensors: Mapping[str, torch.Tensor],
-                     shards: Mapping[str, ShardSpec]) -> dict[str, tuple[PieceDigest, ...]]:
+def piece_digests_of(tensors: Mapping[str, torch.Tensor], shards: Mapping[str, ShardSpec],
+                     algorithm: str = "") -> dict[str, tuple[PieceDigest, ...]]:
     """Name -> the digests of its dim-0 split pieces (sglang_mx.shards.pieces_of), hashed together."""
     views, where = {}, {}
     for name, spec in shards.items():
@@ -283,7 +303,7 @@ def piece_digests_of(tensors: Mapping[str, torch.Tensor],
             key = f"{name}@{global_start}"
             views[key] = rows.narrow(0, local_start, length)
             where[key] = (name, global_start, length)
-    digests = digest_many(views)
+    digests = digest_many(views, algorithm)
     out: dict[str, list[PieceDigest]] = {}
     for key, digest in digests.items():
         name, global_start, length = where[key]

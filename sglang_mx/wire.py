@@ -105,7 +105,7 @@ def identity_from_pb(msg: pb.SourceIdentity) -> SourceIdentity:
 
 def _tensor_to_pb(t: TensorDescriptor) -> pb.TensorDescriptor:
     msg = pb.TensorDescriptor(name=t.name, addr=t.addr, size=t.size, device_id=t.device_id, dtype=t.dtype,
-                              mx_digest=t.digest)
+                              mx_digest=t.digest, mx_digest_origin=t.digest_origin)
     if t.shard is not None:
         msg.mx_shard.CopyFrom(pb.MxShard(
             dim=t.shard.dim, shape=t.shard.shape, parts=t.shard.parts,
@@ -123,7 +123,7 @@ def _tensor_from_pb(t: pb.TensorDescriptor) -> TensorDescriptor:
         shard = ShardSpec(dim=s.dim, shape=tuple(s.shape), parts=tuple(s.parts),
                           spans=tuple(Span(x.local_start, x.global_start, x.length) for x in s.spans))
     return TensorDescriptor(name=t.name, addr=t.addr, size=t.size, dtype=t.dtype, device_id=t.device_id,
-                            digest=t.mx_digest, shard=shard,
+                            digest=t.mx_digest, digest_origin=t.mx_digest_origin, shard=shard,
                             pieces=tuple(PieceDigest(p.global_start, p.length, p.digest) for p in t.mx_pieces))
 
 

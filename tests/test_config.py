@@ -66,3 +66,19 @@ def test_any_layout_is_on_by_default_and_a_boolean():
     assert parse_config('{"any_layout": false}', env={}).any_layout is False
     with pytest.raises(ConfigError, match="key 'any_layout' must be true or false, got \"no\""):
         parse_config('{"any_layout": "no"}', env={})
+
+
+def test_require_is_the_default_and_pins_are_manifest_ids():
+    from sglang_mx.config import VerifyMode
+
+    assert parse_config({}, env={}).verify is VerifyMode.REQUIRE
+    m = "ab" * 32
+    config = parse_config({"expect": [m], "digest": "blake3"}, env={})
+    assert config.expect == (m,) and config.digest == "blake3" and not config.allow_weak_digests
+    for raw, message in [({"expect": ["abc"]}, "expect holds 'abc', which is not a manifest id"),
+                         ({"expect": m}, "key 'expect' must be a list of manifest ids"),
+                         ({"expect": [m], "verify": "if_present"}, "expect pins digests, so it needs verify 'require'"),
+                         ({"digest": "sha1"}, "digest 'sha1' is not an algorithm sglang-mx knows; allowed: xxh3-64, "
+                                              "mxh64, blake3")]:
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            parse_config(raw, env={})

@@ -230,7 +230,7 @@ def test_meta_tensor_is_refused():
 
 def test_cpu_tensors_use_xxh3():
     assert tensor_digest(torch.zeros(4)).startswith("xxh3-64:")
-    assert ALGORITHMS == ("xxh3-64", "mxh64")
+    assert ALGORITHMS == ("xxh3-64", "mxh64", "blake3")
 
 
 def test_verify_detects_a_change_with_either_algorithm():
@@ -251,7 +251,7 @@ def test_verify_names_an_unknown_algorithm_and_the_allowed_ones():
     with pytest.raises(UnknownAlgorithmError) as info:
         verify(torch.zeros(4), "sha256:" + "0" * 64)
     assert str(info.value) == (
-        "unknown digest algorithm 'sha256' in 'sha256:" + "0" * 64 + "'; allowed: xxh3-64, mxh64"
+        "unknown digest algorithm 'sha256' in 'sha256:" + "0" * 64 + "'; allowed: xxh3-64, mxh64, blake3"
     )
     assert info.value.algorithm == "sha256" and info.value.allowed == ALGORITHMS
     assert isinstance(info.value, MxError)
@@ -314,3 +314,24 @@ def test_cuda_digest_many_sees_prior_work_on_another_stream():
     out = digest_many({"t": t, "cpu": torch.ones(3)})
     assert out["t"] == expected
     assert out["cpu"].startswith("xxh3-64:")
+
+
+# --- blake3: the cryptographic digest a pinned manifest needs ---
+
+def test_blake3_is_the_256_bit_blake3_of_the_bytes_and_catches_a_changed_byte():
+    import blake3
+
+    t = torch.arange(1000, dtype=torch.float32)
+    d = tensor_digest(t, "blake3")
+    assert d == "blake3:" + blake3.blake3(t.numpy().tobytes()).hexdigest() and len(d) == len("blake3:") + 64
+    assert verify(t, d)
+    u = t.clone()
+    u.view(torch.uint8)[1234] ^= 1
+    assert not verify(u, d)
+    assert digest_many({"a": t, "b": u}, "blake3")["a"] == d
+
+
+@pytest.mark.parametrize("bad", ["blake3:" + "0" * 16, "xxh3-64:" + "0" * 64])
+def test_a_digest_of_the_wrong_length_for_its_algorithm_is_malformed(bad):
+    with pytest.raises(DigestError, match="hex digits"):
+        verify(torch.zeros(2), bad)

@@ -45,16 +45,17 @@ def _row(**overrides) -> FleetRow:
 
 
 def test_render_table_aligns_columns():
-    rows = [_row(tp_size=2, pp_size=1, ep_size=1, any_layout=True),
+    rows = [_row(tp_size=2, pp_size=1, ep_size=1, any_layout=True, manifest="0123456789abcdef" * 4),
             _row(worker_id="pod-b-rank1", worker_rank=1, status=SourceStatus.STALE, updated_at_ms=NOW - 150_000,
                  tensors=7, total_bytes=4096, tp_size=2, pp_size=2, ep_size=1),
             _row(worker_id="new", worker_rank=12, status=SourceStatus.INITIALIZING, updated_at_ms=0, tensors=0,
                  total_bytes=0)]
     assert render_table(rows, NOW) == (
-        "MODEL          MX_SOURCE_ID      WORKER_ID    RANK  LAYOUT   STATUS        AGE  TENSORS    BYTES\n"
-        "Qwen/Qwen3-8B  8b7aa4b533b72278  pod-a-rank0     0  TP2/any  READY          3s      291  8.19 GB\n"
-        "Qwen/Qwen3-8B  8b7aa4b533b72278  pod-b-rank1     1  TP2,PP2  STALE          2m        7  4.10 KB\n"
-        "Qwen/Qwen3-8B  8b7aa4b533b72278  new            12  TP?      INITIALIZING    -        0      0 B\n"
+        "MODEL          MX_SOURCE_ID      WORKER_ID    RANK  LAYOUT   STATUS        AGE  TENSORS    BYTES  MANIFEST\n"
+        "Qwen/Qwen3-8B  8b7aa4b533b72278  pod-a-rank0     0  TP2/any  READY          3s      291  8.19 GB  "
+        "0123456789abcdef\n"
+        "Qwen/Qwen3-8B  8b7aa4b533b72278  pod-b-rank1     1  TP2,PP2  STALE          2m        7  4.10 KB  -\n"
+        "Qwen/Qwen3-8B  8b7aa4b533b72278  new            12  TP?      INITIALIZING    -        0      0 B  -\n"
     )
     assert render_table([], NOW) == "no workers\n"
 
@@ -64,7 +65,7 @@ def test_render_json():
     assert data[0] == {"model_name": "Qwen/Qwen3-8B", "mx_source_id": "8b7aa4b533b72278",
                        "worker_id": "pod-a-rank0", "worker_rank": 0, "tp_size": 0, "pp_size": 0, "ep_size": 0,
                        "any_layout": False, "status": "READY", "updated_at_ms": NOW - 3000,
-                       "age_s": 3.0, "tensors": 291, "total_bytes": 8_190_000_000}
+                       "age_s": 3.0, "tensors": 291, "total_bytes": 8_190_000_000, "manifest": None}
     assert data[1]["age_s"] is None
     assert render_json([], NOW) == "[]\n"
 
@@ -92,6 +93,11 @@ def test_collect_reads_status_and_sizes_per_worker(fleet_server):
             ("org/other", "o-rank0", 0, SourceStatus.STALE, 1, 4096),
         ]
         assert all(r.updated_at_ms > 0 for r in rows)
+        # The manifest a pinned target would compute from the record, for its id and rank.
+        from sglang_mx.manifest import manifest_id
+        stored = client.get_metadata(rows[0].mx_source_id, "q-rank0")
+        assert rows[0].manifest == manifest_id(rows[0].mx_source_id, 0, stored.worker.tensors)
+        assert len({r.manifest for r in rows}) == 3
         assert [r.worker_id for r in fleet.collect(client, model_name="org/other")] == ["o-rank0"]
 
 
@@ -113,10 +119,10 @@ def test_cli_table_and_json(fleet_server):
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].split() == ["MODEL", "MX_SOURCE_ID", "WORKER_ID", "RANK", "LAYOUT", "STATUS", "AGE", "TENSORS",
-                                "BYTES"]
+                                "BYTES", "MANIFEST"]
     assert [line.split()[2:4] + line.split()[5:6] for line in lines[1:]] == [
         ["q-rank0", "0", "READY"], ["q-rank1", "1", "INITIALIZING"], ["o-rank0", "0", "STALE"]]
-    assert lines[1].split()[-3:] == ["3", "12.29", "KB"]
+    assert lines[1].split()[-4:-1] == ["3", "12.29", "KB"] and len(lines[1].split()[-1]) == 16
     assert lines[1].split()[6].endswith("s")
 
     done = _sources("--url", f"grpc://{fleet_server.address}", "--model", "Qwen/Qwen3-8B", "--json")
@@ -125,6 +131,8 @@ def test_cli_table_and_json(fleet_server):
     assert [(d["worker_id"], d["status"], d["tensors"], d["total_bytes"]) for d in data] == [
         ("q-rank0", "READY", 3, 12288), ("q-rank1", "INITIALIZING", 5, 20480)]
     assert all(0 <= d["age_s"] < 60 for d in data)
+    assert all(len(d["manifest"]) == 64 and d["manifest"].startswith(line.split()[-1])
+               for d, line in zip(data, lines[1:3]))
 
 
 @pytest.mark.slow  # `sglang-mx sources` processes

@@ -1,6 +1,7 @@
 """SGLang rank facts -> SourceIdentity (identity_for): anything that changes bytes must change the id."""
 
 import dataclasses
+import hashlib
 
 import pytest
 
@@ -20,7 +21,8 @@ def test_identity_fields():
     assert identity.model_name == "/models/llama"
     assert (identity.tensor_parallel_size, identity.pipeline_parallel_size, identity.expert_parallel_size) == (2, 2, 1)
     assert identity.dtype == "bfloat16" and identity.backend_framework_version == "0.5.23"
-    assert identity.extra_parameters == {"device": "cuda", "attn_tp_size": "2", "moe_ep_size": "1"}
+    assert identity.extra_parameters == {"device": "cuda", "attn_tp_size": "2", "moe_ep_size": "1",
+                                         "model_name_sha256": hashlib.sha256(b"/models/llama").hexdigest()[:16]}
     assert INFO.worker_rank == 3  # pp_rank * tp_size + tp_rank
 
 
@@ -37,7 +39,8 @@ def test_ranks_of_one_instance_share_the_id():
 @pytest.mark.parametrize("change", [
     {"tp_size": 4}, {"pp_size": 1}, {"ep_size": 2}, {"dtype": "float16"}, {"quantization": "fp8"},
     {"revision": "v2"}, {"device": "cpu"}, {"framework_version": "0.5.24"}, {"layout": {"attn_tp_size": "1"}},
-    {"model_path": "/models/other"},
+    {"model_path": "/models/other"}, {"model_path": "/models/LLAMA"}, {"checkpoint": "files:ab"},
+    {"model_overrides": '{"rope_theta": 1e6}'},
 ])
 def test_anything_that_changes_layout_changes_the_id(change):
     base = mx_source_id(identity_for(INFO, MxConfig()))
@@ -107,3 +110,22 @@ def test_model_id_changes_with_what_decides_bytes(change):
 def test_layout_refusal_names_what_cannot_be_resharded(change, reason):
     found = layout_refusal(dataclasses.replace(PLAIN, **change))
     assert (reason in found) if reason else found == ""
+
+
+def test_names_that_differ_only_in_case_do_not_pair():
+    """The wire's rule lowercases model names; the exact name's hash keeps them apart."""
+    upper = identity_for(dataclasses.replace(INFO, model_path="/models/Llama"), MxConfig())
+    assert mx_source_id(upper) != mx_source_id(identity_for(INFO, MxConfig()))
+
+
+def test_the_checkpoint_key_names_the_content_for_both_sides():
+    computed = identity_for(dataclasses.replace(INFO, checkpoint="files:aa"), MxConfig())
+    named = identity_for(dataclasses.replace(INFO, checkpoint="files:aa"), MxConfig(checkpoint="hub:c0ffee"))
+    assert computed.extra_parameters["checkpoint"] == "files:aa" and named.extra_parameters["checkpoint"] == "hub:c0ffee"
+
+
+def test_model_overrides_are_compared_as_json():
+    a = identity_for(dataclasses.replace(INFO, model_overrides='{"b": 1, "a": 2}'), MxConfig())
+    b = identity_for(dataclasses.replace(INFO, model_overrides='{ "a": 2, "b": 1 }'), MxConfig())
+    none = identity_for(dataclasses.replace(INFO, model_overrides="{}"), MxConfig())
+    assert mx_source_id(a) == mx_source_id(b) and mx_source_id(none) == mx_source_id(identity_for(INFO, MxConfig()))

@@ -137,6 +137,7 @@ def test_same_package(ours, theirs):
 EXTENSIONS = {(f".{PACKAGE}.TensorDescriptor", "mx_digest"): 1000,
               (f".{PACKAGE}.TensorDescriptor", "mx_shard"): 1001,
               (f".{PACKAGE}.TensorDescriptor", "mx_pieces"): 1002,
+              (f".{PACKAGE}.TensorDescriptor", "mx_digest_origin"): 1003,
               (f".{PACKAGE}.PrepareTensorReadRequest", "mx_renew_lease_id"): 1000,
               (f".{PACKAGE}.PrepareTensorReadResponse", "mx_lease_ttl_ms"): 1000}
 # Messages only our extensions use (a ModelExpress client keeps them inside the unknown fields).

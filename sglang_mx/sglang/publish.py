@@ -8,7 +8,7 @@ import logging
 from sglang_mx.layout import RankInfo, identity_for
 from sglang_mx.roles import Role
 from sglang_mx.sglang.process import ProcessState, require_engine
-from sglang_mx.sglang.rank import layout_facts
+from sglang_mx.sglang.rank import layout_facts, with_checkpoint
 
 log = logging.getLogger("sglang_mx")
 
@@ -51,7 +51,8 @@ def publish(model, transfer_engine, session_id: str, info: RankInfo, role: Role,
 
     require_engine(transfer_engine)
     config = role.config
-    info = dataclasses.replace(info, layout_fingerprint=layout_fingerprint(model))
+    info = dataclasses.replace(info if config.checkpoint else with_checkpoint(info),
+                               layout_fingerprint=layout_fingerprint(model))
     tensors = collect_tensors(model)
     shards, why = layout_facts(model, tensors, info)
     topology = None

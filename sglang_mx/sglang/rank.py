@@ -3,6 +3,7 @@ and the split facts of its tensors (whether targets of other layouts can be plan
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Callable
 
@@ -73,7 +74,23 @@ def rank_info(model_config, device, *, tp_size: int, tp_rank: int, pp_size: int,
         cuda_version=cuda_version,
         gpu_arch=gpu_arch,
         role="draft" if getattr(model_config, "is_draft_model", False) else "",
+        checksum_manifest=str(getattr(server_args, "model_checksum", None) or ""),
+        model_overrides=str(getattr(server_args, "json_model_override_args", None) or ""),
     )
+
+
+_contents: dict[tuple[str, str, str], str] = {}  # (path, revision, checksum manifest) -> content id, per process
+
+
+def with_checkpoint(info: RankInfo) -> RankInfo:
+    """`info` with what its checkpoint is by content (sglang_mx.checkpoint), computed once per process."""
+    from sglang_mx.checkpoint import content_id
+
+    key = (info.model_path, info.revision, info.checksum_manifest)
+    if key not in _contents:
+        _contents[key] = content_id(info.model_path, revision=info.revision,
+                                    checksum_manifest=info.checksum_manifest or None)
+    return dataclasses.replace(info, checkpoint=_contents[key])
 
 
 def layout_facts(model, tensors, info: RankInfo) -> tuple[dict | None, str]:

@@ -3,6 +3,7 @@ every tensor from a seed, prove every byte accounted for, or fall back to disk."
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -13,7 +14,7 @@ from sglang_mx.errors import MxError
 from sglang_mx.layout import RankInfo
 from sglang_mx.roles import Role, falls_back_to_disk
 from sglang_mx.sglang.process import require_engine
-from sglang_mx.sglang.rank import layout_facts
+from sglang_mx.sglang.rank import layout_facts, with_checkpoint
 
 log = logging.getLogger("sglang_mx")
 
@@ -63,7 +64,7 @@ def load_from_peer(load_config, model_config, device_config, *, role: Role, info
                           "(fallback: disk)")
         start = time.perf_counter()
         tensors = collect_tensors(model)  # a tensor it cannot place: UnplacedTensorError, before any byte moves
-        info_now = dataclasses.replace(info, layout_fingerprint=layout_fingerprint(model))
+        info_now = dataclasses.replace(content.result(), layout_fingerprint=layout_fingerprint(model))
         shards = None
         if role.config.any_layout:
             shards, why = layout_facts(model, tensors, info_now)
@@ -90,6 +91,10 @@ def load_from_peer(load_config, model_config, device_config, *, role: Role, info
         return DefaultModelLoader(disk).load_model(model_config=model_config, device_config=device_config)
 
     early = _EarlyClient(role.config)  # connects while the model builds
+    # What the checkpoint is by content, hashed (or read from its cache) while the model builds.
+    hashing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="modelexpress-content")
+    content = hashing.submit(lambda: info if role.config.checkpoint else with_checkpoint(info))
+    hashing.shutdown(wait=False)
     try:
         return load_with_fallback(build, pull, from_disk, fall_back=falls_back_to_disk(role.config),
                                   what=model_config.model_path)

@@ -22,6 +22,7 @@ from sglang_mx.errors import CandidateFailure, NoSourceError, TransferError, Ver
 from sglang_mx.identity import describe_identity, mx_source_id
 from sglang_mx.layout import RankInfo, identity_for, model_source_id
 from sglang_mx.records import TOPOLOGY_INSTANCE, ShardSpec, SourceIdentity, SourceStatus, TensorDescriptor
+from sglang_mx.target.candidate import Pins
 from sglang_mx.target.choice import order_candidates
 from sglang_mx.target.report import PullReport
 from sglang_mx.target.reshard import InstanceBusy, MixedLayout, instances, pull_instance
@@ -48,6 +49,8 @@ class PullOptions:
     poll_interval_s: float = 1.0
     max_candidates: int = DEFAULTS.max_candidates  # seeds tried before giving up
     verify: VerifyMode = DEFAULTS.verify
+    expect: tuple[str, ...] = DEFAULTS.expect  # pinned manifest ids (empty: any seed that verifies)
+    allow_weak_digests: bool = DEFAULTS.allow_weak_digests
     max_seeds: int = DEFAULTS.max_seeds  # seeds read from at once, each a stripe of the bytes
     # Equally loaded seeds in random order (spread targets over them), or in the server's (newest first).
     spread: bool = True
@@ -57,7 +60,11 @@ class PullOptions:
     @classmethod
     def from_config(cls, config: MxConfig) -> "PullOptions":
         return cls(wait_timeout_s=config.wait_timeout_s, max_candidates=config.max_candidates, verify=config.verify,
-                   max_seeds=config.max_seeds)
+                   max_seeds=config.max_seeds, expect=config.expect, allow_weak_digests=config.allow_weak_digests)
+
+    @property
+    def pins(self) -> Pins:
+        return Pins(frozenset(self.expect), self.allow_weak_digests)
 
 
 def pull_weights(
@@ -102,7 +109,7 @@ def pull_weights(
     source_id = mx_source_id(identity)
     deadline = clock() + options.wait_timeout_s
     verify = VerifyMode(options.verify) if verifier else VerifyMode.OFF
-    pull = StripedPull(tensors, verify=verify, verifier=verifier, clock=clock, prepare=prepare)
+    pull = StripedPull(tensors, verify=verify, verifier=verifier, clock=clock, prepare=prepare, pins=options.pins)
     start = clock()
     regions = engine.register((t.addr, t.size) for t in tensors)
     registered = clock()
@@ -167,7 +174,7 @@ def _pull_mixed(client: MetadataClient, engine: MooncakeEngine, mixed: MixedLayo
             break
         try:
             report = pull_instance(client, engine, group, mixed, verify=verify, prepare=prepare,
-                                   lease_timeout_s=options.lease_timeout_s, clock=clock)
+                                   lease_timeout_s=options.lease_timeout_s, clock=clock, pins=options.pins)
             return dataclasses.replace(report, failures=tuple(pull.failures)), busy
         except InstanceBusy as e:
             log.info("%s", e)

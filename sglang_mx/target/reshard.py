@@ -31,7 +31,7 @@ from sglang_mx.errors import TransferError, VerificationError
 from sglang_mx.leases import ReadLease
 from sglang_mx.records import TOPOLOGY_INSTANCE, TOPOLOGY_MODEL_ID, TOPOLOGY_PP_SIZE, TOPOLOGY_TP_SIZE, SourceRef, \
     SourceStatus, TensorDescriptor
-from sglang_mx.target.candidate import SeedBusyError, fetch, take_lease
+from sglang_mx.target.candidate import Pins, SeedBusyError, fetch, take_lease
 from sglang_mx.target.choice import least_loaded
 from sglang_mx.target.report import PullReport, build_report
 from sglang_mx.target.reshard_plan import RangeCheck, ReshardPlan, Staged, plan_reshard
@@ -97,6 +97,7 @@ def pull_instance(
     prepare: Callable[[Read], None] | None = None,
     lease_timeout_s: float = 2.0,
     clock: Callable[[], float] = time.monotonic,
+    pins: Pins = Pins(),
 ) -> PullReport:
     """Fill our tensors from every rank of one seed instance of another layout.
 
@@ -110,7 +111,7 @@ def pull_instance(
     start = clock()
     held: list[ReadLease] = []
     try:
-        records = {ref.worker_rank: fetch(client, ref, within=label) for ref in group}
+        records = {ref.worker_rank: fetch(client, ref, within=label, pins=pins) for ref in group}
         sessions = {rank: record.session for rank, record in records.items()}
         plan = plan_reshard(mixed.descriptors, {rank: record.tensors for rank, record in records.items()},
                             near=near, verify=verify, seed=label)

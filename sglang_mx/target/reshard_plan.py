@@ -134,29 +134,35 @@ def plan_reshard(
             d = remote[r]
             direct.setdefault(r, []).append(Read(t.addr, d.addr, t.size))
             read += t.size
-            _check_or_note(checks, unverified, r, t.name, t.size, d.digest, verify, seed)
+            _check_or_note(checks, unverified, r, t.name, t.size, d.digest, verify, seed, d.digest_origin)
             continue
         segments = _cover(t.name, spec, {r: remote[r].shard for r in order}, seed)
         outer, rows, inner = _view(spec, t.size)
+        by_seed: dict[int, list[Copy]] = {}  # seed rank -> rows read whole into staging, then copied
         if spec.dim == 0:
             for r, src_start, dst_start, length, g in segments:
                 d = remote[r]
+                pieces = _pieces_covering(d, g, length) if verify.checks else []
+                if pieces is None and (d.digest or expect(verify, "") is None):
+                    # Not a run of published pieces: read the seed rank's whole tensor and check it whole
+                    # (under require with no whole digest either, `_whole` below refuses the plan).
+                    by_seed.setdefault(r, []).append(Copy(src_start, dst_start, length))
+                    continue
                 direct.setdefault(r, []).append(Read(t.addr + dst_start * inner, d.addr + src_start * inner,
                                                      length * inner))
                 read += length * inner
-                for piece_start, piece_len, digest in _pieces_covering(t.name, d, g, length, verify, seed, r):
-                    if digest:
-                        checks.append(RangeCheck(r, t.name, (dst_start + piece_start - g) * inner,
-                                                 piece_len * inner, digest))
-                    elif verify.checks:
-                        unverified.append(t.name)
+                if pieces is None:  # if_present and nothing published for these rows
+                    unverified.append(t.name)
+                for piece_start, piece_len, digest in pieces or ():
+                    checks.append(RangeCheck(r, t.name, (dst_start + piece_start - g) * inner, piece_len * inner,
+                                             _whole(verify, digest, t.name, seed, r, d.digest_origin)))
         else:
-            by_seed: dict[int, list[Copy]] = {}
             for r, src_start, dst_start, length, _ in segments:
                 by_seed.setdefault(r, []).append(Copy(src_start, dst_start, length))
+        if by_seed:
             for r, copies in by_seed.items():
                 d = remote[r]
-                digest = _whole(verify, d.digest, t.name, seed, r)
+                digest = _whole(verify, d.digest, t.name, seed, r, d.digest_origin)
                 if not digest and verify.checks:
                     unverified.append(t.name)
                 staged.append(Staged(r, t.name, d.addr, d.size, digest, _view(d.shard, d.size), (outer, rows, inner),
@@ -225,40 +231,33 @@ def _cover(name: str, ours: ShardSpec, seeds: Mapping[int, ShardSpec], seed: str
     return out
 
 
-def _pieces_covering(name: str, d: TensorDescriptor, start: int, length: int, verify: VerifyMode, seed: str,
-                     rank: int) -> list[tuple[int, int, str]]:
-    """(global start, rows, digest) of the seed's published pieces that make up rows [start, +length);
-    one unchecked range (digest "") when none do and `verify` allows reading it; [] when verify is off."""
-    if not verify.checks:
-        return []
+def _pieces_covering(d: TensorDescriptor, start: int, length: int) -> list[tuple[int, int, str]] | None:
+    """(global start, rows, digest) of the seed's published pieces that make up rows [start, +length),
+    or None when they are not a run of its pieces."""
     published = {p.global_start: p for p in d.pieces}
     out, pos = [], start
     while pos < start + length:
         p = published.get(pos)
         if p is None or p.length <= 0 or pos + p.length > start + length:
-            if expect(verify, "") is None:
-                reason = ("publishes no piece digests" if not d.pieces
-                          else f"publishes no piece digests that make up rows [{start}, {start + length})")
-                raise ReshardRefused(f"seed rank {rank} {reason} and verify is 'require'", tensor=name, seed=seed)
-            return [(start, length, "")]
+            return None
         out.append((p.global_start, p.length, p.digest))
         pos += p.length
     return out
 
 
-def _whole(verify: VerifyMode, digest: str, name: str, seed: str, rank: int) -> str:
-    """The digest a seed rank's whole tensor, read whole, is checked against ("" unchecked)."""
-    expected = expect(verify, digest)
+def _whole(verify: VerifyMode, digest: str, name: str, seed: str, rank: int, origin: str = "") -> str:
+    """The digest bytes read from seed rank `rank` are checked against ("" unchecked), per the rule."""
+    expected = expect(verify, digest, origin)
     if expected is None:
-        raise ReshardRefused(f"seed rank {rank} publishes no digest for it and verify is 'require'", tensor=name,
-                             seed=seed)
+        raise ReshardRefused(f"seed rank {rank} publishes no digest for it (or one computed over bytes it never "
+                             "checked) and verify is 'require'", tensor=name, seed=seed)
     return expected
 
 
 def _check_or_note(checks: list[RangeCheck], unverified: list[str], rank: int, name: str, size: int,
-                   digest: str, verify: VerifyMode, seed: str) -> None:
+                   digest: str, verify: VerifyMode, seed: str, origin: str = "") -> None:
     """A whole tensor read from seed rank `rank`: check it against its digest, or note it unchecked."""
-    expected = _whole(verify, digest, name, seed, rank)
+    expected = _whole(verify, digest, name, seed, rank, origin)
     if expected:
         checks.append(RangeCheck(rank, name, 0, size, expected))
     elif verify.checks:

@@ -22,7 +22,7 @@ from sglang_mx.client import MetadataClient
 from sglang_mx.errors import CandidateFailure, LayoutMismatchError, NoSourceError, TransferError, VerificationError
 from sglang_mx.leases import ReadLease
 from sglang_mx.records import SourceRef, TensorDescriptor
-from sglang_mx.target.candidate import SeedBusyError, fetch, label, take_lease
+from sglang_mx.target.candidate import Pins, SeedBusyError, fetch, label, take_lease
 from sglang_mx.target.report import PullReport, build_report
 from sglang_mx.target.stripes import Destination, Slice, cut, destinations, reads_for, stripe_count
 from sglang_mx.target.verify import Verifier, VerifyMode, expected_digests
@@ -48,7 +48,9 @@ class StripedPull:
     """One striped pull: the destinations still missing, the seeds in use, the seeds that failed."""
 
     def __init__(self, tensors: Sequence[TensorDescriptor], *, verify: VerifyMode, verifier: Verifier | None,
-                 clock: Callable[[], float], prepare: Callable[[Read], None] | None = None) -> None:
+                 clock: Callable[[], float], prepare: Callable[[Read], None] | None = None,
+                 pins: Pins = Pins()) -> None:
+        self.pins = pins
         self.tensors = tensors
         self.prepare = prepare
         self.verify = verify
@@ -75,7 +77,7 @@ class StripedPull:
         """Take `ref` as a source; True when it was busy (at max_readers) and is left for later."""
         start = self.clock()
         try:
-            record = fetch(client, ref)
+            record = fetch(client, ref, pins=self.pins)
             build_plan(self.tensors, record.tensors, seed=record.label)  # the layouts must agree exactly
             expected = expected_digests(self.tensors, record.tensors, self.verify, record.label)
             lease = take_lease(record, lease_timeout_s)
@@ -135,10 +137,22 @@ class StripedPull:
                 servers.setdefault(p.dest, []).append(src)
         complete = [d for d in self.pending if d in checked or (
             d in servers and not any(s.ref.worker_id in failed for s in servers[d]))]
-        expected = {name: servers[d][0].expected[name] for d in complete if d not in checked for name in d.names
-                    if name in servers[d][0].expected}
+        # A tensor striped over several seeds is checked against a digest every one of them published;
+        # seeds that disagree on it are all refused (no one can tell which is right).
+        expected: dict[str, str] = {}
+        disputed: set[str] = set()
+        for d in complete:
+            if d in checked:
+                continue
+            for name in d.names:
+                published = {s.expected.get(name, "") for s in servers[d]}
+                if len(published) > 1:
+                    disputed.add(name)
+                elif published != {""}:
+                    expected[name] = published.pop()
         verify_start = self.clock()
         differing = set(self.verifier(expected)) if expected and self.verifier else set()
+        differing |= disputed
         self.verify_seconds += self.clock() - verify_start
         for dest_differing in checked.values():
             differing |= dest_differing
@@ -157,8 +171,10 @@ class StripedPull:
             if error is not None:
                 self._fail(src.ref, error)
             elif src.ref.worker_id in wrong:
-                self._fail(src.ref, VerificationError("bytes pulled do not match the seed's published digests",
-                                                      seed=src.label, tensors=sorted(wrong[src.ref.worker_id])))
+                names = wrong[src.ref.worker_id]
+                why = ("another seed striped with it publishes other digests for the same tensors"
+                       if names <= disputed else "bytes pulled do not match the seed's published digests")
+                self._fail(src.ref, VerificationError(why, seed=src.label, tensors=sorted(names)))
             ok = sum(p.length for p in slices if p.dest in good)
             if ok:
                 self.served[src.ref.worker_id] = self.served.get(src.ref.worker_id, 0) + ok

@@ -4,8 +4,10 @@ Both pull paths (a same-layout striped pull, a mixed-layout reshard) ask `expect
 for every range of bytes they read, with the digest the seed published for exactly
 those bytes ("" when it published none):
 
-- `VerifyMode.REQUIRE`: the published digest; with none, the bytes may not be read
-  (None: the caller refuses that seed or plan before any byte moves).
+- `VerifyMode.REQUIRE` (the default): the published digest; with none, or with one
+  the seed computed over bytes it pulled and never checked (origin "unverified":
+  proof of nothing but what it holds), the bytes may not be read (None: the caller
+  refuses that seed or plan before any byte moves).
 - `VerifyMode.IF_PRESENT`: the published digest, or "" (read unchecked, and said so).
 - `VerifyMode.OFF`: "" (nothing is checked).
 
@@ -24,7 +26,7 @@ import torch
 from sglang_mx.config import VerifyMode
 from sglang_mx.digest import DigestError, check_digest, mismatches
 from sglang_mx.errors import VerificationError
-from sglang_mx.records import TensorDescriptor
+from sglang_mx.records import DIGEST_UNVERIFIED, TensorDescriptor
 
 __all__ = ["Verifier", "VerifyMode", "check_published", "digest_verifier", "expect", "expected_digests"]
 
@@ -34,14 +36,15 @@ log = logging.getLogger(__name__)
 Verifier = Callable[[Mapping[str, str]], Sequence[str]]
 
 
-def expect(mode: VerifyMode, published: str) -> str | None:
+def expect(mode: VerifyMode, published: str, origin: str = "") -> str | None:
     """The digest bytes read under `mode` must have: `published`; "" when they are read unchecked
-    (off, or if_present with nothing published); None when they may not be read (require, none)."""
+    (off, or if_present with nothing published); None when they may not be read (require, with
+    nothing published or a digest of origin "unverified")."""
     if not mode.checks:
         return ""
-    if published:
-        return published
-    return None if mode is VerifyMode.REQUIRE else ""
+    if mode is VerifyMode.REQUIRE and (not published or origin == DIGEST_UNVERIFIED):
+        return None
+    return published
 
 
 def expected_digests(local: Sequence[TensorDescriptor], remote: Sequence[TensorDescriptor], mode: VerifyMode,
@@ -52,26 +55,32 @@ def expected_digests(local: Sequence[TensorDescriptor], remote: Sequence[TensorD
     tensor with bytes is refused (VerificationError naming them) without being read.
     """
     mode = VerifyMode(mode)
-    published = {t.name: t.digest for t in remote}
+    published = {t.name: t for t in remote}
     out: dict[str, str] = {}
     refused: list[str] = []
-    unchecked = 0
+    unchecked = second_hand = 0
     for t in local:
         if t.size == 0:
             continue
-        digest = expect(mode, published.get(t.name, ""))
-        if digest is None:
+        theirs = published.get(t.name)
+        digest, origin = (theirs.digest, theirs.digest_origin) if theirs is not None else ("", "")
+        expected = expect(mode, digest, origin)
+        if expected is None:
             refused.append(t.name)
-        elif digest:
-            out[t.name] = digest
+        elif expected:
+            out[t.name] = expected
+            second_hand += origin == DIGEST_UNVERIFIED
         else:
             unchecked += mode.checks
     if refused:
-        raise VerificationError("seed publishes no digest for some tensors and verify is 'require'", seed=seed,
-                                tensors=refused)
+        raise VerificationError("seed publishes no digest, or only one computed over bytes it never checked, for "
+                                "some tensors, and verify is 'require'", seed=seed, tensors=refused)
     if unchecked:
         log.warning("seed %s publishes no digest for %d of %d tensors: those are not verified (verify=if_present)",
                     seed, unchecked, sum(1 for t in local if t.size))
+    if second_hand:
+        log.warning("seed %s computed the digests of %d tensors over bytes it pulled and never checked: they prove "
+                    "only that we hold what it holds (verify=if_present)", seed, second_hand)
     return out
 
 

@@ -15,14 +15,15 @@ def describe(
     digests: Mapping[str, str] | None = None,
     shards: Mapping[str, ShardSpec] | None = None,
     pieces: Mapping[str, tuple[PieceDigest, ...]] | None = None,
+    origins: Mapping[str, str] | None = None,
 ) -> list[TensorDescriptor]:
-    """One descriptor per named tensor, in the given order, with its digest, split facts and
-    piece digests where given.
+    """One descriptor per named tensor, in the given order, with its digest (and where that came
+    from: `origins`), split facts and piece digests where given.
 
     Tensors must be contiguous: a strided view's bytes are not one range.
     Aliases (tied weights) keep their own names and share an address.
     """
-    digests, shards, pieces = digests or {}, shards or {}, pieces or {}
+    digests, shards, pieces, origins = digests or {}, shards or {}, pieces or {}, origins or {}
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     out = []
     for name, t in items:
@@ -40,6 +41,7 @@ def describe(
                 dtype=str(t.dtype).removeprefix("torch."),
                 device_id=t.device.index or 0,
                 digest=digests.get(name, ""),
+                digest_origin=origins.get(name, "") if digests.get(name) else "",
                 shard=shards.get(name),
                 pieces=pieces.get(name, ()),
             )

@@ -32,6 +32,9 @@ def main() -> None:
     p.add_argument("--heartbeat", type=float, default=30.0)
     p.add_argument("--no-digests", action="store_true", help="publish without content digests")
     p.add_argument("--mutate", default="", help="after publishing, change one byte of this tensor in place")
+    p.add_argument("--corrupt", default="", help="before publishing, change one byte of this tensor: a rogue seed "
+                                                 "whose digests are computed over its corrupted bytes")
+    p.add_argument("--digest", default="", help="the digest algorithm (SeedOptions.digest)")
     p.add_argument("--layer-scale", type=int, default=0,
                    help="publish tests/procs/layouts.py's Llama layer at this scale, cut for --tp/--rank, with its "
                         "split facts (0: the weights of tests/procs/weights.py)")
@@ -49,18 +52,20 @@ def main() -> None:
         topology = seed_topology(model_id=args.model_id, tp_size=args.tp, pp_size=1, instance=args.instance)
     else:
         tensors = weights.build(args.size_mb, args.variant)
+    if args.corrupt:
+        tensors[args.corrupt].view(-1).view(torch.uint8)[0] ^= 0xFF
     identity = SourceIdentity(model_name=args.model, tensor_parallel_size=args.tp, dtype="mixed")
     engine = MooncakeEngine.create("127.0.0.1", protocol="tcp")
     client = MetadataClient(args.url, timeout_s=5, retries=1)
     publisher = start_seed(tensors, engine, identity, client, worker_rank=args.rank,
                            worker_id=f"{args.instance}-rank{args.rank}" if args.instance else None,
                            options=SeedOptions(heartbeat_interval_s=args.heartbeat, ready=True,
-                                               digests=not args.no_digests),
+                                               digests=not args.no_digests, digest=args.digest),
                            shards=shards, topology=topology)
     if args.mutate:  # the weights change under a READY record (what an unguarded in-place update does)
         tensors[args.mutate].view(-1).view(torch.uint8)[0] ^= 0xFF
     print(json.dumps({"worker_id": publisher.worker_id, "session": engine.session_id,
-                      "mx_source_id": publisher.mx_source_id}), flush=True)
+                      "mx_source_id": publisher.mx_source_id, "manifest": publisher.manifest}), flush=True)
     sys.stdin.read()
     publisher.close()
 

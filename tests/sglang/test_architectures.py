@@ -102,8 +102,9 @@ def test_in_process_every_tensor_equals_the_seed(arch, in_process):
 
 
 def mx(address: str, arch: str, **extra) -> dict:
+    # The target starts on other files (checkpoint B): both sides name the content alike (`checkpoint`).
     return {"url": address, "heartbeat_interval_s": 1, "model_name": f"conformance/{arch}", "verify": "require",
-            "wait_timeout_s": 120, **extra}
+            "checkpoint": f"conformance/{arch}", "wait_timeout_s": 120, **extra}
 
 
 def run_pair(arch: str, tp: int, checkpoints, address: str, out) -> dict:

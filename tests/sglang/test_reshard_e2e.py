@@ -15,7 +15,9 @@ NAME = "reshard/tiny-llama"
 
 
 def mx(server, **extra):
-    return {"url": server.address, "heartbeat_interval_s": 1, "model_name": NAME, "verify": "require", **extra}
+    # The target starts on other files (checkpoint B): both sides name the content alike (`checkpoint`).
+    return {"url": server.address, "heartbeat_interval_s": 1, "model_name": NAME, "verify": "require",
+            "checkpoint": NAME, **extra}
 
 
 def reshard_lines(log: str) -> list[str]:

@@ -10,6 +10,7 @@ import pytest
 
 from sglang_mx import leases
 from sglang_mx.errors import NoSourceError, TransferError
+from sglang_mx.identity import mx_source_id
 from sglang_mx.records import SourceIdentity, SourceRef, SourceStatus, StoredWorker, TensorDescriptor, WorkerRecord
 from sglang_mx.target import PullOptions, pull_weights
 from tests.fakes import FakeClock
@@ -37,7 +38,7 @@ class FakeClient:
         self.digests = digests or {}  # worker -> the digest it publishes for every tensor instead
 
     def list_sources(self, identity, *, status, worker_rank):
-        return [SourceRef(mx_source_id="id", worker_id=w, model_name="test/model", worker_rank=0,
+        return [SourceRef(mx_source_id=mx_source_id(IDENTITY), worker_id=w, model_name="test/model", worker_rank=0,
                           status=SourceStatus.READY, updated_at_ms=1, source_load=self.loads.get(w))
                 for w in self.workers]
 
@@ -167,3 +168,14 @@ def test_a_digest_the_target_cannot_check_fails_that_seed_only(fake_leases, dige
                   verifier=lambda expected: [], verify="require")
     assert [f.seed for f in report.failures] == ["worker odd (rank 0)"] and why in report.failures[0].reason
     assert engine.bytes == {"a:1": 6 * MB} and report.served == {"a": 6 * MB} and report.verified == 3
+
+
+def test_a_tensor_striped_over_seeds_that_disagree_on_its_digest_is_refused_and_read_again(fake_leases):
+    """w1 is cut between the stripes of a and b, which publish different digests for it: neither is
+    believed (the bytes may match either), both are refused, and c serves what they left."""
+    engine = FakeEngine()
+    report = pull(FakeClient(["a", "b", "c"], digests={"b": "xxh3-64:00000000000000ff"}), engine, FakeClock(),
+                  verifier=lambda expected: [], max_seeds=2, verify="require")
+    assert sorted(f.seed for f in report.failures) == ["worker a (rank 0)", "worker b (rank 0)"]
+    assert all("publishes other digests" in f.reason and "w1" in f.reason for f in report.failures)
+    assert report.digests["w1"] == fake_digest("w1") and report.served.get("c", 0) >= 2 * MB

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from sglang_mx.errors import NoSourceError, TransferError
+from sglang_mx.identity import mx_source_id
 from sglang_mx.records import SourceIdentity, SourceRef, SourceStatus, StoredWorker, TensorDescriptor, WorkerRecord
 from sglang_mx.target import PullOptions, pull_weights
 from tests.fakes import FakeClock
@@ -30,7 +31,7 @@ class FakeClient:
         assert status == SourceStatus.READY and worker_rank == 0
         workers = self.polls[min(self.listed, len(self.polls) - 1)]
         self.listed += 1
-        return [SourceRef(mx_source_id="id", worker_id=w, model_name="test/model", worker_rank=0,
+        return [SourceRef(mx_source_id=mx_source_id(IDENTITY), worker_id=w, model_name="test/model", worker_rank=0,
                           status=SourceStatus.READY, updated_at_ms=1) for w in workers]
 
     def get_metadata(self, mx_source_id, worker_id):

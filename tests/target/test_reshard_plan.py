@@ -12,6 +12,7 @@ target's tensors must equal its cut of the whole tensors byte for byte.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import time
 
 import pytest
@@ -151,13 +152,42 @@ def test_refusals_name_the_tensor_and_the_reason():
         plan_reshard(local, extra, near=0, verify="require")
 
 
-def test_verify_modes_decide_what_a_seed_without_piece_digests_means():
+def test_rows_that_are_no_run_of_piece_digests_are_staged_whole_and_checked_in_every_mode_but_off():
+    """No unchecked reads: a dim-0 range the seed published no pieces for (here none at all, as for
+    a TP that does not divide PIECE_WAYS) is read as the seed rank's whole tensor and checked against
+    its whole digest, under require and if_present alike."""
     whole = whole_tensors(4)
     seeds = {r: seed_rank(whole, 1, r, 4, pieces=False)[1] for r in range(1)}
     _, local = target_rank(2, 0, 4)
-    with pytest.raises(ReshardRefused, match="'embed.weight'.*no piece digests.*require"):
-        plan_reshard(local, seeds, near=0, verify="require")
-    plan = plan_reshard(local, seeds, near=0, verify="if_present")
-    assert "qkv.weight" in plan.unverified and "o.weight" not in plan.unverified  # staged whole: still checked
+    for verify in ("require", "if_present"):
+        plan = plan_reshard(local, seeds, near=0, verify=verify)
+        assert plan.unverified == ()
+        assert {s.name for s in plan.staged} == {"embed.weight", "qkv.weight", "qkv.bias", "o.weight",
+                                                 "gate_up.weight", "down.weight"}
+        assert all(s.digest for s in plan.staged) and all(c.digest for c in plan.checks)
+        # every tensor is either staged (checked whole) or read whole and checked (the replicated norms)
+        assert {c.name for c in plan.checks} | {s.name for s in plan.staged} == {t.name for t in local if t.size}
     plan = plan_reshard(local, seeds, near=0, verify="off")
     assert plan.checks == () and all(s.digest == "" for s in plan.staged)
+
+
+def test_with_no_digests_at_all_require_refuses_and_if_present_reads_unchecked():
+    whole = whole_tensors(4)
+    seeds = {r: seed_rank(whole, 1, r, 4, pieces=False, digests=False)[1] for r in range(1)}
+    _, local = target_rank(2, 0, 4)
+    with pytest.raises(ReshardRefused, match="no digest for it.*require"):
+        plan_reshard(local, seeds, near=0, verify="require")
+    plan = plan_reshard(local, seeds, near=0, verify="if_present")
+    assert "qkv.weight" in plan.unverified and "o.weight" in plan.unverified
+
+
+def test_digests_computed_over_unchecked_bytes_are_no_proof_under_require():
+    from sglang_mx.records import DIGEST_UNVERIFIED
+
+    whole = whole_tensors(4)
+    _, published = seed_rank(whole, 1, 0, 4)
+    relayed = [dataclasses.replace(t, digest_origin=DIGEST_UNVERIFIED) for t in published]
+    _, local = target_rank(2, 0, 4)
+    with pytest.raises(ReshardRefused, match="never checked"):
+        plan_reshard(local, {0: relayed}, near=0, verify="require")
+    assert plan_reshard(local, {0: relayed}, near=0, verify="if_present").checks

@@ -68,7 +68,8 @@ def test_the_only_seed_changed_fails_naming_the_tensor(server, client, engine, s
 def test_verify_modes_for_a_seed_without_digests(server, client, engine, seeds):
     seeds.append(SeedProcess(server.address, size_mb=SIZE_MB, no_digests=True))
     local = weights.build(SIZE_MB, filled=False)
-    with pytest.raises(NoSourceError, match="publishes no digest for some tensors and verify is 'require'") as info:
+    with pytest.raises(NoSourceError, match="publishes no digest, or only one computed over bytes it never "
+                                            "checked, for some tensors, and verify is 'require'") as info:
         _pull(client, engine, local, verify="require", wait_timeout_s=1)
     assert not any(weights.as_bytes(t).any() for t in local.values())  # refused before any byte moved
     assert "big.f32" in str(info.value)
