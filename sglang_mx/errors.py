@@ -122,6 +122,23 @@ class UnplacedTensorError(MxError):
         super().__init__(f"{message}: {len(self.tensors)} tensor(s): {shown}{more}")
 
 
+class ReadsInFlightError(MxError):
+    """Mooncake reads were still in flight when the drain limit ran out: they may write into
+    `ranges` (local (addr, length)) at any later time.
+
+    Fatal for the process: neither the next seed (it is no TransferError) nor a fallback to
+    disk (`roles.load_with_fallback` re-raises it) may run, since both reuse or free memory a
+    peer may still write. That memory must never be freed or reused in this process; the
+    engine keeps what it was handed (`MooncakeEngine.quarantine`). Let it end the process.
+    """
+
+    def __init__(self, message: str, *, seed: str, ranges: Sequence[tuple[int, int]]) -> None:
+        super().__init__(f"{message} (seed {seed}; {len(ranges)} read(s) of {sum(n for _, n in ranges)} bytes "
+                         "may still write: this memory must not be freed or reused)")
+        self.seed = seed
+        self.ranges = tuple(ranges)
+
+
 @dataclasses.dataclass(frozen=True)
 class CandidateFailure:
     """Why one seed could not be used."""

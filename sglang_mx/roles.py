@@ -13,7 +13,7 @@ import logging
 from typing import Callable, TypeVar
 
 from sglang_mx.config import MxConfig, parse_config
-from sglang_mx.errors import MxError
+from sglang_mx.errors import MxError, ReadsInFlightError
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,8 @@ def load_with_fallback(build: Callable[[], M], pull: Callable[[M], M], from_disk
     model = build()
     try:
         return pull(model)
+    except ReadsInFlightError:
+        raise  # memory a peer may still write: no disk load may reuse it
     except MxError as e:
         if not fall_back:
             raise

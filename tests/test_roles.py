@@ -59,3 +59,17 @@ def test_a_given_config_is_checked_even_when_it_does_nothing():
 def test_fallback_rule():
     assert falls_back_to_disk(parse_config({"fallback": "disk"}, env={}))
     assert not falls_back_to_disk(parse_config({}, env={}))
+
+
+def test_reads_still_in_flight_never_fall_back_to_disk():
+    """The dropped model's memory may still be written by a peer: no disk load may reuse it."""
+    from sglang_mx.errors import ReadsInFlightError
+    from sglang_mx.roles import load_with_fallback
+
+    def pull(model):
+        raise ReadsInFlightError("reads not drained", seed="s", ranges=[(0x1000, 64)])
+
+    loaded = []
+    with pytest.raises(ReadsInFlightError):
+        load_with_fallback(lambda: "model", pull, lambda: loaded.append("disk"), fall_back=True, what="m")
+    assert loaded == []

@@ -37,7 +37,7 @@ from sglang_mx.target.report import PullReport, build_report
 from sglang_mx.target.reshard_plan import RangeCheck, ReshardPlan, Staged, plan_reshard
 from sglang_mx.target.striped import read_all
 from sglang_mx.target.verify import VerifyMode
-from sglang_mx.transfer.engine import MooncakeEngine
+from sglang_mx.transfer.engine import MooncakeEngine, ReadsInFlightError
 from sglang_mx.transfer.plan import Read
 
 log = logging.getLogger(__name__)
@@ -216,9 +216,13 @@ def _execute(engine: MooncakeEngine, plan: ReshardPlan, sessions: Mapping[int, s
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return clock() - start, spent[0], sum(len(items) for items in work.values())
+    except ReadsInFlightError:
+        if staging is not None:
+            engine.quarantine(staging)  # a read may still write into it: never freed nor reused
+        raise
     finally:
         engine.unregister(regions)
-        staging = None  # noqa: F841  (the staging buffer goes once unregistered)
+        staging = None  # noqa: F841  (the staging buffer goes once unregistered, unless quarantined)
 
 
 def _landing(items, lock: threading.Lock, spent: list[float], clock) -> Callable[[int], None]:

@@ -3,75 +3,170 @@
 It can create its own engine (`MooncakeEngine.create`) or wrap one that SGLang
 already made (`MooncakeEngine.wrap`); only an engine it created is its to close.
 Registered memory is released on `close()`, on every path.
+
+The transport asked for is the transport used: `create` sets what Mooncake needs
+for it, reads back what Mooncake installed (transfer.segment) and refuses a
+mismatch. On CUDA, registration follows allocations and no piece of a read
+straddles a registered region on either side (transfer.regions). A read Mooncake
+reports timed out is still in flight: it is waited for, never abandoned.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from sglang_mx.errors import MxError, TransferError
-from sglang_mx.transfer.plan import Read, coalesce_ranges
+from sglang_mx.errors import MxError, ReadsInFlightError, TransferError
+from sglang_mx.transfer import cuda
+from sglang_mx.transfer.plan import Read
+from sglang_mx.transfer.regions import AllocationLookup, edges, pieces, split_at_allocations
+from sglang_mx.transfer.segment import Segment, query_segment
 
 log = logging.getLogger(__name__)
 
 # "nvlink" is multi-node NVLink (Mooncake built with USE_MNNVL); "nvlink_intra" is NVLink between GPUs of
 # one node (CUDA IPC; in the CUDA wheels, e.g. mooncake-transfer-engine-cuda13 0.3.14).
 PROTOCOLS = ("tcp", "rdma", "nvlink", "nvlink_intra", "efa")
+# What Mooncake's TransferEngineImpl::init reads to install each transport (it picks the transport itself;
+# the protocol argument does not force it): set only while `initialize` runs.
+PROTOCOL_ENV = {"tcp": {"MC_FORCE_TCP": "1"}, "nvlink_intra": {"MC_INTRANODE_NVLINK": "1"},
+                "nvlink": {"MC_FORCE_MNNVL": "1"}}
+# Settings that make Mooncake install another transport than the one asked for.
+_STEERING_ENV = ("MC_FORCE_TCP", "MC_INTRANODE_NVLINK", "MC_FORCE_MNNVL", "MC_FORCE_HCA")
+# Transports that export or register whole CUDA allocations (CUDA IPC handles, GPUDirect RDMA):
+# virtual-memory allocations cannot be served by them.
+_NEEDS_IPC_MEMORY = ("rdma", "nvlink", "nvlink_intra")
 # A read larger than this is submitted in chunks, so big tensors spread over the
 # transport's connections and finish (and get verified) sooner.
 CHUNK_BYTES = 16 << 20
 # Sleep between polls of the batches in flight: short, since a read lands every few ms on loopback
 # (README "Benchmarks" has the comparison).
 POLL_S = 0.001
+# How long reads still in flight are waited for once a read failed or the deadline passed, before
+# ReadsInFlightError gives up on them.
+DRAIN_S = 60.0
+
+_env_lock = threading.Lock()
 
 
-def _chunks(read: Read) -> Iterator[tuple[int, int, int]]:
-    for offset in range(0, read.length, CHUNK_BYTES):
-        n = min(CHUNK_BYTES, read.length - offset)
-        yield read.local_addr + offset, read.remote_addr + offset, n
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """Set `values` in the process environment for the block, then restore what was there."""
+    with _env_lock:
+        saved = {k: os.environ.get(k) for k in values}
+        os.environ.update(values)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 class MooncakeEngine:
-    def __init__(self, engine, session_id: str, *, owned: bool) -> None:
+    def __init__(self, engine, session_id: str, *, owned: bool, transport: str | None = None,
+                 segments: Callable[[str], Segment] | None = None,
+                 allocations: AllocationLookup | None = cuda.allocation_of) -> None:
+        """`transport`: what Mooncake installed (None: unknown). `segments`: asks an engine for its
+        segment descriptor (transfer.segment.query_segment; None: never asked). `allocations`: the
+        device allocation holding an address (transfer.cuda.allocation_of; None: host memory only)."""
         self._engine = engine
         self.session_id = session_id
         self._owned = owned
+        self.transport = transport
+        self._segments = segments
+        self._allocations = allocations
         self._lock = threading.Lock()
         self._registered: list[tuple[int, int]] = []
+        self._quarantined: list[Any] = []  # memory reads may still write into: never let go
 
     @classmethod
-    def create(cls, host: str, *, protocol: str = "tcp", device: str = "") -> "MooncakeEngine":
-        """Start a TransferEngine in P2P-handshake mode (no etcd) on `host`."""
+    def create(cls, host: str, *, protocol: str = "tcp", device: str = "", binding: Callable[[], Any] | None = None,
+               segments: Callable[[str], Segment] = query_segment,
+               allocations: AllocationLookup | None = cuda.allocation_of) -> "MooncakeEngine":
+        """Start a TransferEngine in P2P-handshake mode (no etcd) on `host` with `protocol`.
+
+        Sets what Mooncake reads to install that transport (PROTOCOL_ENV, only while it
+        initializes), then reads back the transport it installed and raises TransferError
+        when it is another one. `binding`: the TransferEngine class (tests pass a fake).
+        """
         if protocol not in PROTOCOLS:
             raise MxError(f"Mooncake protocol {protocol!r} is not supported; allowed: {', '.join(PROTOCOLS)}")
-        try:
-            from mooncake.engine import TransferEngine
-        except ImportError as e:
-            raise MxError(
-                "Mooncake is not installed: pip install 'sglang-mx[cpu]' (mooncake-transfer-engine-non-cuda, "
-                "needs Debian's libibverbs1) or 'sglang-mx[cuda]' (mooncake-transfer-engine)"
-            ) from e
-        engine = TransferEngine()
-        rc = engine.initialize(host, "P2PHANDSHAKE", protocol, device)
+        if binding is None:
+            try:
+                from mooncake.engine import TransferEngine as binding
+            except ImportError as e:
+                raise MxError(
+                    "Mooncake is not installed: pip install 'sglang-mx[cpu]' (mooncake-transfer-engine-non-cuda, "
+                    "needs Debian's libibverbs1) or 'sglang-mx[cuda]' (mooncake-transfer-engine)"
+                ) from e
+        engine = binding()
+        with _environment(PROTOCOL_ENV.get(protocol, {})):
+            rc = engine.initialize(host, "P2PHANDSHAKE", protocol, device)
         if rc != 0:
             raise TransferError(f"Mooncake TransferEngine.initialize({host!r}, protocol={protocol!r}) failed", code=rc)
-        return cls(engine, f"{host}:{engine.get_rpc_port()}", owned=True)
+        session = f"{host}:{engine.get_rpc_port()}"
+        try:
+            installed = segments(session).protocols
+        except (OSError, ValueError) as e:
+            raise TransferError(f"could not read back the transport Mooncake installed at {session} "
+                                f"(asked for {protocol!r}): {e}") from e
+        if installed != (protocol,):
+            steering = [f"{k}={os.environ[k]}" for k in _STEERING_ENV if k in os.environ]
+            raise TransferError(
+                f"Mooncake installed transport {', '.join(installed) or 'none'} where {protocol!r} was asked for "
+                f"(session {session}); refusing to run on another transport. "
+                + (f"The environment sets {', '.join(steering)}: unset it. " if steering else "")
+                + {"rdma": "No RDMA device was usable: check MOONCAKE_DEVICE and the NICs, or ask for tcp.",
+                   "nvlink_intra": "This Mooncake build lacks intra-node NVLink (a CUDA wheel has it, e.g. "
+                                   "mooncake-transfer-engine-cuda13), or ask for tcp.",
+                   "nvlink": "This Mooncake build lacks multi-node NVLink (USE_MNNVL), or ask for tcp."}.get(
+                    protocol, "Set the transport (MOONCAKE_PROTOCOL / the config's transport) to what this "
+                              "Mooncake build can install."))
+        log.info("Mooncake TransferEngine at %s uses transport %s, as asked", session, installed[0])
+        return cls(engine, session, owned=True, transport=protocol, segments=segments, allocations=allocations)
 
     @classmethod
-    def wrap(cls, engine, session_id: str) -> "MooncakeEngine":
-        """Use an engine someone else created (SGLang's); it stays theirs."""
-        return cls(engine, session_id, owned=False)
+    def wrap(cls, engine, session_id: str, *, segments: Callable[[str], Segment] | None = query_segment,
+             allocations: AllocationLookup | None = cuda.allocation_of) -> "MooncakeEngine":
+        """Use an engine someone else created (SGLang's); it stays theirs. The transport it
+        installed is read back where it answers the handshake (logged; None otherwise)."""
+        transport = None
+        if segments is not None:
+            try:
+                protocols = segments(session_id).protocols
+                transport = protocols[0] if len(protocols) == 1 else None
+                log.info("the wrapped Mooncake TransferEngine at %s uses transport %s", session_id,
+                         ", ".join(protocols) or "none")
+            except (OSError, ValueError) as e:
+                log.warning("could not read back the transport of the Mooncake engine at %s: %s", session_id, e)
+        return cls(engine, session_id, owned=False, transport=transport, segments=segments, allocations=allocations)
 
     def register(self, ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
         """Register memory ranges, coalesced first; return the regions registered.
 
         Address-contiguous and overlapping ranges (shared storage) become one
-        region; zero-length ranges are skipped. Pass the result to `unregister`.
+        region; zero-length ranges are skipped; on CUDA a region is cut at every
+        allocation boundary (transfer.regions). Memory of a virtual-memory
+        allocation is refused before anything is registered where the transport
+        needs CUDA IPC handles. Pass the result to `unregister`.
         """
-        regions = coalesce_ranges(ranges)
+        split = split_at_allocations(ranges, self._allocations)
+        virtual = [(r, a) for r, a in split if a is not None and a.virtual]
+        if virtual and self.transport in _NEEDS_IPC_MEMORY:
+            (addr, length), alloc = virtual[0]
+            raise TransferError(
+                f"{len(virtual)} region(s) (first 0x{addr:x}, {length} bytes, in allocation 0x{alloc.base:x} of "
+                f"{alloc.size} bytes) lie in CUDA virtual-memory allocations, which transport {self.transport!r} "
+                "cannot register (no CUDA IPC handle): turn off PYTORCH_CUDA_ALLOC_CONF=expandable_segments "
+                "and SGLang's --enable-memory-saver, or use transport tcp")
+        regions = [r for r, _ in split]
         done: list[tuple[int, int]] = []
         with self._lock:
             try:
@@ -101,6 +196,27 @@ class MooncakeEngine:
     def unregister_all(self) -> None:
         self.unregister(list(self._registered))
 
+    def quarantine(self, obj: Any) -> None:
+        """Hold `obj` (memory a read may still write into, after ReadsInFlightError) as long as
+        this engine lives, so that it is never freed and reused."""
+        self._quarantined.append(obj)
+
+    def _remote_edges(self, seed_session: str) -> list[int]:
+        """Edges of the seed's registered buffers, where a piece must not straddle: asked of the seed
+        when our transport registers per allocation (not tcp, which tolerates spans)."""
+        if self.transport == "tcp" or self._segments is None:
+            return []
+        try:
+            segment = self._segments(seed_session)
+        except (OSError, ValueError) as e:
+            log.warning("could not read the registered buffers of seed %s (%s): reads are not cut at them",
+                        seed_session, e)
+            return []
+        if self.transport is not None and segment.protocols and self.transport not in segment.protocols:
+            raise TransferError(f"seed {seed_session} uses transport {', '.join(segment.protocols)}, this engine "
+                                f"{self.transport}: no byte can move between them", seed=seed_session)
+        return edges(segment.buffers)
+
     def read(
         self,
         seed_session: str,
@@ -109,34 +225,46 @@ class MooncakeEngine:
         prepare: Callable[[Read], None] | None = None,
         on_done: Callable[[int], None] | None = None,
         timeout_s: float | None = None,
+        drain_s: float | None = None,
     ) -> None:
         """Pull every read from the seed; raise TransferError on any failure.
 
-        Each read is submitted as its own Mooncake batch (chunks of at most
-        CHUNK_BYTES each), right after `prepare(read)` readied its destination,
-        and this thread then polls the batches with short sleeps: the binding's
-        blocking waits spin on a core that Mooncake's io threads need.
+        Each read is submitted as its own Mooncake batches (pieces of at most
+        CHUNK_BYTES, none straddling a registered region on our side or the
+        seed's), right after `prepare(read)` readied its destination, and this
+        thread then polls the batches with short sleeps: the binding's blocking
+        waits spin on a core that Mooncake's io threads need.
         `on_done(i)` runs in this thread once every byte of `reads[i]` has arrived
         and every read has been submitted (to verify it while the rest moves). A read that failed, a
         callback that raised, or the deadline passing (`timeout_s`, default
-        30 s plus 1 ns per byte, as the binding's own) stops further submissions;
-        the reads already in flight are drained (each reaches completed or
-        failed) before this returns or raises, so no write into the destination
-        is still under way afterwards. On failure some destinations may already
-        be overwritten: the caller must treat all of them as garbage.
+        30 s plus 1 ns per byte, as the binding's own) stops further submissions.
+        A batch Mooncake reports timed out (-2) fails the read but is still in
+        flight (the binding frees it only once completed or failed): it is polled
+        like the others. The reads in flight are drained (each reaches completed
+        or failed) before this returns or raises, so no write into the destination
+        is still under way afterwards; should some still be in flight `drain_s`
+        (DRAIN_S) after draining began, ReadsInFlightError is raised instead,
+        naming the memory they may yet write. On failure some destinations may
+        already be overwritten: the caller must treat all of them as garbage.
         """
         if not reads:
             return
         total = sum(r.length for r in reads)
         budget_s = timeout_s if timeout_s is not None else 30.0 + total * 1e-9
+        drain_s = DRAIN_S if drain_s is None else drain_s
         deadline = time.monotonic() + budget_s
-        left = [0] * len(reads)  # chunks of each read still in flight
-        pending: list[tuple[int, int]] = []  # (batch id, read index)
+        with self._lock:
+            local_edges = edges(self._registered)
+        remote_edges = self._remote_edges(seed_session)
+        left = [0] * len(reads)  # pieces of each read still in flight
+        pending: list[tuple[int, int, int, int]] = []  # (batch id, read index, local addr, length)
+        timed_out: set[int] = set()  # batches Mooncake reported timed out: still in flight
         landed: list[int] = []  # reads done whose on_done has not run yet
         failure: TransferError | None = None
         raised: BaseException | None = None
         submitted = 0
         warned_at = None
+        drain_until = None
         while True:
             progressed = False
             if failure is None and raised is None and submitted < len(reads):
@@ -146,30 +274,40 @@ class MooncakeEngine:
                 try:
                     if prepare is not None:
                         prepare(read)
-                    for local, remote, length in _chunks(read):
+                    for local, remote, length in pieces(read, local_edges, remote_edges, CHUNK_BYTES):
                         batch = self._engine.batch_transfer_async_read(seed_session, [local], [remote], [length])
                         if batch is None or batch <= 0:
                             failure = self._read_error("could not be submitted", index, reads, seed_session, batch)
                             break
-                        pending.append((batch, index))
+                        pending.append((batch, index, local, length))
                         left[index] += 1
                     if failure is None and left[index] == 0:  # nothing to move (zero length)
                         landed.append(index)
                 except BaseException as e:  # drain what is in flight first, then re-raise
                     raised = e
-            still: list[tuple[int, int]] = []
+            still: list[tuple[int, int, int, int]] = []
             done: list[int] = []
-            for batch, index in pending:
+            for entry in pending:
+                batch, index = entry[0], entry[1]
                 status = self._engine.transfer_check_status(batch)
                 if status == 0:
-                    still.append((batch, index))
+                    still.append(entry)
+                    continue
+                if status == -2:  # timed out, yet not freed and still writing: wait for its end
+                    still.append(entry)
+                    if batch not in timed_out:
+                        timed_out.add(batch)
+                        progressed = True
+                        if failure is None:
+                            failure = self._read_error("timed out in Mooncake (waiting for it to end)", index,
+                                                       reads, seed_session, status)
                     continue
                 progressed = True
                 if status == 1:  # completed; the binding freed the batch
                     left[index] -= 1
                     if left[index] == 0:
                         done.append(index)
-                elif failure is None:  # -1 failed (freed by the binding), -2 timed out
+                elif failure is None:  # -1 failed (freed by the binding)
                     failure = self._read_error("failed", index, reads, seed_session, status)
             pending = still
             landed.extend(done)
@@ -185,17 +323,24 @@ class MooncakeEngine:
                     progressed = True
             if not pending and (submitted == len(reads) or failure is not None or raised is not None):
                 break
+            now = time.monotonic()
+            if now > deadline and failure is None and raised is None:
+                failure = TransferError(
+                    f"Mooncake reads not done within the {budget_s:.1f} s deadline; "
+                    f"draining {len(pending)} in flight", seed=seed_session, nbytes=total)
+            if drain_until is None and (failure is not None or raised is not None):
+                drain_until = now + drain_s
             if not progressed:
-                now = time.monotonic()
-                if now > deadline:
-                    if failure is None and raised is None:
-                        failure = TransferError(
-                            f"Mooncake reads not done within the {budget_s:.1f} s deadline; "
-                            f"draining {len(pending)} in flight", seed=seed_session, nbytes=total)
-                    if warned_at is None or now - warned_at > 10:
-                        warned_at = now
-                        log.warning("waiting for %d Mooncake reads still in flight from %s before giving up",
-                                    len(pending), seed_session)
+                if drain_until is not None and now > drain_until:
+                    ranges = [(local, length) for _, _, local, length in pending]
+                    raise ReadsInFlightError(
+                        f"{len(pending)} Mooncake read(s) still in flight {drain_s:g} s after reading stopped "
+                        f"({len(timed_out)} reported timed out)", seed=seed_session, ranges=ranges
+                    ) from (raised or failure)
+                if drain_until is not None and (warned_at is None or now - warned_at > 10):
+                    warned_at = now
+                    log.warning("waiting for %d Mooncake reads still in flight from %s before giving up",
+                                len(pending), seed_session)
                 time.sleep(POLL_S)
         if raised is not None:
             raise raised
@@ -211,7 +356,7 @@ class MooncakeEngine:
 
     def close(self) -> None:
         self.unregister_all()
-        if self._owned:
+        if self._owned and not self._quarantined:
             self._engine = None  # the binding frees the engine with its last reference
 
     def __enter__(self) -> "MooncakeEngine":

@@ -49,7 +49,7 @@ class FakeBinding:
 
 
 def engine_with(binding) -> MooncakeEngine:
-    return MooncakeEngine.wrap(binding, "fake:1")
+    return MooncakeEngine.wrap(binding, "fake:1", segments=None, allocations=None)
 
 
 def test_large_reads_go_in_chunks_and_on_done_runs_once_per_whole_read(monkeypatch):
