@@ -107,6 +107,11 @@ class SeedPublisher:
     # --- lifecycle ---------------------------------------------------------
 
     @property
+    def digests(self) -> dict[str, str]:
+        """Name -> the digest published for it ("" none)."""
+        return {t.name: t.digest for t in self._tensors}
+
+    @property
     def manifest(self) -> str:
         """The rank's manifest id (sglang_mx.manifest) as published in its topology; "" when none."""
         return self._topology.get(TOPOLOGY_MANIFEST, "")

@@ -54,6 +54,9 @@ class ProcessState:
     # from a peer (pulled, and verified per `verify`): their weights are final (post-processing ran
     # before the pull), so they go READY as soon as published, with those digests.
     pulled: dict = dataclasses.field(default_factory=dict)
+    # worker id -> name -> digest, of every seed withdrawn: what it published before its weights changed
+    # (a seed resuming after SGLang released its memory goes READY again only with these very digests).
+    withdrawn: dict = dataclasses.field(default_factory=dict)
 
     def role(self, server_args) -> Role:
         """This process's role, parsed from SGLang's ServerArgs on first use."""
@@ -109,13 +112,19 @@ def withdraw(state: ProcessState, *, why: str) -> None:
     """
     publishers, state.publishers = state.publishers, []
     for publisher in publishers:
+        state.withdrawn[publisher.worker_id] = publisher.digests
         publisher.close()
         log.warning("modelexpress: worker %s (rank %d) withdrawn from %s: %s", publisher.worker_id,
                     publisher.worker_rank, publisher.mx_source_id, why)
 
 
-def republish(state: ProcessState) -> None:
-    """After an update from disk: publish every source under the identity of what it now holds."""
+def republish(state: ProcessState, *, unchanged_only: bool = False) -> None:
+    """After an update from disk: publish every source under the identity of what it now holds.
+
+    `unchanged_only` (after SGLang gave the weights' memory back, `resume_memory_occupation`):
+    a source goes READY again only when every digest equals what it published before it was
+    withdrawn; otherwise it is published and closed at once (STALE), saying which tensors differ.
+    """
     from sglang_mx.errors import UnplacedTensorError
     from sglang_mx.sglang.publish import mark_ready, publish
 
@@ -131,6 +140,15 @@ def republish(state: ProcessState) -> None:
                                 instance_id=state.instance_id)
         except UnplacedTensorError as e:
             log.error("modelexpress: not publishing %s again: %s", info.model_path, e)
+            continue
+        before = state.withdrawn.pop(publisher.worker_id, None)
+        if unchanged_only and publisher.digests != before:
+            changed = sorted(n for n in set(publisher.digests) | set(before or {})
+                             if publisher.digests.get(n) != (before or {}).get(n))
+            publisher.close()
+            log.warning("modelexpress: worker %s stays withdrawn after the memory came back: %s",
+                        publisher.worker_id, f"{len(changed)} tensor(s) differ from what it published ("
+                        f"{', '.join(changed[:5])})" if before is not None else "nothing published before to compare")
             continue
         state.publishers.append(publisher)
         mark_ready([publisher])

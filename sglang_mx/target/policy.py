@@ -56,11 +56,15 @@ class PullOptions:
     spread: bool = True
     rng: random.Random | None = dataclasses.field(default=None, compare=False)
     lease_timeout_s: float = 2.0  # deadline of a PrepareTensorRead
+    # After a pull that succeeded, leave our memory registered: the target is about to seed it (cascade),
+    # and its seed then shares the registration instead of registering the same memory again.
+    keep_registered: bool = False
 
     @classmethod
     def from_config(cls, config: MxConfig) -> "PullOptions":
         return cls(wait_timeout_s=config.wait_timeout_s, max_candidates=config.max_candidates, verify=config.verify,
-                   max_seeds=config.max_seeds, expect=config.expect, allow_weak_digests=config.allow_weak_digests)
+                   max_seeds=config.max_seeds, expect=config.expect, allow_weak_digests=config.allow_weak_digests,
+                   keep_registered=config.source is not False)
 
     @property
     def pins(self) -> Pins:
@@ -114,6 +118,7 @@ def pull_weights(
     regions = engine.register((t.addr, t.size) for t in tensors)
     registered = clock()
     found: float | None = None
+    succeeded = False
     try:
         while True:
             refs = client.list_sources(identity, status=SourceStatus.READY, worker_rank=worker_rank)
@@ -128,6 +133,7 @@ def pull_weights(
                     break
                 pull.round(engine)
             if pull.done:
+                succeeded = True
                 return dataclasses.replace(pull.report(), register_seconds=registered - start,
                                            discover_seconds=(found or registered) - registered)
             pull.drop_all()  # leases are not held while we wait
@@ -137,6 +143,7 @@ def pull_weights(
                                                  verify=verify, prepare=prepare, clock=clock)
                 busy |= mixed_busy
                 if report is not None:
+                    succeeded = True
                     return dataclasses.replace(report, register_seconds=registered - start,
                                                discover_seconds=(found or found_at) - registered)
             if len(pull.bad) >= options.max_candidates:
@@ -155,7 +162,8 @@ def pull_weights(
             sleep(min(options.poll_interval_s, max(deadline - clock(), 0.0)))
     finally:
         pull.drop_all()
-        engine.unregister(regions)
+        if not (succeeded and options.keep_registered):
+            engine.unregister(regions)
 
 
 def _pull_mixed(client: MetadataClient, engine: MooncakeEngine, mixed: MixedLayout, pull: StripedPull,

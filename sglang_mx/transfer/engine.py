@@ -69,6 +69,20 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
                     os.environ[k] = v
 
 
+_registries: dict[int, tuple[object, threading.Lock, dict[tuple[int, int], int]]] = {}
+_registries_lock = threading.Lock()
+
+
+def _registry(engine) -> tuple[threading.Lock, dict[tuple[int, int], int]]:
+    """The lock and region counts shared by every wrapper of `engine` (kept with a reference to it, so
+    its id is never reused while the entry lives: the engines SGLang makes live as long as the process)."""
+    with _registries_lock:
+        entry = _registries.get(id(engine))
+        if entry is None or entry[0] is not engine:
+            entry = _registries[id(engine)] = (engine, threading.Lock(), {})
+        return entry[1], entry[2]
+
+
 class MooncakeEngine:
     def __init__(self, engine, session_id: str, *, owned: bool, transport: str | None = None,
                  segments: Callable[[str], Segment] | None = None,
@@ -82,8 +96,10 @@ class MooncakeEngine:
         self.transport = transport
         self._segments = segments
         self._allocations = allocations
-        self._lock = threading.Lock()
-        self._registered: list[tuple[int, int]] = []
+        # Region -> how many holders registered it (a pull that keeps it for the seed, the seed):
+        # shared by every wrapper of one engine, so a target that turns into a seed never registers
+        # its memory twice nor drops it between the two.
+        self._lock, self._registered = _registry(engine) if not owned else (threading.Lock(), {})
         self._quarantined: list[Any] = []  # memory reads may still write into: never let go
 
     @classmethod
@@ -168,17 +184,25 @@ class MooncakeEngine:
                 "and SGLang's --enable-memory-saver, or use transport tcp")
         regions = [r for r, _ in split]
         done: list[tuple[int, int]] = []
+        reused = 0
         with self._lock:
             try:
                 for addr, length in regions:
-                    rc = self._engine.register_memory(addr, length)
-                    if rc != 0:
-                        raise TransferError(f"register_memory(0x{addr:x}, {length}) failed", code=rc)
+                    if (addr, length) in self._registered:  # already registered (a pull kept it): share it
+                        self._registered[addr, length] += 1
+                        reused += length
+                    else:
+                        rc = self._engine.register_memory(addr, length)
+                        if rc != 0:
+                            raise TransferError(f"register_memory(0x{addr:x}, {length}) failed", code=rc)
+                        self._registered[addr, length] = 1
                     done.append((addr, length))
             except BaseException:
                 self._unregister_locked(done)
                 raise
-            self._registered.extend(done)
+        if reused:
+            log.info("%.3f GB of the memory to register was registered already (kept from the pull): not again",
+                     reused / 1e9)
         return done
 
     def unregister(self, regions: Iterable[tuple[int, int]]) -> None:
@@ -187,14 +211,19 @@ class MooncakeEngine:
 
     def _unregister_locked(self, regions: list[tuple[int, int]]) -> None:
         for region in regions:
-            if region in self._registered:
-                self._registered.remove(region)
+            holders = self._registered.get(region, 0)
+            if holders > 1:  # another holder still needs it
+                self._registered[region] = holders - 1
+                continue
+            self._registered.pop(region, None)
             rc = self._engine.unregister_memory(region[0])
             if rc != 0:
                 log.warning("unregister_memory(0x%x, %d) returned %d", region[0], region[1], rc)
 
     def unregister_all(self) -> None:
-        self.unregister(list(self._registered))
+        with self._lock:
+            regions = [region for region, holders in self._registered.items() for _ in range(holders)]
+        self.unregister(regions)
 
     def quarantine(self, obj: Any) -> None:
         """Hold `obj` (memory a read may still write into, after ReadsInFlightError) as long as

@@ -59,10 +59,10 @@ class FakeEngine:
         self.bytes: dict[str, int] = {}
 
     def register(self, ranges):
-        return []
+        return [("region",)]
 
     def unregister(self, regions):
-        pass
+        self.unregistered = getattr(self, "unregistered", 0) + 1
 
     def read(self, session, reads, **callbacks):  # prepare/on_done are the real engine's business
         self.bytes[session] = self.bytes.get(session, 0) + sum(r.length for r in reads)
@@ -179,3 +179,15 @@ def test_a_tensor_striped_over_seeds_that_disagree_on_its_digest_is_refused_and_
     assert sorted(f.seed for f in report.failures) == ["worker a (rank 0)", "worker b (rank 0)"]
     assert all("publishes other digests" in f.reason and "w1" in f.reason for f in report.failures)
     assert report.digests["w1"] == fake_digest("w1") and report.served.get("c", 0) >= 2 * MB
+
+
+def test_a_successful_pull_keeps_its_registration_for_the_seed_and_a_failed_one_lets_go(fake_leases):
+    engine = FakeEngine()
+    pull(FakeClient(["a"]), engine, FakeClock(), keep_registered=True)
+    assert getattr(engine, "unregistered", 0) == 0
+    pull(FakeClient(["a"]), engine, FakeClock())
+    assert engine.unregistered == 1
+    failing = FakeEngine(failing={"a:1"})
+    with pytest.raises(NoSourceError):
+        pull(FakeClient(["a"]), failing, FakeClock(), keep_registered=True, max_candidates=1)
+    assert failing.unregistered == 1
