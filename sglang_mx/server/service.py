@@ -22,7 +22,8 @@ from sglang_mx import wire
 from sglang_mx.errors import StoreUnavailableError
 from sglang_mx.identity import mx_source_id
 from sglang_mx.records import SourceStatus
-from sglang_mx.server import framing, limits
+import sglang_mx.server.framing as framing
+import sglang_mx.server.limits as limits
 from sglang_mx.server.auth import current_principal
 from sglang_mx.server.limits import LimitExceeded, RecordLimits
 from sglang_mx.server.options import DEFAULT_MAX_RECORD_MB, DEFAULT_MAX_TENSORS

@@ -21,7 +21,7 @@ import time
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from sglang_mx.errors import MxError, ReadsInFlightError, TransferError
-from sglang_mx.transfer import cuda
+import sglang_mx.transfer.cuda as cuda
 from sglang_mx.transfer.plan import Read
 from sglang_mx.transfer.regions import AllocationLookup, edges, pieces, split_at_allocations
 from sglang_mx.transfer.segment import Segment, query_segment
