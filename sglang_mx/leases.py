@@ -56,6 +56,7 @@ import grpc
 from sglang_mx import wire
 from sglang_mx.config import MAX_LEASES
 from sglang_mx.errors import MxError
+from sglang_mx.metrics import metrics
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +85,13 @@ class ReaderLeases:
     """Counts a seed's active readers, at most `cap` of them; leases expire after `ttl_s`.
 
     `cap` is `max_readers`, or MAX_LEASES when `max_readers` is 0 (no configured cap).
-    `on_change(active)` runs (outside the lock) whenever the count changes.
+    `on_change(active)` runs (outside the lock) whenever the count changes. `published_bytes`: what
+    the rank publishes, counted once per lease granted as the upper bound of bytes served (metrics).
     """
 
     def __init__(self, *, max_readers: int = 0, ttl_s: float = 60.0,
                  clock: Callable[[], float] = time.monotonic,
-                 on_change: Callable[[int], None] | None = None) -> None:
+                 on_change: Callable[[int], None] | None = None, published_bytes: int = 0) -> None:
         if not 0 <= max_readers <= MAX_LEASES:
             raise MxError(f"max_readers={max_readers} is out of range; allowed: 0 (no cap) to {MAX_LEASES}")
         if ttl_s <= 0:
@@ -99,6 +101,8 @@ class ReaderLeases:
         self.ttl_s = ttl_s
         self._clock = clock
         self._on_change = on_change
+        self.published_bytes = published_bytes
+        self._reported = 0  # the count last added to the leases-held gauge
         self._lock = threading.Lock()
         self._expiry: dict[str, float] = {}  # by _digest(lease id), so it holds no secret; in expiry order
         self.peak = 0  # most leases held at once
@@ -120,6 +124,8 @@ class ReaderLeases:
                 self.peak = max(self.peak, len(self._expiry))
                 changed = True
             active = len(self._expiry)
+        if lease is not None:
+            metrics().lease_granted(self.published_bytes)
         if changed:
             self._notify(active)
         return lease
@@ -170,7 +176,17 @@ class ReaderLeases:
         self.expired += len(stale)
         return bool(stale)
 
+    def close(self) -> None:
+        """Forget every lease (the seed stops serving them): the held count goes to 0."""
+        with self._lock:
+            self._expiry.clear()
+        self._notify(0)
+
     def _notify(self, active: int) -> None:
+        with self._lock:  # the count now (a racing change may have come first): the gauge ends right
+            now = len(self._expiry)
+            delta, self._reported = now - self._reported, now
+        metrics().leases_held_changed(delta)
         if self._on_change is not None:
             self._on_change(active)
 

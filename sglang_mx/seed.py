@@ -92,7 +92,8 @@ class SeedPublisher:
         self._accelerator = accelerator
         self._topology = dict(topology or {})
         self.leases = None if max_readers is None else ReaderLeases(
-            max_readers=max_readers, ttl_s=lease_ttl_s, on_change=lambda active: self._load_changed.set())
+            max_readers=max_readers, ttl_s=lease_ttl_s, on_change=lambda active: self._load_changed.set(),
+            published_bytes=sum(t.size for t in self._tensors))
         self._lease_server: LeaseServer | None = None
         self._load_report_gap_s = load_report_gap_s
         self._load_changed = threading.Event()
@@ -161,6 +162,8 @@ class SeedPublisher:
         if self._lease_server is not None:
             self._lease_server.stop()
             self._lease_server = None
+        if self.leases is not None:
+            self.leases.close()
         self._engine.unregister(self._regions)
         self._regions = []
 

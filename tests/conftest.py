@@ -160,6 +160,17 @@ def engine():
 
 
 @pytest.fixture
+def fake_leases(monkeypatch):
+    """sglang_mx.leases.acquire replaced by tests.fakes.FakeLeases (grants and releases recorded)."""
+    from sglang_mx import leases
+    from tests.fakes import FakeLeases
+
+    book = FakeLeases()
+    monkeypatch.setattr(leases, "acquire", book.acquire)
+    return book
+
+
+@pytest.fixture
 def seeds():
     """Seed processes (tests.procs.SeedProcess) a test starts: append them; all killed at teardown."""
     started = []

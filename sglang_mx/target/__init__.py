@@ -7,6 +7,7 @@
 - `striped` (+ `stripes`): a same-layout pull over one or more seeds;
 - `reshard` (+ `reshard_plan`): a pull from a seed instance of another TP layout;
 - `verify`: the one verify rule (`VerifyMode`, `expect`);
+- `progress`: the line a long pull logs every few seconds (`PullProgress`);
 - `report`: what a pull reports (`PullReport`).
 """
 

@@ -21,9 +21,11 @@ from sglang_mx.config import DEFAULTS, MxConfig
 from sglang_mx.errors import CandidateFailure, NoSourceError, TransferError, VerificationError
 from sglang_mx.identity import describe_identity, mx_source_id
 from sglang_mx.layout import RankInfo, identity_for, model_source_id
+from sglang_mx.metrics import metrics
 from sglang_mx.records import TOPOLOGY_INSTANCE, ShardSpec, SourceIdentity, SourceStatus, TensorDescriptor
 from sglang_mx.target.candidate import Pins
 from sglang_mx.target.choice import order_candidates
+from sglang_mx.target.progress import PullProgress
 from sglang_mx.target.report import PullReport
 from sglang_mx.target.reshard import InstanceBusy, MixedLayout, instances, pull_instance
 from sglang_mx.target.reshard_plan import ReshardRefused
@@ -113,7 +115,10 @@ def pull_weights(
     source_id = mx_source_id(identity)
     deadline = clock() + options.wait_timeout_s
     verify = VerifyMode(options.verify) if verifier else VerifyMode.OFF
-    pull = StripedPull(tensors, verify=verify, verifier=verifier, clock=clock, prepare=prepare, pins=options.pins)
+    progress = PullProgress(rank=worker_rank, total_bytes=sum(t.size for t in tensors), total_checks=len(tensors),
+                            verifying=verify != VerifyMode.OFF, clock=clock)
+    pull = StripedPull(tensors, verify=verify, verifier=verifier, clock=clock, prepare=prepare, pins=options.pins,
+                       progress=progress)
     start = clock()
     regions = engine.register((t.addr, t.size) for t in tensors)
     registered = clock()
@@ -164,6 +169,7 @@ def pull_weights(
         pull.drop_all()
         if not (succeeded and options.keep_registered):
             engine.unregister(regions)
+        metrics().pull_finished(clock() - start, ok=succeeded)
 
 
 def _pull_mixed(client: MetadataClient, engine: MooncakeEngine, mixed: MixedLayout, pull: StripedPull,

@@ -15,6 +15,7 @@ as a whole; the caller moves on to the next, and finally to its `fallback`.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -29,10 +30,12 @@ from sglang_mx.client import MetadataClient
 from sglang_mx.digest import byte_view, mismatches
 from sglang_mx.errors import TransferError, VerificationError
 from sglang_mx.leases import ReadLease
+from sglang_mx.metrics import metrics
 from sglang_mx.records import TOPOLOGY_INSTANCE, TOPOLOGY_MODEL_ID, TOPOLOGY_PP_SIZE, TOPOLOGY_TP_SIZE, SourceRef, \
     SourceStatus, TensorDescriptor
 from sglang_mx.target.candidate import Pins, SeedBusyError, fetch, take_lease
 from sglang_mx.target.choice import least_loaded
+from sglang_mx.target.progress import PullProgress
 from sglang_mx.target.report import PullReport, build_report
 from sglang_mx.target.reshard_plan import RangeCheck, ReshardPlan, Staged, plan_reshard
 from sglang_mx.target.striped import read_all
@@ -130,7 +133,13 @@ def pull_instance(
         log.info("resharding from %s: TP %d -> TP %d rank %d, %.3f GB into place, %.3f GB read "
                  "(%d tensors staged whole)", label, seed_tp, mixed.tp_size, mixed.tp_rank, plan.total_bytes / 1e9,
                  plan.read_bytes / 1e9, len(plan.staged))
-        seconds, verify_s, reads = _execute(engine, plan, sessions, mixed.tensors, prepare, clock, label)
+        progress = PullProgress(rank=mixed.tp_rank, total_bytes=plan.read_bytes, clock=clock, unit="checks",
+                                total_checks=len(plan.checks) + sum(1 for s in plan.staged if s.digest),
+                                verifying=verify != VerifyMode.OFF)
+        seeds = {ref.worker_rank: ref.worker_id for ref in group}
+        seconds, verify_s, reads = _execute(engine, plan, sessions, mixed.tensors, prepare, clock, label,
+                                            progress=progress, seeds=seeds)
+        metrics().pulled(plan.read_bytes)
     finally:
         for lease in held:
             lease.release()
@@ -151,13 +160,16 @@ def pull_instance(
 
 
 def _execute(engine: MooncakeEngine, plan: ReshardPlan, sessions: Mapping[int, str],
-             tensors: Mapping[str, torch.Tensor], prepare, clock, label: str) -> tuple[float, float, int]:
+             tensors: Mapping[str, torch.Tensor], prepare, clock, label: str, *,
+             progress: PullProgress | None = None, seeds: Mapping[int, str] | None = None) -> tuple[float, float, int]:
     """Run the plan: (seconds from the first read to the last byte verified and placed, seconds spent
     verifying and placing, reads). Raises TransferError, VerificationError.
 
     Each read is verified as it lands, in its rank's reading thread while the other reads
     move: the range checks it holds, or, for a staged tensor, its whole digest and then the
     copy of its columns into place (staged tensors of one destination fill disjoint columns).
+    `progress` is fed as reads land (by seed: `seeds`, rank -> name; the rank number without) and
+    ticked while they move.
     """
     device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
     staged_bytes = sum(s.size for s in plan.staged)
@@ -172,6 +184,8 @@ def _execute(engine: MooncakeEngine, plan: ReshardPlan, sessions: Mapping[int, s
         if mismatches({c.name: flat[c.name][c.offset:c.offset + c.length]}, {c.name: c.digest}):
             with lock:
                 differing.append(c.name)
+        elif progress is not None:
+            progress.verified(c.length, 1)
 
     def place(s: Staged, off: int) -> None:
         src = staging[off:off + s.size]
@@ -179,6 +193,8 @@ def _execute(engine: MooncakeEngine, plan: ReshardPlan, sessions: Mapping[int, s
             with lock:
                 differing.append(s.name)
             return
+        if s.digest and progress is not None:
+            progress.verified(s.size, 1)
         dst = flat[s.name].view(*s.dst_view)
         view = src.view(*s.src_view)
         for c in s.copies:
@@ -202,15 +218,19 @@ def _execute(engine: MooncakeEngine, plan: ReshardPlan, sessions: Mapping[int, s
         for r in ranks:
             items = sorted(work[r], key=lambda item: item[0].local_addr)
             work[r] = items
-            jobs.append((sessions[r], [read for read, _ in items], prepare, _landing(items, lock, spent, clock)))
+            seed = (seeds or {}).get(r, f"rank {r}")
+            jobs.append((sessions[r], [read for read, _ in items], prepare,
+                         _landing(items, lock, spent, clock, progress, seed)))
         start = clock()
-        errors = read_all(engine, jobs)
+        with progress.ticking() if progress is not None else contextlib.nullcontext():
+            errors = read_all(engine, jobs)
         failed = [(r, e) for r, e in zip(ranks, errors) if e is not None]
         if failed:
             r, e = failed[0]
             raise TransferError(f"reading from seed rank {r} of {label} failed: {e}", seed=label,
                                 code=getattr(e, "code", None))
         if differing:
+            metrics().digest_failed()
             raise VerificationError("bytes pulled do not match the seed's published digests (whole or piece)",
                                     seed=label, tensors=sorted(set(differing)))
         if device.type == "cuda":
@@ -225,12 +245,17 @@ def _execute(engine: MooncakeEngine, plan: ReshardPlan, sessions: Mapping[int, s
         staging = None  # noqa: F841  (the staging buffer goes once unregistered, unless quarantined)
 
 
-def _landing(items, lock: threading.Lock, spent: list[float], clock) -> Callable[[int], None]:
+def _landing(items, lock: threading.Lock, spent: list[float], clock, progress: PullProgress | None = None,
+             seed: str = "") -> Callable[[int], None]:
     """on_done for one rank's reads: run what waits on read i, adding its time to `spent`."""
     def on_done(index: int) -> None:
+        if progress is not None:
+            progress.landed(seed, items[index][0].length)
         begin = clock()
         for task in items[index][1]:
             task()
         with lock:
             spent[0] += clock() - begin
+        if progress is not None:
+            progress.tick()
     return on_done

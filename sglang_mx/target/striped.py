@@ -13,6 +13,7 @@ whose digest differs, stays pending for the next round from the other seeds.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -21,8 +22,10 @@ from typing import Callable, Sequence
 from sglang_mx.client import MetadataClient
 from sglang_mx.errors import CandidateFailure, LayoutMismatchError, NoSourceError, TransferError, VerificationError
 from sglang_mx.leases import ReadLease
+from sglang_mx.metrics import metrics
 from sglang_mx.records import SourceRef, TensorDescriptor
 from sglang_mx.target.candidate import Pins, SeedBusyError, fetch, label, take_lease
+from sglang_mx.target.progress import PullProgress
 from sglang_mx.target.report import PullReport, build_report
 from sglang_mx.target.stripes import Destination, Slice, cut, destinations, reads_for, stripe_count
 from sglang_mx.target.verify import Verifier, VerifyMode, expected_digests
@@ -49,8 +52,10 @@ class StripedPull:
 
     def __init__(self, tensors: Sequence[TensorDescriptor], *, verify: VerifyMode, verifier: Verifier | None,
                  clock: Callable[[], float], prepare: Callable[[Read], None] | None = None,
-                 pins: Pins = Pins()) -> None:
+                 pins: Pins = Pins(), progress: PullProgress | None = None) -> None:
+        """`progress`: fed as reads land and rounds end, and ticked (it logs) while reads move."""
         self.pins = pins
+        self.progress = progress
         self.tensors = tensors
         self.prepare = prepare
         self.verify = verify
@@ -66,6 +71,7 @@ class StripedPull:
         self.sessions: dict[str, str] = {}
         self.mx_source_id = ""
         self.reads = self.verified = self.rounds = 0
+        self.verified_bytes = 0
         self.digests: dict[str, str] = {}  # name -> the digest its pulled bytes were checked against
         self.seconds = self.verify_seconds = self.metadata_seconds = 0.0
 
@@ -111,21 +117,31 @@ class StripedPull:
         checked: dict[Destination, set[str]] = {}  # verified early -> the names that differ
         lock = threading.Lock()
 
-        def on_done(src: _Source, by_read: list[list[Destination]]) -> Callable[[int], None]:
+        progress = self.progress
+
+        def on_done(src: _Source, reads: Sequence[Read], by_read: list[list[Destination]]) -> Callable[[int], None]:
             def check(index: int) -> None:
-                for dest in by_read[index]:
+                if progress is not None:
+                    progress.landed(src.ref.worker_id, reads[index].length)
+                for dest in by_read[index] if self.verifier else ():
                     expected = {n: src.expected[n] for n in dest.names if n in src.expected}
                     begin = self.clock()
-                    differing = set(self.verifier(expected)) if expected and self.verifier else set()
+                    differing = set(self.verifier(expected)) if expected else set()
                     with lock:
                         self.verify_seconds += self.clock() - begin
                         checked[dest] = differing
+                    if progress is not None and expected and not differing:
+                        progress.verified(dest.size, len(expected))
+                if progress is not None:
+                    progress.tick()
             return check
 
         start = self.clock()
-        errors = read_all(engine, [
-            (src.session, reads, self.prepare, on_done(src, _whole_by_read(slices, reads)) if self.verifier else None)
-            for src, slices, reads in jobs])
+        with progress.ticking() if progress is not None else contextlib.nullcontext():
+            errors = read_all(engine, [
+                (src.session, reads, self.prepare, on_done(src, reads, _whole_by_read(slices, reads))
+                 if self.verifier or progress is not None else None)
+                for src, slices, reads in jobs])
         self.seconds += self.clock() - start
         self.reads += sum(len(reads) for _, _, reads in jobs)
         failed = {src.ref.worker_id for (src, _, _), e in zip(jobs, errors) if e is not None}
@@ -159,6 +175,8 @@ class StripedPull:
         self.verified += sum(1 for d in complete for name in d.names
                              if name in servers[d][0].expected and name not in differing)
         good = {d for d in complete if not differing.intersection(d.names)}
+        self.verified_bytes += sum(d.size for d in good if any(n in servers[d][0].expected for n in d.names))
+        metrics().pulled(sum(d.size for d in good))
         for d in good:
             self.digests.update((name, servers[d][0].expected[name]) for name in d.names
                                 if name in servers[d][0].expected)
@@ -174,11 +192,16 @@ class StripedPull:
                 names = wrong[src.ref.worker_id]
                 why = ("another seed striped with it publishes other digests for the same tensors"
                        if names <= disputed else "bytes pulled do not match the seed's published digests")
+                metrics().digest_failed()
                 self._fail(src.ref, VerificationError(why, seed=src.label, tensors=sorted(names)))
             ok = sum(p.length for p in slices if p.dest in good)
             if ok:
                 self.served[src.ref.worker_id] = self.served.get(src.ref.worker_id, 0) + ok
         self.pending = [d for d in self.pending if d not in good]
+        if progress is not None:
+            progress.settle(kept=self.total_bytes - sum(d.size for d in self.pending),
+                            verified_bytes=self.verified_bytes, checks=self.verified, by_seed=self.served)
+            progress.tick()
 
     def _fail(self, ref: SourceRef, error: Exception) -> None:
         log.warning("seed %s unusable: %s", ref.worker_id, error)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 
-from sglang_mx import leases
 from sglang_mx.errors import NoSourceError, TransferError
 from sglang_mx.identity import mx_source_id
 from sglang_mx.records import SourceIdentity, SourceRef, SourceStatus, StoredWorker, TensorDescriptor, WorkerRecord
@@ -68,34 +67,6 @@ class FakeEngine:
         self.bytes[session] = self.bytes.get(session, 0) + sum(r.length for r in reads)
         if session in self.failing:
             raise TransferError("batch_transfer_sync_read failed", seed=session, code=-1)
-
-
-class Leases:
-    """Stands in for sglang_mx.leases.acquire: workers in `busy` refuse; counts grants and releases."""
-
-    def __init__(self, busy=()) -> None:
-        self.busy = set(busy)
-        self.granted: list[str] = []
-        self.released: list[str] = []
-
-    def acquire(self, endpoint, mx_source_id, worker_id, *, timeout_s):
-        if worker_id in self.busy:
-            raise leases.SeedBusyError(worker_id, "at max_readers")
-        self.granted.append(worker_id)
-        outer = self
-
-        class Lease:
-            def release(self):
-                outer.released.append(worker_id)
-
-        return Lease()
-
-
-@pytest.fixture
-def fake_leases(monkeypatch):
-    book = Leases()
-    monkeypatch.setattr(leases, "acquire", book.acquire)
-    return book
 
 
 def pull(client, engine, clock, verifier=None, **options):
