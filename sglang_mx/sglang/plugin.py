@@ -19,6 +19,11 @@ the logic lives there and in the modules it calls. Hooks:
 - `RemoteInstanceWeightTransporter.maybe_register_and_publish_weight_info`:
   publish with our own registration instead of SGLang's (which walks the CUDA
   allocator and would register the weights a second time).
+- `bootstrap._bind_threads_if_cpu` (note the rank's CPUs SGLang computes, cut
+  to the mask the process had before) and
+  `RemoteInstanceWeightTransporter.init_engine` (when this backend uses the
+  engine): start Mooncake's threads allowed on the rank's CPUs, not on the one
+  core sgl_kernel's binding leaves the scheduler's main thread (`.affinity`).
 - `Scheduler.run_event_loop` (before): mark READY once the rank serves. A rank
   whose weights were pulled from a peer goes READY at publication instead
   (cascade: its weights are final, so it seeds others before it serves).
@@ -27,15 +32,17 @@ the logic lives there and in the modules it calls. Hooks:
   EPLB's `ExpertLocationUpdater.update`: before the first byte changes, every
   seed of the process withdraws (STALE, memory unregistered); after an update
   from disk it publishes again under the identity of what it now holds (the new
-  model path, new digests). Other updates leave it withdrawn: what it then holds
-  has no identity a target could ask for.
+  model path, new digests). After `resume_memory_occupation` it is published
+  again and goes READY only when every digest equals what it published before
+  the release (otherwise it stays withdrawn, naming the tensors). Other updates
+  leave it withdrawn: what it then holds has no identity a target could ask for.
 """
 
 from __future__ import annotations
 
 import logging
 
-from sglang_mx.sglang import process, publish, rank, target_load
+from sglang_mx.sglang import affinity, process, publish, rank, target_load
 
 log = logging.getLogger("sglang_mx")
 
@@ -46,9 +53,15 @@ _PUBLISH = (
     "sglang.srt.model_executor.model_runner_components.remote_instance_weight_transporter."
     "RemoteInstanceWeightTransporter.maybe_register_and_publish_weight_info"
 )
+_INIT_ENGINE = (
+    "sglang.srt.model_executor.model_runner_components.remote_instance_weight_transporter."
+    "RemoteInstanceWeightTransporter.init_engine"
+)
+_BIND_THREADS = "sglang.srt.distributed.bootstrap._bind_threads_if_cpu"
 _EVENT_LOOP = "sglang.srt.managers.scheduler.Scheduler.run_event_loop"
 _UPDATER = "sglang.srt.managers.scheduler_components.weight_updater.SchedulerWeightUpdaterManager."
 _REPUBLISH_AFTER = (_UPDATER + "update_weights_from_disk",)
+_RESUME = _UPDATER + "resume_memory_occupation"
 _WITHDRAW_BEFORE = tuple(_UPDATER + name for name in (
     "update_weights_from_tensor", "update_weights_from_distributed", "update_weights_from_ipc",
     "begin_weight_update", "release_memory_occupation")) + (
@@ -57,6 +70,7 @@ _SERVER_ARGS = "sglang.srt.server_args.ServerArgs.check_server_args"
 
 
 _state = process.ProcessState()
+_rank_cpus = affinity.RankCpus()
 
 
 def register() -> None:
@@ -69,7 +83,10 @@ def register() -> None:
     HookRegistry.register(_LOADER, _around_remote_load, HookType.AROUND)
     HookRegistry.register(_RUNNER_LOAD, _after_runner_load, HookType.AFTER)
     HookRegistry.register(_PUBLISH, _around_publish, HookType.AROUND)
+    HookRegistry.register(_BIND_THREADS, _around_bind_threads, HookType.AROUND)
+    HookRegistry.register(_INIT_ENGINE, _around_init_engine, HookType.AROUND)
     HookRegistry.register(_EVENT_LOOP, _before_event_loop, HookType.BEFORE)
+    HookRegistry.register(_RESUME, _around_resume, HookType.AROUND)
     for target in _REPUBLISH_AFTER:
         HookRegistry.register(target, _around_update_from_disk, HookType.AROUND)
     for target in _WITHDRAW_BEFORE:
@@ -133,6 +150,29 @@ def _around_publish(original, self, *args, **kwargs):
     return None
 
 
+def _around_bind_threads(original, *args, **kwargs):
+    ops = affinity.linux_ops()
+    allowed = ops.get_affinity(affinity.CALLING_THREAD) if ops is not None else ()
+    bound = original(*args, **kwargs)
+    if ops is not None:
+        try:
+            _rank_cpus.note(bound, allowed)
+        except ValueError as e:  # a cpu list SGLang let through that we cannot read: widen nothing
+            log.warning("modelexpress: Mooncake threads will start with the binding's mask: %s", e)
+    return bound
+
+
+def _around_init_engine(original, self, *args, **kwargs):
+    from sglang.srt.runtime_context import get_model
+
+    if not _state.role(get_model()).uses_backend:
+        return original(self, *args, **kwargs)
+    result, widening = affinity.run_widened(lambda: original(self, *args, **kwargs), _rank_cpus.cpus,
+                                            affinity.linux_ops())
+    log.log(logging.WARNING if widening.failed else logging.INFO, "modelexpress: %s", widening.describe())
+    return result
+
+
 def _before_event_loop(self, *args, **kwargs):
     publish.mark_ready(_state.publishers)
     return None
@@ -141,6 +181,14 @@ def _before_event_loop(self, *args, **kwargs):
 def _before_weights_change(self, *args, **kwargs):
     process.withdraw(_state, why=f"{type(self).__name__} is about to change the weights in place")
     return None
+
+
+def _around_resume(original, self, *args, **kwargs):
+    result = original(self, *args, **kwargs)
+    # The memory came back (withdrawn at release_memory_occupation): READY again only with the very
+    # digests published before; anything else stays withdrawn, naming what differs.
+    process.republish(_state, unchanged_only=True)
+    return result
 
 
 def _around_update_from_disk(original, self, recv_req, *args, **kwargs):
