@@ -6,6 +6,8 @@ tests/target/test_striped.py and tests/test_fleet_scaleout.py.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from sglang_mx.errors import NoSourceError, TransferError
@@ -162,3 +164,21 @@ def test_a_successful_pull_keeps_its_registration_for_the_seed_and_a_failed_one_
     with pytest.raises(NoSourceError):
         pull(FakeClient(["a"]), failing, FakeClock(), keep_registered=True, max_candidates=1)
     assert failing.unregistered == 1
+
+
+def test_a_record_whose_identity_does_not_hash_to_the_id_asked_for_is_refused(fake_leases):
+    """The server answers GetMetadata with the identity it stored: a target checks it is the one it asked for."""
+
+    class LyingClient(FakeClient):
+        def get_metadata(self, mx_source_id, worker_id):
+            stored = super().get_metadata(mx_source_id, worker_id)
+            if worker_id == "liar":
+                other = SourceIdentity(model_name="another/model", tensor_parallel_size=1)
+                return dataclasses.replace(stored, identity=other)
+            return stored
+
+    engine = FakeEngine()
+    report = pull(LyingClient(["liar", "a"]), engine, FakeClock(), verifier=lambda expected: [])
+    [failure] = report.failures
+    assert failure.seed == "worker liar (rank 0)" and "an identity that hashes to" in failure.reason
+    assert engine.bytes == {"a:1": 6 * MB}
