@@ -9,9 +9,11 @@ benchmarks/sglang_load.py, each side a fresh process of its own.
   every tensor verified (`verify="require"`) as it lands. Its GB/s is `PullReport`'s, the
   number the SGLang target logs as `modelexpress: pulled ... GB in ... s`.
 - `same_work_ceiling`: a fresh process receives the same number of bytes (the checkpoint's own)
-  from another process over a loopback TCP socket into untouched memory and hashes each 16 MiB
-  with xxh3-64 as it lands: the bytes moved, the pages faulted and the hashing of a pull, with
-  no engine, metadata or bookkeeping. The sender's pages are written before the clock starts.
+  from another process over a loopback TCP socket into untouched memory (each 16 MiB populated
+  just before it is received, as a pull populates each read) and hashes each 16 MiB with
+  xxh3-64 on a second thread as it lands: the bytes moved, the pages populated and the hashing
+  of a pull, with no engine, metadata or bookkeeping. The sender's pages are written before the
+  clock starts.
 
     python benchmarks/same_work.py seed URL MODEL_DIR      (what PlainSeed runs)
     python benchmarks/same_work.py pull URL MODEL_DIR      (what plain_pull runs)
@@ -36,6 +38,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CHUNK = 16 << 20  # the ceiling hashes each 16 MiB as it lands
 MODEL_NAME = "bench/same-work-plain"
 
+
+# Socket buffers of the ceiling's two ends (the kernel caps them at net.core.[rw]mem_max): large, as a
+# transfer engine sets them, so the ceiling measures copies and not window waits.
+SOCKET_BUFFER = 16 << 20
 
 def _child(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "131072"}
@@ -99,7 +105,8 @@ def plain_pull(url: str, model_dir: pathlib.Path) -> dict:
 
 
 def same_work_ceiling(model_dir: pathlib.Path, nbytes: int) -> dict:
-    """Loopback socket into untouched memory, xxh3-64 per 16 MiB as it lands: {"gb", "seconds", "gb_per_s"}."""
+    """Loopback socket into fresh memory (populated per 16 MiB), xxh3-64 per 16 MiB as it lands:
+    {"gb", "seconds", "gb_per_s"}."""
     sender = _child("send", str(model_dir), str(nbytes))
     try:
         port = _expect(sender, "READY")
@@ -188,14 +195,20 @@ def _send(model_dir: pathlib.Path, nbytes: int) -> None:
         print(f"READY {server.getsockname()[1]}", flush=True)
         conn, _ = server.accept()
         with conn:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
             conn.sendall(view)
     sys.stdin.read()
 
 
 def _recv(port: int, nbytes: int) -> None:
+    import ctypes
+
     import xxhash
 
-    buf = mmap.mmap(-1, nbytes)  # anonymous, never touched: every page faults as the bytes land
+    from sglang_mx.transfer.memory import populate
+
+    buf = mmap.mmap(-1, nbytes)  # anonymous, never touched: fresh memory, as a target's
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
     view, got, digests = memoryview(buf), 0, []
     # Receiving and hashing on two threads, as a pull does them (a Mooncake thread receives while the
     # main thread verifies what landed): each 16 MiB piece is hashed as soon as it is full.
@@ -206,12 +219,16 @@ def _recv(port: int, nbytes: int) -> None:
             digests.append(xxhash.xxh3_64_intdigest(view[piece[0]:piece[1]]))
 
     hasher = threading.Thread(target=hash_pieces, name="hash")
-    with socket.create_connection(("127.0.0.1", port)) as conn:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as conn:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)  # before connect: the window
+        conn.connect(("127.0.0.1", port))
         start = time.perf_counter()
         hasher.start()
         while got < nbytes:
             first = got - got % CHUNK  # the 16 MiB piece being filled
             end = min(first + CHUNK, nbytes)
+            if got == first:  # populated just before its bytes are received, as a pull does each read
+                populate(base + first, end - first)
             n = conn.recv_into(view[got:end], end - got)
             if n == 0:
                 raise RuntimeError(f"the sender closed after {got} of {nbytes} bytes")
