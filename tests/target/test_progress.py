@@ -103,7 +103,7 @@ class SlowEngine(FakeEngine):
                 on_done(i)
 
 
-def test_a_striped_pull_logs_progress_when_its_clock_passes_the_interval(caplog):
+def test_a_striped_pull_logs_progress_when_its_clock_passes_the_interval(fake_leases, caplog):
     clock = FakeClock()
     with caplog.at_level(logging.INFO, logger="sglang_mx.target.progress"):
         report = pull(FakeClient(["a"]), SlowEngine(clock), clock, verifier=lambda expected: [], verify="require")
@@ -113,7 +113,7 @@ def test_a_striped_pull_logs_progress_when_its_clock_passes_the_interval(caplog)
     assert not _tickers()
 
 
-def test_a_quick_striped_pull_logs_no_progress(caplog):
+def test_a_quick_striped_pull_logs_no_progress(fake_leases, caplog):
     clock = FakeClock()
     with caplog.at_level(logging.INFO, logger="sglang_mx.target.progress"):
         pull(FakeClient(["a", "b"]), FakeEngine(), clock, max_seeds=2)
