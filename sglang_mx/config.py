@@ -111,8 +111,8 @@ class MxConfig:
         if bad:
             raise ConfigError(f"expect holds {bad[0]!r}, which is not a manifest id; allowed: a list of 64 lowercase "
                               "hex digits as `sglang-mx sources --json` prints them (\"manifest\")")
-        if self.verify is not VerifyMode.REQUIRE and self.verify != "require" and self.expect:
-            raise ConfigError(f"expect pins digests, so it needs verify 'require', not {self.verify!r}")
+        if self.expect and self.verify is not VerifyMode.REQUIRE:
+            raise ConfigError(f"expect pins digests, so it needs verify 'require', not {self.verify.value!r}")
         if self.digest not in ("", *DIGEST_ALGORITHMS):
             raise ConfigError(f"digest {self.digest!r} is not an algorithm sglang-mx knows; allowed: "
                               f"{', '.join(DIGEST_ALGORITHMS)} (or leave it out: each device's default)")

@@ -116,7 +116,7 @@ def pull_weights(
     deadline = clock() + options.wait_timeout_s
     verify = VerifyMode(options.verify) if verifier else VerifyMode.OFF
     progress = PullProgress(rank=worker_rank, total_bytes=sum(t.size for t in tensors), total_checks=len(tensors),
-                            verifying=verify != VerifyMode.OFF, clock=clock)
+                            verifying=verify.checks, clock=clock)
     pull = StripedPull(tensors, verify=verify, verifier=verifier, clock=clock, prepare=prepare, pins=options.pins,
                        progress=progress)
     start = clock()

@@ -108,6 +108,7 @@ def pull_instance(
     TransferError or VerificationError (our tensors may hold partial data),
     InstanceBusy. Our tensors' memory must already be registered with `engine`.
     """
+    verify = VerifyMode(verify)
     seed_tp = len(group)
     near = mixed.tp_rank * seed_tp // mixed.tp_size  # the seed rank over our rows (replicated tensors, ties)
     label = f"instance {group[0].topology.get(TOPOLOGY_INSTANCE, '?')} (TP {seed_tp}, {group[0].mx_source_id})"
@@ -135,7 +136,7 @@ def pull_instance(
                  plan.read_bytes / 1e9, len(plan.staged))
         progress = PullProgress(rank=mixed.tp_rank, total_bytes=plan.read_bytes, clock=clock, unit="checks",
                                 total_checks=len(plan.checks) + sum(1 for s in plan.staged if s.digest),
-                                verifying=verify != VerifyMode.OFF)
+                                verifying=verify.checks)
         seeds = {ref.worker_rank: ref.worker_id for ref in group}
         seconds, verify_s, reads = _execute(engine, plan, sessions, mixed.tensors, prepare, clock, label,
                                             progress=progress, seeds=seeds)
