@@ -139,9 +139,15 @@ EXTENSIONS = {(f".{PACKAGE}.TensorDescriptor", "mx_digest"): 1000,
               (f".{PACKAGE}.TensorDescriptor", "mx_pieces"): 1002,
               (f".{PACKAGE}.TensorDescriptor", "mx_digest_origin"): 1003,
               (f".{PACKAGE}.PrepareTensorReadRequest", "mx_renew_lease_id"): 1000,
-              (f".{PACKAGE}.PrepareTensorReadResponse", "mx_lease_ttl_ms"): 1000}
-# Messages only our extensions use (a ModelExpress client keeps them inside the unknown fields).
-OUR_MESSAGES = {f".{PACKAGE}.MxShard", f".{PACKAGE}.MxSpan", f".{PACKAGE}.MxPieceDigest"}
+              (f".{PACKAGE}.PrepareTensorReadResponse", "mx_lease_ttl_ms"): 1000,
+              (f".{PACKAGE}.UpdateStatusRequest", "mx_verified_bytes"): 1000}
+# Messages only our extensions use (a ModelExpress client keeps them inside the unknown fields), and
+# those of our own services.
+OUR_MESSAGES = {f".{PACKAGE}.{name}" for name in (
+    "MxShard", "MxSpan", "MxPieceDigest", "MxWatchSourcesRequest", "MxSourceEvent", "MxWatchVerifiedRequest",
+    "MxVerifiedUpdate")}
+# Services only sglang-mx serves: the metadata server's watch, a partial seed's verified tensors.
+OUR_SERVICES = {"MxWatchService", "MxPipelineService"}
 
 
 def test_our_extensions_use_numbers_modelexpress_does_not(ours, theirs):
@@ -192,6 +198,10 @@ def _methods(file, service_name: str) -> dict[str, tuple[str, str]]:
 def test_services_of_ours_exist_in_theirs(ours, theirs):
     their_services = {s.name for s in theirs.service}
     for service in ours.service:
+        if service.name in OUR_SERVICES:
+            assert service.name not in their_services, f"modelexpress now has a service {service.name}: rename ours"
+            assert service.name.startswith("Mx")
+            continue
         assert service.name in their_services, f"service {service.name} is not in modelexpress"
         assert _methods(ours, service.name).items() <= _methods(theirs, service.name).items()
 

@@ -339,3 +339,147 @@ class WorkerService(object):
             timeout,
             metadata,
             _registered_method=True)
+
+
+class MxWatchServiceStub(object):
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.WatchSources = channel.unary_stream(
+                '/model_express.p2p.MxWatchService/WatchSources',
+                request_serializer=p2p__pb2.MxWatchSourcesRequest.SerializeToString,
+                response_deserializer=p2p__pb2.MxSourceEvent.FromString,
+                _registered_method=True)
+
+
+class MxWatchServiceServicer(object):
+    """Missing associated documentation comment in .proto file."""
+
+    def WatchSources(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_MxWatchServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'WatchSources': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchSources,
+                    request_deserializer=p2p__pb2.MxWatchSourcesRequest.FromString,
+                    response_serializer=p2p__pb2.MxSourceEvent.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'model_express.p2p.MxWatchService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('model_express.p2p.MxWatchService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class MxWatchService(object):
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def WatchSources(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/model_express.p2p.MxWatchService/WatchSources',
+            p2p__pb2.MxWatchSourcesRequest.SerializeToString,
+            p2p__pb2.MxSourceEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class MxPipelineServiceStub(object):
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.WatchVerified = channel.unary_stream(
+                '/model_express.p2p.MxPipelineService/WatchVerified',
+                request_serializer=p2p__pb2.MxWatchVerifiedRequest.SerializeToString,
+                response_deserializer=p2p__pb2.MxVerifiedUpdate.FromString,
+                _registered_method=True)
+
+
+class MxPipelineServiceServicer(object):
+    """Missing associated documentation comment in .proto file."""
+
+    def WatchVerified(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_MxPipelineServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'WatchVerified': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchVerified,
+                    request_deserializer=p2p__pb2.MxWatchVerifiedRequest.FromString,
+                    response_serializer=p2p__pb2.MxVerifiedUpdate.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'model_express.p2p.MxPipelineService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('model_express.p2p.MxPipelineService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class MxPipelineService(object):
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def WatchVerified(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/model_express.p2p.MxPipelineService/WatchVerified',
+            p2p__pb2.MxWatchVerifiedRequest.SerializeToString,
+            p2p__pb2.MxVerifiedUpdate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
