@@ -76,6 +76,10 @@ class MxConfig:
     any_layout: bool = True
     # Seeds: serve at most this many reader leases at once (0: no cap); the count is reported as source_load.
     max_readers: int = 0
+    # Targets: pipelined cascade (sglang_mx.target.pipeline). While pulling, publish ourselves as a partial
+    # seed that serves each tensor once verified, and read from others that do; READY once complete.
+    # Needs `source` (not false) and `verify` other than "off".
+    pipeline: bool = False
     reader_lease_s: float = 60.0  # a lease neither released nor renewed within this expires (target died)
     heartbeat_interval_s: float = 30.0
     timeout_s: float = 10.0  # per-RPC deadline
@@ -128,6 +132,12 @@ class MxConfig:
         if not 0 <= self.max_readers <= MAX_LEASES:
             raise ConfigError(f"max_readers={self.max_readers} is out of range; allowed: 0 (no cap of your own) "
                               f"to {MAX_LEASES}")
+        if self.pipeline and self.source is False:
+            raise ConfigError("pipeline serves this target's verified tensors while it pulls, so it needs source "
+                              "true or left out, not false")
+        if self.pipeline and self.verify is VerifyMode.OFF:
+            raise ConfigError("pipeline serves only tensors this target verified, so it needs verify 'require' or "
+                              "'if_present', not 'off'")
         check_tls_files(self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
         check_token_transport(self.url, token=self.auth_token_file is not None, tls=self.tls_ca_file is not None,
                               allow_plaintext=self.allow_plaintext_token)
@@ -152,6 +162,7 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "max_seeds": ((int,), "an integer"),
     "any_layout": ((bool,), "true or false"),
     "max_readers": ((int,), "an integer"),
+    "pipeline": ((bool,), "true or false"),
     "reader_lease_s": _NUMBER,
     "heartbeat_interval_s": _NUMBER,
     "timeout_s": _NUMBER,

@@ -154,6 +154,17 @@ class ReaderLeases:
             self._notify(active)
         return known
 
+    def holds(self, lease_id: str) -> bool:
+        """Whether `lease_id` is a live lease of this seed (a stream of ours is only for holders)."""
+        key = _digest(lease_id)
+        with self._lock:
+            changed = self._expire_locked()
+            known = key in self._expiry
+            active = len(self._expiry)
+        if changed:
+            self._notify(active)
+        return known
+
     def active(self) -> int:
         """Leases held now (expired ones dropped first)."""
         with self._lock:
@@ -214,12 +225,20 @@ class _Servicer(wire.WorkerServiceServicer):
 
 
 class LeaseServer:
-    """Serves one seed rank's leases on `host` (a free port); `endpoint` is "host:port"."""
+    """Serves one seed rank's leases on `host` (a free port); `endpoint` is "host:port".
 
-    def __init__(self, leases: ReaderLeases, *, worker_id: str, host: str = "127.0.0.1") -> None:
+    `extra(server)` adds services of the same seed on the same port (a partial seed's
+    MxPipelineService); each of its `streams` open streams holds a thread of its own, so the
+    pool is that much larger than the four the lease calls need.
+    """
+
+    def __init__(self, leases: ReaderLeases, *, worker_id: str, host: str = "127.0.0.1",
+                 extra: Callable[[grpc.Server], None] | None = None, streams: int = 0) -> None:
         self.leases = leases
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="mx-lease"))
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4 + streams, thread_name_prefix="mx-lease"))
         wire.add_worker_servicer_to_server(_Servicer(leases, worker_id), self._server)
+        if extra is not None:
+            extra(self._server)
         port = self._server.add_insecure_port(f"{host}:0")
         if port == 0:
             raise MxError(f"could not listen for reader leases on {host}")

@@ -18,6 +18,9 @@ TOPOLOGY_MODEL_ID, TOPOLOGY_TP_SIZE, TOPOLOGY_PP_SIZE, TOPOLOGY_INSTANCE = (
     "mx_model_id", "mx_tp_size", "mx_pp_size", "mx_instance")
 # Every sglang-mx seed's record: its manifest id (sglang_mx.manifest), what an operator pins.
 TOPOLOGY_MANIFEST = "mx_manifest"
+# A partial seed's record (a target serving what it has verified while it pulls; sglang_mx.target.pipeline):
+# "1", and its depth in the cascade tree (the first seeds are 0, a target one more than its deepest parent).
+TOPOLOGY_PIPELINE, TOPOLOGY_DEPTH = "mx_pipeline", "mx_depth"
 
 
 class SourceStatus(enum.IntEnum):

@@ -15,8 +15,9 @@ import signal
 import threading
 import time
 import uuid
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
+import grpc
 import torch
 
 from sglang_mx.client import MetadataClient
@@ -76,10 +77,17 @@ class SeedPublisher:
         lease_ttl_s: float = 60.0,
         load_report_gap_s: float = 0.2,
         topology: Mapping[str, str] | None = None,
+        extra_service: Callable[[grpc.Server], None] | None = None,
+        streams: int = 0,
+        progress: Callable[[], int] | None = None,
     ) -> None:
         """`max_readers`: serve reader leases (sglang_mx.leases) capped at that many (0: no cap) and
         report their count as source_load; None: no lease endpoint. A change of the count is
-        heartbeated at once, at most one heartbeat per `load_report_gap_s`."""
+        heartbeated at once, at most one heartbeat per `load_report_gap_s`.
+
+        A partial seed (sglang_mx.target.pipeline) adds its MxPipelineService to the lease
+        endpoint (`extra_service`, with `streams` threads for its open streams) and heartbeats
+        while INITIALIZING, reporting `progress()` (bytes verified) with each heartbeat."""
         if heartbeat_interval_s <= 0:
             raise MxError(f"heartbeat_interval_s={heartbeat_interval_s} must be > 0")
         self._client = client
@@ -91,6 +99,9 @@ class SeedPublisher:
         self._heartbeat_interval_s = heartbeat_interval_s
         self._accelerator = accelerator
         self._topology = dict(topology or {})
+        self._extra_service = extra_service
+        self._streams = streams
+        self._progress = progress
         self.leases = None if max_readers is None else ReaderLeases(
             max_readers=max_readers, ttl_s=lease_ttl_s, on_change=lambda active: self._load_changed.set(),
             published_bytes=sum(t.size for t in self._tensors))
@@ -123,7 +134,8 @@ class SeedPublisher:
             self._regions = self._engine.register((t.addr, t.size) for t in self._tensors)
             if self.leases is not None:
                 host = self._engine.session_id.rsplit(":", 1)[0]
-                self._lease_server = LeaseServer(self.leases, worker_id=self.worker_id, host=host).start()
+                self._lease_server = LeaseServer(self.leases, worker_id=self.worker_id, host=host,
+                                                 extra=self._extra_service, streams=self._streams).start()
             self._status = SourceStatus.INITIALIZING
             self._publish()
         except BaseException:
@@ -139,9 +151,24 @@ class SeedPublisher:
     def mark_ready(self) -> None:
         """Advertise READY and start heartbeating."""
         self._set_status(SourceStatus.READY)
+        self.start_heartbeat()
+
+    def start_heartbeat(self) -> None:
+        """Heartbeat the current status (a partial seed: INITIALIZING, with its progress)."""
         if self._heartbeat is None:
             self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="mx-heartbeat", daemon=True)
             self._heartbeat.start()
+
+    def replace(self, tensors: Sequence[TensorDescriptor], topology: Mapping[str, str], status: SourceStatus) -> None:
+        """Publish a new record for the same worker (a partial seed turning into a full one): the
+        same memory, lease endpoint and leases, new descriptors, topology and status."""
+        self._tensors = tuple(tensors)
+        self._topology = dict(topology)
+        self._progress = None
+        self._status = status
+        if self.leases is not None:
+            self.leases.published_bytes = sum(t.size for t in self._tensors)
+        self._publish()
 
     def close(self) -> None:
         """Stop heartbeating, mark STALE (best effort), release the memory."""
@@ -192,8 +219,11 @@ class SeedPublisher:
     def _set_status(self, status: SourceStatus) -> None:
         self._status = status
         load = None if self.leases is None else float(self.leases.active())
+        progress = self._progress
+        extra = {} if progress is None else {"verified_bytes": progress()}
         try:
-            self._client.update_status(self.mx_source_id, self.worker_id, self.worker_rank, status, source_load=load)
+            self._client.update_status(self.mx_source_id, self.worker_id, self.worker_rank, status, source_load=load,
+                                       **extra)
         except RequestRejectedError as e:
             # The server forgot us (restarted, or reaped us during a partition).
             log.warning("metadata server %s refused worker %s's %s (%s); publishing again", self._client.url,
@@ -201,7 +231,7 @@ class SeedPublisher:
             self._publish()
 
     def _heartbeat_loop(self) -> None:
-        """READY every heartbeat_interval_s, and soon after the reader count changes (rate-limited)."""
+        """The status every heartbeat_interval_s, and soon after the reader count changes (rate-limited)."""
         while True:
             self._load_changed.wait(self._heartbeat_interval_s)
             if self._stop.is_set():
@@ -212,7 +242,7 @@ class SeedPublisher:
                 if self._stop.is_set():
                     return
             try:
-                self._set_status(SourceStatus.READY)
+                self._set_status(self._status)
             except ServerError as e:
                 log.warning("heartbeat of worker %s failed, will retry: %s", self.worker_id, e)
 
@@ -270,6 +300,32 @@ def start_seed(
     The publisher closes (STALE, memory unregistered) at interpreter exit and on
     SIGTERM; call `mark_ready()` once the rank serves.
     """
+    descriptors, topology = seed_descriptors(tensors, identity, worker_rank=worker_rank, options=options,
+                                             shards=shards, topology=topology, known_digests=known_digests)
+    publisher = SeedPublisher(
+        client, engine, identity, worker_rank=worker_rank, tensors=descriptors,
+        worker_id=worker_id, heartbeat_interval_s=options.heartbeat_interval_s, accelerator=options.accelerator,
+        max_readers=options.max_readers, lease_ttl_s=options.lease_ttl_s, topology=topology,
+    )
+    close_on_exit(publisher)
+    publisher.start()
+    if options.ready:
+        publisher.mark_ready()
+    return publisher
+
+
+def seed_descriptors(
+    tensors: Mapping[str, torch.Tensor],
+    identity: SourceIdentity,
+    *,
+    worker_rank: int,
+    options: SeedOptions = SeedOptions(),
+    shards: Mapping[str, ShardSpec] | None = None,
+    topology: Mapping[str, str] | None = None,
+    known_digests: Mapping[str, str] | None = None,
+) -> tuple[tuple[TensorDescriptor, ...], dict[str, str]]:
+    """What a seed publishes (`start_seed` says how): its descriptors, digests and their origins
+    included, and its topology with the manifest id."""
     start = time.perf_counter()
     published, known = {}, {}
     digests = options.digests
@@ -284,18 +340,9 @@ def start_seed(
         log.info("seed rank %d: digests of %d tensors (%d of them verified in the pull, not hashed again) and %d "
                  "split pieces in %.3f s", worker_rank, len(published), len(known),
                  sum(len(p) for p in pieces.values()), time.perf_counter() - start)
-    descriptors = describe(tensors, published, shards, pieces, origins)
+    descriptors = tuple(describe(tensors, published, shards, pieces, origins))
     topology = {**(topology or {}), TOPOLOGY_MANIFEST: manifest_id(mx_source_id(identity), worker_rank, descriptors)}
-    publisher = SeedPublisher(
-        client, engine, identity, worker_rank=worker_rank, tensors=descriptors,
-        worker_id=worker_id, heartbeat_interval_s=options.heartbeat_interval_s, accelerator=options.accelerator,
-        max_readers=options.max_readers, lease_ttl_s=options.lease_ttl_s, topology=topology,
-    )
-    close_on_exit(publisher)
-    publisher.start()
-    if options.ready:
-        publisher.mark_ready()
-    return publisher
+    return descriptors, topology
 
 
 def piece_digests_of(tensors: Mapping[str, torch.Tensor], shards: Mapping[str, ShardSpec],

@@ -382,3 +382,19 @@ def add_servicer_to_server(servicer: P2pServiceServicer, server: grpc.Server) ->
             response_serializer=_passthrough if response is None else response.SerializeToString)
         for name, (behavior, request, response) in handlers.items()
     }),))
+
+
+# --- A partial seed's verified tensors (sglang-mx's MxPipelineService, pipelined cascade) ---
+
+MxPipelineServiceStub = pb_grpc.MxPipelineServiceStub
+MxPipelineServiceServicer = pb_grpc.MxPipelineServiceServicer
+add_pipeline_servicer_to_server = pb_grpc.add_MxPipelineServiceServicer_to_server
+
+
+def watch_verified_request(mx_source_id: str, worker_id: str, lease_id: str) -> pb.MxWatchVerifiedRequest:
+    return pb.MxWatchVerifiedRequest(mx_source_id=mx_source_id, worker_id=worker_id, lease_id=lease_id)
+
+
+def verified_update(verified: bytes, verified_bytes: int, *, complete: bool = False,
+                    failed: bool = False) -> pb.MxVerifiedUpdate:
+    return pb.MxVerifiedUpdate(verified=verified, verified_bytes=verified_bytes, complete=complete, failed=failed)

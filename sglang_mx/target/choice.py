@@ -7,6 +7,12 @@ instead of all asking the newest one. With `spread=False` ties keep the
 server's order (newest first), which tests use to make the order predictable.
 The same ordering picks among whole seed instances of another layout
 (`target.reshard.instances`), by their ranks' mean load.
+
+A pipelined target (`target.pipeline`) also reads from partial seeds, after the full ones:
+`order_parents` plans the tree. Partial seeds go shallowest first (then least loaded), so
+the tree fills level by level, and only those shallower than the target itself once it has
+a depth: every parent is shallower than its children and depths never change, so no cycle
+can form when a target whose parent died attaches again.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import random
 from typing import Callable, Iterable, TypeVar
 
 from sglang_mx.records import SourceRef
+from sglang_mx.target.pipeline import depth_of
 
 T = TypeVar("T")
 
@@ -32,3 +39,13 @@ def order_candidates(refs: Iterable[SourceRef], *, rng: random.Random | None = N
                      spread: bool = True) -> list[SourceRef]:
     """`refs` least-loaded first; equal loads in random order (`spread`) or as listed."""
     return least_loaded(refs, load=lambda r: r.source_load or 0.0, rng=rng, spread=spread)
+
+
+def order_parents(full: Iterable[SourceRef], partial: Iterable[SourceRef], *, own_depth: int | None = None,
+                  own_worker: str = "", rng: random.Random | None = None, spread: bool = True) -> list[SourceRef]:
+    """Full seeds least-loaded first, then the partial seeds a target at `own_depth` (None: not yet
+    in the tree) may attach to, shallowest and least loaded first; never itself (`own_worker`)."""
+    rng = rng or random.Random()
+    allowed = [r for r in partial if r.worker_id != own_worker and (own_depth is None or depth_of(r) < own_depth)]
+    shallow_first = least_loaded(allowed, load=lambda r: (depth_of(r), r.source_load or 0.0), rng=rng, spread=spread)
+    return order_candidates([r for r in full if r.worker_id != own_worker], rng=rng, spread=spread) + shallow_first

@@ -22,9 +22,10 @@ from sglang_mx.errors import CandidateFailure, NoSourceError, TransferError, Ver
 from sglang_mx.identity import describe_identity, mx_source_id
 from sglang_mx.layout import RankInfo, identity_for, model_source_id
 from sglang_mx.metrics import metrics
-from sglang_mx.records import TOPOLOGY_INSTANCE, ShardSpec, SourceIdentity, SourceStatus, TensorDescriptor
+from sglang_mx.records import TOPOLOGY_INSTANCE, ShardSpec, SourceIdentity, SourceRef, SourceStatus, TensorDescriptor
 from sglang_mx.target.candidate import Pins
-from sglang_mx.target.choice import order_candidates
+from sglang_mx.target.choice import order_candidates, order_parents
+from sglang_mx.target.pipeline import PipelineSeed, is_partial
 from sglang_mx.target.progress import PullProgress
 from sglang_mx.target.report import PullReport
 from sglang_mx.target.reshard import InstanceBusy, MixedLayout, instances, pull_instance
@@ -39,6 +40,11 @@ from sglang_mx.transfer.tensors import describe
 __all__ = ["PullOptions", "pull_into", "pull_weights"]
 
 log = logging.getLogger(__name__)
+
+PIPELINE_WINDOW_BYTES = 2 << 20
+"""A pipelined pull's bytes in flight per seed: about two tensors of a small model, one read of a large
+tensor (a read is never split by the window). Smaller: each link of a chain adds less delay; too small
+for the link's bandwidth-delay product and the link idles between reads."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -61,12 +67,17 @@ class PullOptions:
     # After a pull that succeeded, leave our memory registered: the target is about to seed it (cascade),
     # and its seed then shares the registration instead of registering the same memory again.
     keep_registered: bool = False
+    # Pipelined cascade (target.pipeline): also read from partial seeds (targets serving what they have
+    # verified), one read per tensor with at most `window_bytes` in flight per seed, so each tensor is
+    # verified, and can be served on, as soon as it lands.
+    pipeline: bool = False
+    window_bytes: int = PIPELINE_WINDOW_BYTES
 
     @classmethod
     def from_config(cls, config: MxConfig) -> "PullOptions":
         return cls(wait_timeout_s=config.wait_timeout_s, max_candidates=config.max_candidates, verify=config.verify,
                    max_seeds=config.max_seeds, expect=config.expect, allow_weak_digests=config.allow_weak_digests,
-                   keep_registered=config.source is not False)
+                   keep_registered=config.source is not False, pipeline=config.pipeline)
 
     @property
     def pins(self) -> Pins:
@@ -86,6 +97,8 @@ def pull_weights(
     verifier: Verifier | None = None,
     prepare: Callable[[Read], None] | None = None,
     mixed: MixedLayout | None = None,
+    pipeline: PipelineSeed | None = None,
+    on_verified: Callable[[int], None] | None = None,
 ) -> PullReport:
     """Fill `tensors` (our memory) from READY seeds of the same identity and rank.
 
@@ -111,14 +124,31 @@ def pull_weights(
     `mixed`: our layout can be planned (target.reshard); when no seed of our own
     identity can serve, whole seed instances of the same model in another TP layout
     are tried (each counts as one candidate), least loaded first.
+
+    `pipeline` (needs `options.pipeline`): we publish ourselves as a partial seed once the
+    pull has a source and serve each tensor as soon as it is final; on success the same
+    worker becomes a full READY seed, on failure it withdraws (target.pipeline). With
+    `options.pipeline`, partial seeds are candidates too (`choice.order_parents`): only
+    their verified tensors are read, as they appear; a parent that breaks is dropped and
+    what it served stays. `on_verified(nbytes)`: bytes that just became final (verified,
+    or kept unchecked where nothing is checked); runs in reading threads.
     """
+    if pipeline is not None and not options.pipeline:
+        raise ValueError("a PipelineSeed needs PullOptions(pipeline=True)")
     source_id = mx_source_id(identity)
     deadline = clock() + options.wait_timeout_s
     verify = VerifyMode(options.verify) if verifier else VerifyMode.OFF
     progress = PullProgress(rank=worker_rank, total_bytes=sum(t.size for t in tensors), total_checks=len(tensors),
                             verifying=verify.checks, clock=clock)
+    def on_final(dest, checked: dict[str, str]) -> None:
+        if pipeline is not None:
+            pipeline.verified_names(checked)
+        if on_verified is not None:
+            on_verified(dest.size)
+
     pull = StripedPull(tensors, verify=verify, verifier=verifier, clock=clock, prepare=prepare, pins=options.pins,
-                       progress=progress)
+                       progress=progress, on_final=on_final if pipeline is not None or on_verified else None,
+                       window_bytes=options.window_bytes if options.pipeline else None)
     start = clock()
     regions = engine.register((t.addr, t.size) for t in tensors)
     registered = clock()
@@ -126,21 +156,27 @@ def pull_weights(
     succeeded = False
     try:
         while True:
-            refs = client.list_sources(identity, status=SourceStatus.READY, worker_rank=worker_rank)
-            queue = [r for r in order_candidates(refs, rng=options.rng, spread=options.spread)
-                     if r.worker_id not in pull.bad]
+            queue = [r for r in _candidates(client, identity, worker_rank, options, pipeline) if r.worker_id not in pull.bad]
             busy = False
             while not pull.done and len(pull.bad) < options.max_candidates:
                 while queue and len(pull.sources) < options.max_seeds and len(pull.bad) < options.max_candidates:
                     found = clock() if found is None else found
                     busy |= pull.add(client, queue.pop(0), options.lease_timeout_s)
+                if pipeline is not None and pull.sources and not pipeline.attached:
+                    pipeline.attach(1 + max(src.depth for src in pull.sources), pull.sources[0].expected)
                 if not pull.sources:
                     break
-                pull.round(engine)
+                versions = pull.versions()
+                if not pull.round(engine):
+                    pull.wait_for_parents(options.poll_interval_s, versions)
+                pull.drop_broken()
             if pull.done:
+                report = dataclasses.replace(pull.report(), register_seconds=registered - start,
+                                             discover_seconds=(found or registered) - registered)
+                if pipeline is not None:
+                    pipeline.finish(report.digests)
                 succeeded = True
-                return dataclasses.replace(pull.report(), register_seconds=registered - start,
-                                           discover_seconds=(found or registered) - registered)
+                return report
             pull.drop_all()  # leases are not held while we wait
             if mixed is not None and not queue and len(pull.bad) < options.max_candidates:
                 found_at = clock()
@@ -148,6 +184,8 @@ def pull_weights(
                                                  verify=verify, prepare=prepare, clock=clock)
                 busy |= mixed_busy
                 if report is not None:
+                    if pipeline is not None:
+                        pipeline.finish(report.digests)
                     succeeded = True
                     return dataclasses.replace(report, register_seconds=registered - start,
                                                discover_seconds=(found or found_at) - registered)
@@ -167,9 +205,25 @@ def pull_weights(
             sleep(min(options.poll_interval_s, max(deadline - clock(), 0.0)))
     finally:
         pull.drop_all()
+        if pipeline is not None and not succeeded:
+            pipeline.abort()
         if not (succeeded and options.keep_registered):
             engine.unregister(regions)
         metrics().pull_finished(clock() - start, ok=succeeded)
+
+
+def _candidates(client: MetadataClient, identity: SourceIdentity, worker_rank: int, options: PullOptions,
+                pipeline: PipelineSeed | None) -> list[SourceRef]:
+    """The seeds to ask, in order: READY ones least loaded first; with `options.pipeline`, then the
+    partial seeds the tree allows (choice.order_parents)."""
+    refs = client.list_sources(identity, status=SourceStatus.READY, worker_rank=worker_rank)
+    if not options.pipeline:
+        return order_candidates(refs, rng=options.rng, spread=options.spread)
+    partial = [r for r in client.list_sources(identity, status=SourceStatus.INITIALIZING, worker_rank=worker_rank)
+               if is_partial(r)]
+    return order_parents(refs, partial, own_depth=pipeline.depth if pipeline is not None else None,
+                         own_worker=pipeline.worker_id if pipeline is not None else "", rng=options.rng,
+                         spread=options.spread)
 
 
 def _pull_mixed(client: MetadataClient, engine: MooncakeEngine, mixed: MixedLayout, pull: StripedPull,

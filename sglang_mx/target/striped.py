@@ -27,7 +27,8 @@ from sglang_mx.records import SourceRef, TensorDescriptor
 from sglang_mx.target.candidate import Pins, SeedBusyError, fetch, label, take_lease
 from sglang_mx.target.progress import PullProgress
 from sglang_mx.target.report import PullReport, build_report
-from sglang_mx.target.stripes import Destination, Slice, cut, destinations, reads_for, stripe_count
+from sglang_mx.target.pipeline import VerifiedWatch, depth_of, is_partial
+from sglang_mx.target.stripes import Destination, Slice, assign, cut, destinations, reads_for, stripe_count
 from sglang_mx.target.verify import Verifier, VerifyMode, expected_digests
 from sglang_mx.transfer.engine import MooncakeEngine
 from sglang_mx.transfer.plan import Read, build_plan
@@ -45,6 +46,12 @@ class _Source:
     remote_addr: dict[str, int]
     expected: dict[str, str]  # name -> digest our bytes must have (per the verify mode)
     lease: ReadLease | None
+    watch: VerifiedWatch | None = None  # a partial seed: which of its tensors are verified (target.pipeline)
+    depth: int = 0  # its depth in the cascade tree (0: a full seed)
+
+    @property
+    def partial(self) -> bool:
+        return self.watch is not None and not self.watch.complete
 
 
 class StripedPull:
@@ -52,8 +59,14 @@ class StripedPull:
 
     def __init__(self, tensors: Sequence[TensorDescriptor], *, verify: VerifyMode, verifier: Verifier | None,
                  clock: Callable[[], float], prepare: Callable[[Read], None] | None = None,
-                 pins: Pins = Pins(), progress: PullProgress | None = None) -> None:
-        """`progress`: fed as reads land and rounds end, and ticked (it logs) while reads move."""
+                 pins: Pins = Pins(), progress: PullProgress | None = None,
+                 on_final: Callable[[Destination, dict[str, str]], None] | None = None,
+                 window_bytes: int | None = None) -> None:
+        """`progress`: fed as reads land and rounds end, and ticked (it logs) while reads move.
+        `on_final(dest, checked)`: a destination is kept for good (`checked`: its names and the
+        digests they matched, empty when nothing was checked); runs in reading threads.
+        `window_bytes` (a pipelined pull): one read per destination, submitted in order with at
+        most that many bytes in flight per seed, so destinations become final one by one."""
         self.pins = pins
         self.progress = progress
         self.tensors = tensors
@@ -74,6 +87,8 @@ class StripedPull:
         self.verified_bytes = 0
         self.digests: dict[str, str] = {}  # name -> the digest its pulled bytes were checked against
         self.seconds = self.verify_seconds = self.metadata_seconds = 0.0
+        self.on_final = on_final
+        self.window_bytes = window_bytes
 
     @property
     def done(self) -> bool:
@@ -87,6 +102,7 @@ class StripedPull:
             build_plan(self.tensors, record.tensors, seed=record.label)  # the layouts must agree exactly
             expected = expected_digests(self.tensors, record.tensors, self.verify, record.label)
             lease = take_lease(record, lease_timeout_s)
+            watch = _watch(record, lease) if is_partial(ref) else None
         except SeedBusyError as e:
             log.info("%s", e)
             return True
@@ -99,19 +115,53 @@ class StripedPull:
         self.mx_source_id = ref.mx_source_id
         self.sessions[ref.worker_id] = record.session
         self.sources.append(_Source(ref, record.session, record.label, {t.name: t.addr for t in record.tensors},
-                                    expected, lease))
+                                    expected, lease, watch, depth_of(ref)))
+        if watch is not None:
+            log.info("reading from partial seed %s (depth %d) as it verifies", record.label, depth_of(ref))
         return False
 
-    def round(self, engine: MooncakeEngine) -> None:
+    def drop_broken(self) -> None:
+        """Fail every partial source whose stream broke (it died, or its own pull failed)."""
+        for src in [s for s in self.sources if s.watch is not None and s.watch.broken]:
+            self._fail(src.ref, TransferError(f"partial seed stopped serving: {src.watch.broken}", seed=src.label))
+
+    def wait_for_parents(self, timeout_s: float, versions: dict[int, int]) -> None:
+        """Wait up to `timeout_s` for any partial source to verify more (or break) since `versions`."""
+        watches = [s.watch for s in self.sources if s.partial]
+        if not watches:
+            return
+        deadline = self.clock() + timeout_s
+        while self.clock() < deadline:
+            for w in watches:
+                if w.wait(versions.get(id(w), -1), min(0.05, timeout_s) if len(watches) > 1 else timeout_s):
+                    return
+
+    def versions(self) -> dict[int, int]:
+        """The partial sources' stream versions now (for `wait_for_parents`), by stream."""
+        return {id(s.watch): s.watch.version for s in self.sources if s.watch is not None}
+
+    def round(self, engine: MooncakeEngine) -> bool:
         """Read the pending bytes striped over the sources; keep what completed and verified.
+        False when no source holds any of them yet (partial seeds only: wait for them).
 
         A destination read whole by one read is verified as soon as that read lands
         (in the reading thread, while other reads move); the rest after the reads.
+        With a partial source, or a window, whole destinations go to the sources that
+        hold them (`stripes.assign`), each its own read.
         """
+        pipelined = self.window_bytes is not None or any(s.partial for s in self.sources)
+        if pipelined:
+            sources = list(self.sources)
+            holders = [s.watch.holder() if s.partial else None for s in sources]
+            stripes = assign(self.pending, [(lambda d, h=h: h is None or h(d.names)) for h in holders])
+        else:
+            sources = self.sources[: stripe_count(sum(d.size for d in self.pending), len(self.sources))]
+            stripes = cut(self.pending, len(sources))
+        jobs = [(src, slices, reads_for(slices, src.remote_addr, merge=not pipelined))
+                for src, slices in zip(sources, stripes) if slices]
+        if not jobs:
+            return False
         self.rounds += 1
-        sources = self.sources[: stripe_count(sum(d.size for d in self.pending), len(self.sources))]
-        stripes = cut(self.pending, len(sources))
-        jobs = [(src, slices, reads_for(slices, src.remote_addr)) for src, slices in zip(sources, stripes) if slices]
         for src, slices, reads in jobs:
             log.info("pulling %d bytes in %d reads from %s", sum(p.length for p in slices), len(reads), src.label)
         checked: dict[Destination, set[str]] = {}  # verified early -> the names that differ
@@ -132,6 +182,8 @@ class StripedPull:
                         checked[dest] = differing
                     if progress is not None and expected and not differing:
                         progress.verified(dest.size, len(expected))
+                    if self.on_final is not None and expected and not differing:
+                        self.on_final(dest, expected)
                 if progress is not None:
                     progress.tick()
             return check
@@ -140,8 +192,8 @@ class StripedPull:
         with progress.ticking() if progress is not None else contextlib.nullcontext():
             errors = read_all(engine, [
                 (src.session, reads, self.prepare, on_done(src, reads, _whole_by_read(slices, reads))
-                 if self.verifier or progress is not None else None)
-                for src, slices, reads in jobs])
+                 if self.verifier or progress is not None or self.on_final is not None else None)
+                for src, slices, reads in jobs], window_bytes=self.window_bytes if pipelined else None)
         self.seconds += self.clock() - start
         self.reads += sum(len(reads) for _, _, reads in jobs)
         failed = {src.ref.worker_id for (src, _, _), e in zip(jobs, errors) if e is not None}
@@ -180,6 +232,8 @@ class StripedPull:
         for d in good:
             self.digests.update((name, servers[d][0].expected[name]) for name in d.names
                                 if name in servers[d][0].expected)
+            if self.on_final is not None and d not in checked:
+                self.on_final(d, {name: expected[name] for name in d.names if name in expected})
         wrong: dict[str, set[str]] = {}
         for d in complete:
             for src in servers[d]:
@@ -202,6 +256,7 @@ class StripedPull:
             progress.settle(kept=self.total_bytes - sum(d.size for d in self.pending),
                             verified_bytes=self.verified_bytes, checks=self.verified, by_seed=self.served)
             progress.tick()
+        return True
 
     def _fail(self, ref: SourceRef, error: Exception) -> None:
         log.warning("seed %s unusable: %s", ref.worker_id, error)
@@ -209,14 +264,12 @@ class StripedPull:
         self.bad.add(ref.worker_id)
         for src in [s for s in self.sources if s.ref.worker_id == ref.worker_id]:
             self.sources.remove(src)
-            if src.lease is not None:
-                src.lease.release()
+            _let_go(src)
 
     def drop_all(self) -> None:
         """Release every lease and forget the sources (they are asked again after the next listing)."""
         for src in self.sources:
-            if src.lease is not None:
-                src.lease.release()
+            _let_go(src)
         self.sources = []
 
     def report(self) -> PullReport:
@@ -226,6 +279,22 @@ class StripedPull:
             verified=self.verified, verify_seconds=self.verify_seconds, metadata_seconds=self.metadata_seconds,
             failures=tuple(self.failures), rounds=self.rounds, digests=dict(self.digests),
         )
+
+
+def _let_go(src: _Source) -> None:
+    if src.watch is not None:
+        src.watch.close()
+    if src.lease is not None:
+        src.lease.release()
+
+
+def _watch(record, lease: ReadLease | None) -> VerifiedWatch:
+    """The stream of a partial seed's verified tensors; NoSourceError when it gives no lease to watch with."""
+    if lease is None:
+        raise NoSourceError(f"partial seed {record.label} granted no reader lease (no endpoint, or unreachable): "
+                            "its verified tensors cannot be watched")
+    return VerifiedWatch(record.endpoint, record.ref.mx_source_id, record.ref.worker_id, lease.lease_id,
+                         [t.name for t in record.tensors])
 
 
 def _whole_by_read(slices: Sequence[Slice], reads: Sequence[Read]) -> list[list[Destination]]:
@@ -244,9 +313,11 @@ def _whole_by_read(slices: Sequence[Slice], reads: Sequence[Read]) -> list[list[
 Job = tuple  # (session, reads, prepare, on_done)
 
 
-def read_all(engine: MooncakeEngine, jobs: Sequence[Job]) -> list[TransferError | None]:
+def read_all(engine: MooncakeEngine, jobs: Sequence[Job], *,
+             window_bytes: int | None = None) -> list[TransferError | None]:
     """Run each (session, reads, prepare, on_done) job, in parallel threads when there are several;
-    one error (or None) each. Every read of every job has ended when this returns."""
+    one error (or None) each. Every read of every job has ended when this returns.
+    `window_bytes`: each job's bytes in flight (MooncakeEngine.read)."""
     errors: list[TransferError | None] = [None] * len(jobs)
 
     raised: list[BaseException] = []
@@ -254,7 +325,8 @@ def read_all(engine: MooncakeEngine, jobs: Sequence[Job]) -> list[TransferError 
     def run(i: int) -> None:
         session, reads, prepare, on_done = jobs[i]
         try:
-            engine.read(session, reads, prepare=prepare, on_done=on_done)
+            engine.read(session, reads, prepare=prepare, on_done=on_done,
+                        **({"window_bytes": window_bytes} if window_bytes is not None else {}))
         except TransferError as e:
             errors[i] = e
         except BaseException as e:  # a verifier or prepare that raised: re-raised once all reads ended

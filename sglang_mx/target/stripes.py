@@ -15,7 +15,7 @@ that failed is read again from the others.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from sglang_mx.records import TensorDescriptor
 from sglang_mx.transfer.plan import Read, merge_reads
@@ -81,8 +81,28 @@ def cut(dests: Sequence[Destination], parts: int) -> list[list[Slice]]:
     return stripes
 
 
-def reads_for(slices: Sequence[Slice], remote_addr: Mapping[str, int]) -> list[Read]:
-    """The reads that fill `slices` from one seed whose tensor `name` starts at `remote_addr[name]`."""
-    return merge_reads(
-        Read(s.dest.addr + s.offset, remote_addr[s.dest.names[0]] + s.offset, s.length) for s in slices
-    )
+def assign(dests: Sequence[Destination], has: Sequence[Callable[[Destination], bool]]) -> list[list[Slice]]:
+    """Whole destinations to sources that hold them (a pipelined pull: partial seeds hold some).
+
+    `has[i](dest)`: source i can serve `dest` now. Each destination, in address order, goes whole
+    to the source that holds it and has been given the fewest bytes so far; one that no source
+    holds is left out (read in a later round). One list per source.
+    """
+    given = [0] * len(has)
+    out: list[list[Slice]] = [[] for _ in has]
+    for dest in dests:
+        holders = [i for i, holds in enumerate(has) if holds(dest)]
+        if holders:
+            i = min(holders, key=lambda i: given[i])
+            given[i] += dest.size
+            out[i].append(Slice(dest, 0, dest.size))
+    return out
+
+
+def reads_for(slices: Sequence[Slice], remote_addr: Mapping[str, int], *, merge: bool = True) -> list[Read]:
+    """The reads that fill `slices` from one seed whose tensor `name` starts at `remote_addr[name]`.
+
+    Contiguous slices are merged into larger reads, unless `merge` is False (a pipelined pull
+    verifies, and serves on, each destination as soon as its own read lands)."""
+    reads = [Read(s.dest.addr + s.offset, remote_addr[s.dest.names[0]] + s.offset, s.length) for s in slices]
+    return merge_reads(reads) if merge else sorted(reads, key=lambda r: r.local_addr)

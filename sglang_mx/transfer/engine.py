@@ -255,6 +255,7 @@ class MooncakeEngine:
         on_done: Callable[[int], None] | None = None,
         timeout_s: float | None = None,
         drain_s: float | None = None,
+        window_bytes: int | None = None,
     ) -> None:
         """Pull every read from the seed; raise TransferError on any failure.
 
@@ -275,6 +276,12 @@ class MooncakeEngine:
         (DRAIN_S) after draining began, ReadsInFlightError is raised instead,
         naming the memory they may yet write. On failure some destinations may
         already be overwritten: the caller must treat all of them as garbage.
+
+        `window_bytes` (a pipelined pull): reads are submitted in order while fewer
+        than that many bytes are in flight (always at least one read), and `on_done`
+        runs as soon as a read lands. Reads then land nearly in order, so the first
+        tensors are verified, and can be served on, long before the last arrive.
+        Without it every read is in flight at once: fastest to the last byte.
         """
         if not reads:
             return
@@ -292,13 +299,16 @@ class MooncakeEngine:
         failure: TransferError | None = None
         raised: BaseException | None = None
         submitted = 0
+        in_flight = 0  # bytes of the reads submitted and not landed (the window)
         warned_at = None
         drain_until = None
         while True:
             progressed = False
-            if failure is None and raised is None and submitted < len(reads):
+            if failure is None and raised is None and submitted < len(reads) and (
+                    window_bytes is None or in_flight == 0 or in_flight + reads[submitted].length <= window_bytes):
                 index, read = submitted, reads[submitted]
                 submitted += 1
+                in_flight += read.length
                 progressed = True
                 try:
                     if prepare is not None:
@@ -312,6 +322,7 @@ class MooncakeEngine:
                         left[index] += 1
                     if failure is None and left[index] == 0:  # nothing to move (zero length)
                         landed.append(index)
+                        in_flight -= read.length
                 except BaseException as e:  # drain what is in flight first, then re-raise
                     raised = e
             still: list[tuple[int, int, int, int]] = []
@@ -336,13 +347,15 @@ class MooncakeEngine:
                     left[index] -= 1
                     if left[index] == 0:
                         done.append(index)
+                        in_flight -= reads[index].length
                 elif failure is None:  # -1 failed (freed by the binding)
                     failure = self._read_error("failed", index, reads, seed_session, status)
             pending = still
             landed.extend(done)
             # Callbacks wait until every read is submitted: the io thread is never left without work
             # while this thread hashes.
-            if on_done is not None and failure is None and raised is None and submitted == len(reads):
+            if on_done is not None and failure is None and raised is None and (
+                    submitted == len(reads) or window_bytes is not None):
                 while landed:
                     try:
                         on_done(landed.pop(0))
