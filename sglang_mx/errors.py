@@ -28,6 +28,10 @@ class ServerUnavailableError(ServerError):
     """The server did not answer (after the client's retries)."""
 
 
+class WatchUnsupportedError(ServerError):
+    """The server has no MxWatchService (a ModelExpress server answers UNIMPLEMENTED): poll instead."""
+
+
 class RequestRejectedError(ServerError):
     """The server answered, but refused the request (success=false)."""
 

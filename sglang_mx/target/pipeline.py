@@ -134,7 +134,7 @@ class VerifiedSet:
     def fail(self) -> None:
         """Nothing more will be verified (the pull failed or the seed closes)."""
         with self._cond:
-            if not self._complete:
+            if not (self._complete or self._set == len(self._sizes)):
                 self._failed = True
                 self._version += 1
                 self._cond.notify_all()

@@ -31,6 +31,7 @@ from sglang_mx.target.report import PullReport
 from sglang_mx.target.reshard import InstanceBusy, MixedLayout, instances, pull_instance
 from sglang_mx.target.reshard_plan import ReshardRefused
 from sglang_mx.target.striped import StripedPull
+from sglang_mx.target.waiting import SeedWaiter
 from sglang_mx.target.verify import Verifier, VerifyMode, digest_verifier
 from sglang_mx.transfer.engine import MooncakeEngine
 from sglang_mx.transfer.memory import populate
@@ -54,7 +55,8 @@ class PullOptions:
     Defaults are MxConfig's."""
 
     wait_timeout_s: float = DEFAULTS.wait_timeout_s  # how long to wait for a READY seed to appear
-    poll_interval_s: float = 1.0
+    poll_interval_s: float = 1.0  # how often to list again while waiting, where the server has no watch
+    watch: bool = True  # wait for seeds on the metadata server's watch where it has one (target.waiting)
     max_candidates: int = DEFAULTS.max_candidates  # seeds tried before giving up
     verify: VerifyMode = DEFAULTS.verify
     expect: tuple[str, ...] = DEFAULTS.expect  # pinned manifest ids (empty: any seed that verifies)
@@ -149,6 +151,8 @@ def pull_weights(
     pull = StripedPull(tensors, verify=verify, verifier=verifier, clock=clock, prepare=prepare, pins=options.pins,
                        progress=progress, on_final=on_final if pipeline is not None or on_verified else None,
                        window_bytes=options.window_bytes if options.pipeline else None)
+    waiter = SeedWaiter(client, source_id, worker_rank, poll_interval_s=options.poll_interval_s, clock=clock,
+                        sleep=sleep, use_watch=options.watch)
     start = clock()
     regions = engine.register((t.addr, t.size) for t in tensors)
     registered = clock()
@@ -202,8 +206,9 @@ def pull_weights(
                     + (" (the READY seeds were all at max_readers)" if busy else ""),
                     attempts=pull.failures,
                 )
-            sleep(min(options.poll_interval_s, max(deadline - clock(), 0.0)))
+            waiter.wait(max(deadline - clock(), 0.0))
     finally:
+        waiter.close()
         pull.drop_all()
         if pipeline is not None and not succeeded:
             pipeline.abort()
@@ -260,6 +265,7 @@ def _pull_mixed(client: MetadataClient, engine: MooncakeEngine, mixed: MixedLayo
 def pull_into(
     tensors: Mapping[str, torch.Tensor], engine: MooncakeEngine, info: RankInfo, config: MxConfig, *,
     client: MetadataClient | None = None, shards: Mapping[str, ShardSpec] | None = None,
+    pipeline: PipelineSeed | None = None,
 ) -> PullReport:
     """Fill `tensors` from READY seeds of this rank's identity, or raise NoSourceError.
 
@@ -267,7 +273,8 @@ def pull_into(
     `shards`: the split facts of every tensor (our layout can be planned): with the
     config's `any_layout`, seeds of the same model in another TP layout may serve too.
     Host-memory destinations are populated (`populate`) read by read just before
-    each is submitted: they need not have been written before.
+    each is submitted: they need not have been written before. `pipeline`: this rank serves its
+    verified tensors while it pulls (config `pipeline`; pull_weights says how).
     """
     identity = identity_for(info, config)
     log.info(
@@ -284,7 +291,7 @@ def pull_into(
         report = pull_weights(client, engine, identity, worker_rank=info.worker_rank, tensors=descriptors,
                               options=PullOptions.from_config(config),
                               verifier=digest_verifier(tensors) if config.verify.checks else None,
-                              prepare=_populate if on_host else None, mixed=mixed)
+                              prepare=_populate if on_host else None, mixed=mixed, pipeline=pipeline)
     if report.resharded_from:
         log.info("modelexpress: resharded from a TP %d seed instance to TP %d rank %d", report.resharded_from,
                  info.tp_size, info.tp_rank)

@@ -1,0 +1,74 @@
+"""How a target waits for a seed: told by the metadata server's watch, or polling where there is none.
+
+A target that found no seed it could use (none READY, or all at max_readers) waits for the
+next change of its source and rank: a seed published, a status or load change (a lease freed),
+a seed gone. sglang-mx's metadata server streams those (`MxWatchService.WatchSources`), so the
+target sleeps until one arrives instead of re-listing every poll interval; a ModelExpress
+server has no watch (UNIMPLEMENTED), and the target polls as before.
+
+No change is missed: the stream is opened at the first wait, and that first wait returns at
+once so the caller lists again. Any change after the stream opened then wakes a later wait;
+any change before it is in that listing. The stream is closed when the pull ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+from sglang_mx.client import MetadataClient
+from sglang_mx.errors import ServerError, WatchUnsupportedError
+
+log = logging.getLogger(__name__)
+
+WATCHED_WAIT_S = 30.0
+"""With a watch, the longest wait without an event before listing again anyway (a lost stream, a clock)."""
+
+
+class SeedWaiter:
+    """One pull's waiting: `wait(timeout_s)` returns when a change of its source and rank arrived, or
+    after `timeout_s` (polling: `poll_interval_s`). `close()` ends the stream."""
+
+    def __init__(self, client: MetadataClient, mx_source_id: str, worker_rank: int, *, poll_interval_s: float,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                 use_watch: bool = True) -> None:
+        self._client = client
+        self._source_id = mx_source_id
+        self._rank = worker_rank
+        self._poll_interval_s = poll_interval_s
+        self._clock = clock
+        self._sleep = sleep
+        self._watch = None
+        self._tried = not use_watch  # opening the watch was tried (or is not wanted)
+        self.woken = 0  # waits that an event ended (for logs and tests)
+
+    @property
+    def watching(self) -> bool:
+        return self._watch is not None
+
+    def wait(self, timeout_s: float) -> None:
+        watch_sources = getattr(self._client, "watch_sources", None)  # a client of its own (a test's) may lack it
+        if not self._tried and watch_sources is not None:
+            self._tried = True
+            try:
+                self._watch = watch_sources(self._source_id, worker_rank=self._rank)
+                log.info("waiting for a seed of %s rank %d: watching the metadata server for changes",
+                         self._source_id, self._rank)
+                return  # list again now: a change before the stream opened is in that listing
+            except WatchUnsupportedError:
+                log.info("the metadata server %s has no watch: polling every %g s", self._client.url,
+                         self._poll_interval_s)
+            except ServerError as e:
+                log.warning("could not watch the metadata server %s (%s): polling every %g s", self._client.url, e,
+                            self._poll_interval_s)
+        if self._watch is None:
+            self._sleep(min(self._poll_interval_s, timeout_s))
+            return
+        if self._watch.wait(min(WATCHED_WAIT_S, timeout_s)):
+            self.woken += 1
+
+    def close(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
