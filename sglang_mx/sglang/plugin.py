@@ -119,7 +119,7 @@ def _around_remote_load(original, self, *, model_config, device_config, **kwargs
         load_config, model_config, device_config, role=role, info=info,
         transfer_engine=load_config.remote_instance_weight_loader_transfer_engine,
         session_id=load_config.remote_instance_weight_loader_transfer_engine_session_id,
-        pulled=_state.pulled,
+        pulled=_state.pulled, pipelined=_state.pipelined, instance_id=_state.instance_id,
     )
 
 

@@ -54,6 +54,9 @@ class ProcessState:
     # from a peer (pulled, and verified per `verify`): their weights are final (post-processing ran
     # before the pull), so they go READY as soon as published, with those digests.
     pulled: dict = dataclasses.field(default_factory=dict)
+    # id(model) -> the SeedPublisher a pipelined pull (config `pipeline`) left READY: the rank served its
+    # verified tensors while it pulled, and publication adopts that publisher instead of starting one.
+    pipelined: dict = dataclasses.field(default_factory=dict)
     # worker id -> name -> digest, of every seed withdrawn: what it published before its weights changed
     # (a seed resuming after SGLang released its memory goes READY again only with these very digests).
     withdrawn: dict = dataclasses.field(default_factory=dict)

@@ -26,6 +26,12 @@ def publish_rank(state: ProcessState, model, transfer_engine, session_id: str, i
     if not role.seed:
         log.info("modelexpress: not publishing this instance: %s", role.why_not_seed or "source=false")
         return None
+    adopted = state.pipelined.pop(id(model), None)
+    if adopted is not None:  # a pipelined pull published this rank already, and it is READY
+        state.publishers.append(adopted)
+        log.info("modelexpress: worker %s (rank %d) has served its verified tensors since its pull began and is "
+                 "READY", adopted.worker_id, adopted.worker_rank)
+        return adopted
     try:
         publisher = publish(model, transfer_engine, session_id, info, role, instance_id=state.instance_id,
                             known_digests=state.pulled.get(id(model)))

@@ -20,14 +20,17 @@ log = logging.getLogger("sglang_mx")
 
 
 def load_from_peer(load_config, model_config, device_config, *, role: Role, info: RankInfo, transfer_engine,
-                   session_id: str, pulled: dict | None = None):
+                   session_id: str, pulled: dict | None = None, pipelined: dict | None = None,
+                   instance_id: str = ""):
     """Build the model with dummy weights, post-process it, and pull every tensor
     from a READY seed; with fallback=disk, load from disk when no seed serves.
 
     `--model-loader-extra-config` belongs to the disk loaders: the dummy build runs
     without it (SGLang's dummy loader refuses any), a fallback load with it.
     A model filled from a peer is added (id -> the digests its bytes were verified against) to
-    `pulled`: it may seed at once.
+    `pulled`: it may seed at once. With config `pipeline` (and a role that seeds), the rank
+    publishes itself as a partial seed while it pulls (sglang_mx.target.pipeline) and ends a READY
+    seed, added to `pipelined` (id -> its SeedPublisher) for the publication step to adopt.
     """
     from sglang.srt.configs.load_config import LoadFormat
     from sglang.srt.model_loader.loader import DefaultModelLoader, DummyModelLoader
@@ -73,12 +76,22 @@ def load_from_peer(load_config, model_config, device_config, *, role: Role, info
         client = early.take()
         log.info("modelexpress: tensors collected and identity fingerprinted in %.3f s",
                  time.perf_counter() - start)
-        report = pull_into(tensors, engine, info_now, role.config, client=client, shards=shards)
-        refreshed = refresh_derived(model)
-        if refreshed:
-            log.info("modelexpress: recomputed %d value-derived attribute(s) from the pulled weights: %s",
-                     len(refreshed), ", ".join(refreshed[:5]))
-        tally = account(model, tensors)  # nothing kept that the pull did not write, unless local by rule
+        pipeline = _pipeline_seed(tensors, engine, info_now, role, shards, instance_id) if (
+            pipelined is not None) else None
+        try:
+            report = pull_into(tensors, engine, info_now, role.config, client=client, shards=shards,
+                               pipeline=pipeline)
+            refreshed = refresh_derived(model)
+            if refreshed:
+                log.info("modelexpress: recomputed %d value-derived attribute(s) from the pulled weights: %s",
+                         len(refreshed), ", ".join(refreshed[:5]))
+            tally = account(model, tensors)  # nothing kept that the pull did not write, unless local by rule
+        except BaseException:
+            if pipeline is not None and pipeline.publisher is not None:
+                pipeline.publisher.close()  # this rank will not serve: neither does its seed
+            raise
+        if pipeline is not None:
+            pipelined[id(model)] = pipeline.publisher
         log.info("modelexpress: every byte accounted for: %d tensor(s) written by the pull (%d B, %d verified) "
                  "+ %d local by rule (%d B) == %d B of model memory", tally.written_tensors, tally.written,
                  report.verified, tally.local_tensors, tally.local, tally.total)
@@ -100,6 +113,24 @@ def load_from_peer(load_config, model_config, device_config, *, role: Role, info
                                   what=model_config.model_path)
     finally:
         early.close()
+
+
+def _pipeline_seed(tensors, engine, info: RankInfo, role: Role, shards, instance_id: str):
+    """The PipelineSeed of a rank configured with `pipeline` whose role seeds (None otherwise)."""
+    config = role.config
+    if not (config.pipeline and role.seed):
+        return None
+    from sglang_mx.client import MetadataClient
+    from sglang_mx.layout import identity_for, model_source_id, seed_topology
+    from sglang_mx.seed import SeedOptions
+    from sglang_mx.target.pipeline import PipelineSeed
+
+    topology = None if shards is None else seed_topology(
+        model_id=model_source_id(info, config), tp_size=info.tp_size, pp_size=info.pp_size, instance=instance_id)
+    return PipelineSeed(tensors, engine, identity_for(info, config), MetadataClient.for_config(config),
+                        worker_rank=info.worker_rank, worker_id=f"{instance_id}-rank{info.worker_rank}",
+                        options=SeedOptions.from_config(config, accelerator=info.device), shards=shards,
+                        topology=topology)
 
 
 class _EarlyClient:

@@ -122,3 +122,34 @@ def test_tp2_rank_pulls_from_rank(tiny_model, mx_server, mx_client, servers):
         ranks.setdefault(ref.worker_rank, set()).add(ref.worker_id)
     assert sorted(ranks) == [0, 1] and all(len(w) == 2 for w in ranks.values())  # seed and target, per rank
     assert target.generations() == seed.generations()
+
+
+def test_a_pipelined_target_serves_while_it_pulls_and_is_adopted_as_its_ranks_seed(
+        tiny_model, mx_server, mx_client, servers):
+    """config `pipeline`: the target publishes itself as a partial seed during its pull, ends READY on the
+    same worker, and SGLang's publication step adopts that publisher (one record, no second seed)."""
+    model = str(tiny_model)
+    seed = SglangServer(tiny_model, *seed_args(), mx_config=mx(mx_server, source=True), name="seed")
+    servers.append(seed)
+    seed.wait_ready()
+    seed_worker = ready_worker_of(seed.log)
+    expected = seed.generations()
+
+    target = SglangServer(tiny_model, *TARGET, mx_config=mx(mx_server, pipeline=True, max_readers=1),
+                          name="pipelined")
+    servers.append(target)
+    target.wait_ready()
+    assert f"(worker {seed_worker})" in target.log
+    assert "pipelined: serving verified tensors as partial seed" in target.log
+    assert "has served its verified tensors since its pull began and is READY" in target.log
+    assert target.generations() == expected
+    ready = workers(mx_client, model, SourceStatus.READY)
+    assert len(ready) == 2 and seed_worker in ready  # the target's one record, READY
+    [target_worker] = set(ready) - {seed_worker}
+
+    seed.terminate()
+    child = SglangServer(tiny_model, *TARGET, mx_config=mx(mx_server, pipeline=True), name="child")
+    servers.append(child)
+    child.wait_ready()
+    assert f"(worker {target_worker})" in child.log
+    assert child.generations() == expected
