@@ -132,8 +132,10 @@ class StripedPull:
             return
         deadline = self.clock() + timeout_s
         while self.clock() < deadline:
+            if self.progress is not None:
+                self.progress.tick()  # a long wait still logs a line every interval
             for w in watches:
-                if w.wait(versions.get(id(w), -1), min(0.05, timeout_s) if len(watches) > 1 else timeout_s):
+                if w.wait(versions.get(id(w), -1), min(0.05 if len(watches) > 1 else 1.0, timeout_s)):
                     return
 
     def versions(self) -> dict[int, int]:

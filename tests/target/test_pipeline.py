@@ -173,3 +173,16 @@ def test_a_pipelined_target_serves_its_child_while_it_pulls_and_ends_a_full_seed
         child_report = child.join(60)
         assert child.holds(TRUTH) and child_report.served == {seed.worker_id: report.bytes}
         seed.publisher.close()
+
+
+def test_a_target_waiting_for_a_seed_is_woken_by_the_metadata_servers_watch(server, client, engine, seeds):
+    """No seed yet, a poll interval far longer than the test: only the watch can wake the target."""
+    pull = Pull(client, engine, poll_interval_s=120)
+    time.sleep(1.0)  # the target listed, found nothing, and waits
+    assert pull.thread.is_alive()
+    started = time.monotonic()
+    root = SeedProcess(server.address, size_mb=SIZE_MB)
+    seeds.append(root)
+    report = pull.join(60)
+    assert time.monotonic() - started < 30
+    assert pull.holds(TRUTH) and report.served == {root.worker_id: report.bytes}
