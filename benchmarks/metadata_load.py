@@ -28,6 +28,21 @@ event loop would measure this process, not the server.
 - cpu: the server process's CPU time (user + system, from /proc) per call, over 200 sequential
   GetMetadata calls of one big record, then 200 ListSources calls: what one call costs the
   server, independent of queueing.
+- watch (not in the default modes): `--watchers` open WatchSources streams (progress on), spread
+  over the 8 ranks of one source and over `--watch-procs` client processes of `--watch-channels`
+  connections each, while `--writers` pulling targets (INITIALIZING records, ranks 0-7) each send
+  `--write-rate` UpdateStatus a second, in turn: progress (new verified bytes), a plain heartbeat
+  (no event), a load change. For `--duration-s`: server CPU (/proc), events delivered per second,
+  p50/p99 from a write to its delivery (each write's verified bytes are its wall-clock time in us),
+  the server's RSS with the streams open (and before them), its idle CPU with them open, and how
+  long opening them all took.
+- poll (not in the default modes): the same clients and writers, but each client lists its rank
+  (ListSources) once a second instead of watching; "latency" is then from a write to the first
+  listing that shows it.
+
+    .venv/bin/python benchmarks/metadata_load.py --modes watch,poll --stores memory,redis \\
+        [--watchers 8000] [--watch-procs 4] [--watch-channels 16] [--writers 16] [--write-rate 1] \\
+        [--duration-s 20]
 
 `--server-root DIR` runs the server from another checkout (for a baseline: a git worktree of
 an older commit); the load generator is always this one.
@@ -43,6 +58,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import dataclasses
 import json
 import os
 import pathlib
@@ -50,9 +67,11 @@ import shlex
 import shutil
 import socket
 import statistics
+import random
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import grpc
@@ -361,6 +380,208 @@ def _percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
+# --- watch: thousands of open WatchSources streams, against as many pollers -----------------------------
+
+TOPOLOGY_VERIFIED = "mx_verified_bytes"
+SAMPLES_PER_PROC = 20_000  # latencies each client process reports (a random sample of its own)
+OPEN_TIMEOUT_S = 120  # for every client of a process to have its snapshot (or first listing)
+
+
+def publish_pulling(address: str, writers: int) -> tuple[str, list[tuple[str, int]]]:
+    """A READY seed per rank and `writers` pulling targets (INITIALIZING, ranks 0-7 in turn)."""
+    targets = []
+    with MetadataClient(address, timeout_s=60) as client:
+        for rank in range(RANKS):
+            source = client.publish(IDENTITY, _worker(rank, rank, 8), f"seed-rank{rank}")
+        for i in range(writers):
+            worker = dataclasses.replace(_worker(i % RANKS, RANKS + i, 8), status=SourceStatus.INITIALIZING)
+            client.publish(IDENTITY, worker, f"pull-{i}-rank{i % RANKS}")
+            targets.append((f"pull-{i}-rank{i % RANKS}", i % RANKS))
+    return source, targets
+
+
+def run_writer(address: str, source: str, target: tuple[str, int], *, rate: float, offset_s: float,
+               stop: threading.Event, counts: collections.Counter) -> None:
+    """One pulling target: `rate` UpdateStatus a second, in turn progress, heartbeat, load (a thread each, as
+    each target is a process of its own: one slow answer does not hold up the others' writes)."""
+    worker_id, rank = target
+    kinds = ("progress", "heartbeat", "load")
+    with MetadataClient(address, timeout_s=30) as client:
+        start = time.monotonic() + offset_s
+        for tick in range(10**9):
+            if stop.wait(max(start + tick / rate - time.monotonic(), 0)):
+                return
+            kind = kinds[tick % 3]
+            try:
+                if kind == "heartbeat":
+                    client.update_status(source, worker_id, rank, SourceStatus.INITIALIZING)
+                else:
+                    load = float(tick % 8) if kind == "load" else None
+                    client.update_status(source, worker_id, rank, SourceStatus.INITIALIZING, source_load=load,
+                                         verified_bytes=time.time_ns() // 1000)
+                counts[kind] += 1
+            except Exception as e:  # noqa: BLE001 - a benchmark counts failures instead of stopping
+                counts[f"error {type(e).__name__}"] += 1
+
+
+async def _clients(address: str, *, streams: int, channels: int, first: int, poll: bool, source: str) -> dict:
+    """`streams` clients (rank = index % 8) watching (or polling every second) until told to stop."""
+    options = [("grpc.max_receive_message_length", MESSAGE_LIMIT), ("grpc.use_local_subchannel_pool", 1)]
+    chans = [grpc.aio.insecure_channel(address, options=options) for _ in range(channels)]
+    state = {"events": 0, "calls": 0, "window": None}
+    ready: set[int] = set()  # clients that have their snapshot (or first listing)
+    errors: collections.Counter = collections.Counter()
+    latencies: list[float] = []
+    all_ready = asyncio.Event()
+
+    def seen(verified: str | None) -> None:
+        window = state["window"]
+        if verified is None or window is None or not window[0] <= time.time() < window[1]:
+            return
+        state["events"] += 1
+        latencies.append(time.time() - int(verified) / 1e6)
+
+    def is_ready(i: int) -> None:
+        ready.add(i)
+        if len(ready) == streams:
+            all_ready.set()
+
+    async def watch(i: int) -> None:
+        stub = wire.MxWatchServiceStub(chans[i % channels])
+        request = pb.MxWatchSourcesRequest(mx_source_id=source, worker_rank=(first + i) % RANKS, progress=True)
+        delay = 0.2
+        while True:  # as sglang_mx.client.SourceWatch: a refused or broken stream is opened again, with backoff
+            try:
+                async for event in stub.WatchSources(request):
+                    if event.snapshot_end:
+                        is_ready(i)
+                    elif event.HasField("source"):
+                        seen(event.source.topology.get(TOPOLOGY_VERIFIED))
+            except grpc.aio.AioRpcError as e:
+                errors[e.code().name] += 1
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def poll_(i: int) -> None:
+        stub = wire.P2pServiceStub(chans[i % channels])
+        request = pb.ListSourcesRequest(identity=wire.identity_to_pb(IDENTITY), worker_rank_filter=(first + i) % RANKS)
+        last: dict[str, str] = {}
+        await asyncio.sleep(random.random())  # spread the pollers over the second
+        while True:
+            started = time.monotonic()
+            try:
+                listed = await stub.ListSources(request, timeout=30)
+                window = state["window"]
+                state["calls"] += window is not None and window[0] <= time.time() < window[1]
+                for ref in listed.instances:
+                    verified = ref.topology.get(TOPOLOGY_VERIFIED)
+                    if ref.worker_id in last and verified != last[ref.worker_id]:
+                        seen(verified)
+                    last[ref.worker_id] = verified
+            except grpc.aio.AioRpcError as e:
+                errors[e.code().name] += 1
+            if last:
+                is_ready(i)
+            await asyncio.sleep(max(1.0 - (time.monotonic() - started), 0))
+
+    tasks = [asyncio.create_task((poll_ if poll else watch)(i)) for i in range(streams)]
+    try:
+        await asyncio.wait_for(all_ready.wait(), OPEN_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        print(f"only {len(ready)} of {streams} ready after {OPEN_TIMEOUT_S} s; errors {dict(errors)}", flush=True)
+        os._exit(1)
+    print("ready", flush=True)
+    line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    start, end = (float(x) for x in line.split())
+    state["window"] = (start, end)
+    await asyncio.sleep(max(end - time.time(), 0) + 0.5)  # deliveries of the last writes
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return {"events": state["events"], "calls": state["calls"], "errors": dict(errors),
+            "latencies": random.sample(latencies, min(len(latencies), SAMPLES_PER_PROC))}
+
+
+def _rss_mb(pid: int) -> float:
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_watch(address: str, server_pid: int, *, poll: bool, args) -> dict:
+    """One watch (or poll) run: clients in `--watch-procs` processes, writers in this one."""
+    source, targets = publish_pulling(address, args.writers)
+    rss_before = _rss_mb(server_pid)
+    per_proc = args.watchers // args.watch_procs
+    opened = time.monotonic()
+    procs = [subprocess.Popen(
+        [sys.executable, __file__, "--watch-client", address, "--streams", str(per_proc), "--first", str(i * per_proc),
+         "--watch-channels", str(args.watch_channels), "--source", source] + (["--poll"] if poll else []),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        for i in range(args.watch_procs)]
+    try:
+        for proc in procs:
+            line = proc.stdout.readline().strip()
+            if line != "ready":
+                raise RuntimeError(f"a client process failed: {line or f'exit {proc.wait(timeout=30)}'}")
+        open_s = time.monotonic() - opened
+        cpu0 = _cpu_seconds(server_pid)
+        time.sleep(3)  # every stream open (or every poller polling), nothing written
+        idle = (_cpu_seconds(server_pid) - cpu0) / 3
+        rss_open = _rss_mb(server_pid)
+        stop, counts = threading.Event(), collections.Counter()
+        writers = [threading.Thread(target=run_writer, args=(address, source, target), kwargs=dict(
+            rate=args.write_rate, offset_s=i / len(targets) / args.write_rate, stop=stop, counts=counts))
+            for i, target in enumerate(targets)]
+        start = time.time() + 0.5
+        for proc in procs:
+            proc.stdin.write(f"{start} {start + args.duration_s}\n")
+            proc.stdin.flush()
+        for writer in writers:
+            writer.start()
+        time.sleep(max(start - time.time(), 0))
+        cpu0 = _cpu_seconds(server_pid)
+        time.sleep(args.duration_s)
+        busy = (_cpu_seconds(server_pid) - cpu0) / args.duration_s
+        rss_end = _rss_mb(server_pid)
+        stop.set()
+        for writer in writers:
+            writer.join(timeout=30)
+        results = [json.loads(proc.communicate(timeout=120)[0]) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    latencies = [x for r in results for x in r["latencies"]]
+    errors = collections.Counter()
+    for r in results:
+        errors.update(r["errors"])
+    return {"clients": per_proc * args.watch_procs, "open_s": open_s, "rss_before": rss_before,
+            "rss_open": rss_open, "rss_end": rss_end, "idle": idle, "busy": busy,
+            "events": sum(r["events"] for r in results) / args.duration_s,
+            "calls": sum(r["calls"] for r in results) / args.duration_s,
+            "p50": _percentile(latencies, 50) * 1000, "p99": _percentile(latencies, 99) * 1000,
+            "errors": dict(errors), "writes": dict(counts)}
+
+
+def _print_watch(rows: list[tuple[str, str, dict]], args) -> None:
+    print(f"\nwatch vs poll: {args.watchers} clients over {RANKS} ranks of one source ({args.watch_procs} processes x "
+          f"{args.watch_channels} connections), {args.writers} pulling targets writing {args.write_rate:g}/s each "
+          f"(progress, heartbeat, load in turn), {args.duration_s:g} s\n")
+    print("| store  | mode  | open s | RSS MB before / open / end | idle cores | busy cores | events/s | "
+          "ListSources/s | write->seen p50 ms | p99 ms | refused, retried |")
+    print("|--------|-------|-------:|----------------------------|-----------:|-----------:|---------:|"
+          "--------------:|-------------------:|-------:|--------|")
+    for store, mode, r in rows:
+        print(f"| {store:<6} | {mode:<5} | {r['open_s']:>6.1f} | {r['rss_before']:>6.0f} / {r['rss_open']:>5.0f} / "
+              f"{r['rss_end']:>5.0f}        | {r['idle']:>10.2f} | {r['busy']:>10.2f} | {r['events']:>8.0f} | "
+              f"{r['calls']:>13.0f} | {r['p50']:>18.1f} | {r['p99']:>6.1f} | {r['errors'] or '-'} |")
+    for store, mode, r in rows:
+        print(f"{store} {mode}: writes {r['writes']}", file=sys.stderr)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, default=200, help="concurrent targets (default 200)")
@@ -381,22 +602,52 @@ def main() -> int:
                         help="the server (and redis-server) on the last CPU of this process's, the load "
                              "generator and the probe on the others, as if the server had a machine of its "
                              "own (default; needs 2+ CPUs and taskset); --no-pin lets them share every CPU")
+    parser.add_argument("--watchers", type=int, default=8000,
+                        help="watch/poll modes: clients, spread over the 8 ranks (default 8000)")
+    parser.add_argument("--watch-procs", type=int, default=4, help="watch/poll modes: client processes (default 4)")
+    parser.add_argument("--watch-channels", type=int, default=16,
+                        help="watch/poll modes: connections per client process (default 16)")
+    parser.add_argument("--writers", type=int, default=16,
+                        help="watch/poll modes: pulling targets writing UpdateStatus (default 16)")
+    parser.add_argument("--write-rate", type=float, default=1.0,
+                        help="watch/poll modes: UpdateStatus per writer per second (default 1)")
+    parser.add_argument("--duration-s", type=float, default=20.0,
+                        help="watch/poll modes: measured seconds per run (default 20)")
     parser.add_argument("--probe", metavar="ADDRESS", help=argparse.SUPPRESS)  # the probe process
+    parser.add_argument("--watch-client", metavar="ADDRESS", help=argparse.SUPPRESS)  # a watch client process
+    parser.add_argument("--streams", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--source", help=argparse.SUPPRESS)
+    parser.add_argument("--poll", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
         _probe(args.probe, args.seconds)
         return 0
+    if args.watch_client:
+        print(json.dumps(asyncio.run(_clients(args.watch_client, streams=args.streams, channels=args.watch_channels,
+                                              first=args.first, poll=args.poll, source=args.source))))
+        return 0
     modes = set(args.modes.split(","))
-    if modes - {"load", "burst", "cpu"}:
-        parser.error(f"--modes {args.modes}: allowed: load, burst, cpu")
+    if modes - {"load", "burst", "cpu", "watch", "poll"}:
+        parser.error(f"--modes {args.modes}: allowed: load, burst, cpu, watch, poll")
     server_cpus, placement = _place(args.pin)
     print(placement, file=sys.stderr)
 
-    rows, bursts, cpu = [], [], []
+    rows, bursts, cpu, watches = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="mx-load-") as tmp:
         for store in args.stores.split(","):
             workdir = pathlib.Path(tmp) / store
             workdir.mkdir()
+            for mode in ("watch", "poll"):
+                if mode not in modes:
+                    continue
+                with Processes(store, workdir, args.server_root.resolve(), tuple(shlex.split(args.server_args)),
+                               server_cpus) as procs:
+                    print(f"{store}: {mode}, {args.watchers} clients ...", file=sys.stderr)
+                    watches.append((store, mode, run_watch(procs.address, procs.procs[-1].pid, poll=mode == "poll",
+                                                           args=args)))
+            if not modes & {"load", "burst", "cpu"}:
+                continue
             with Processes(store, workdir, args.server_root.resolve(), tuple(shlex.split(args.server_args)),
                            server_cpus) as procs:
                 t0 = time.monotonic()
@@ -429,8 +680,9 @@ def main() -> int:
                                      _percentile(r["latencies"], 50) * 1000, _percentile(r["latencies"], 99) * 1000,
                                      r["errors"]))
 
-    print(f"\nserver: {args.server_root.resolve()}; {args.publishers} workers x {args.tensors} tensors published; "
-          f"{placement}")
+    print(f"\nserver: {args.server_root.resolve()}; {placement}")
+    if rows or bursts or cpu:
+        print(f"{args.publishers} workers x {args.tensors} tensors published")
     if cpu:
         print("\nserver CPU per call (200 sequential calls each)\n")
         print(f"| {'store':<6} | {'GetMetadata ms':>14} | {'ListSources ms':>14} |")
@@ -443,6 +695,8 @@ def main() -> int:
         print(f"|{'-' * 8}|{'-' * 21}|{'-' * 17}|{'-' * 8}|")
         for store, last, p50, errs in bursts:
             print(f"| {store:<6} | {last:>19.3f} | {p50:>15.3f} | {errs:>6} |")
+    if watches:
+        _print_watch(watches, args)
     if rows:
         print(f"\nload: {args.clients} targets (ListSources + GetMetadata of a {args.tensors}-tensor worker), "
               f"{args.publishers} seeds heartbeating every {args.heartbeat_interval:g} s, {args.seconds:g} s per store\n")

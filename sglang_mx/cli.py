@@ -55,6 +55,9 @@ def _add_server(sub) -> None:
                         "on a busy CPU, listings and heartbeats run before big answers")
     p.add_argument("--max-concurrent-rpcs", type=int, default=d.max_concurrent_rpcs, metavar="N",
                    help=f"calls in progress past this are refused RESOURCE_EXHAUSTED (default {d.max_concurrent_rpcs})")
+    p.add_argument("--max-watchers", type=int, default=d.max_watchers, metavar="N",
+                   help=f"open WatchSources streams past this are refused RESOURCE_EXHAUSTED (default "
+                        f"{d.max_watchers}); an open watch holds no thread")
     p.add_argument("--auth-token-file", metavar="FILE",
                    help="tokens that may call every RPC, one per line ('TOKEN' or 'NAME TOKEN'); every "
                         "P2pService call must then carry 'authorization: Bearer <token>' (health stays open)")
@@ -161,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_record_mb=args.max_record_mb, max_workers_per_source=args.max_workers_per_source,
                 max_sources=args.max_sources, max_records_per_principal=args.max_records_per_principal,
                 max_mb_per_principal=args.max_mb_per_principal, max_concurrent_rpcs=args.max_concurrent_rpcs,
+                max_watchers=args.max_watchers,
                 workers=args.workers, bulk_nice=args.bulk_nice,
                 auth_token_file=args.auth_token_file,
                 writer_token_file=args.writer_token_file, reader_token_file=args.reader_token_file,

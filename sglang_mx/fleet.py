@@ -2,6 +2,8 @@
 
 `collect` asks a server (ListSources, then GetMetadata per worker, since the
 listing carries no status or tensors); everything else is pure formatting.
+A pulling target (pipelined cascade: an INITIALIZING record that reports its
+verified bytes) shows as `PULLING 42%`: verified over the bytes of its record.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Callable, Sequence, TextIO
 
 from sglang_mx.client import MetadataClient
 from sglang_mx.manifest import manifest_id
-from sglang_mx.records import TOPOLOGY_MODEL_ID, SourceStatus
+from sglang_mx.records import TOPOLOGY_DEPTH, TOPOLOGY_MODEL_ID, TOPOLOGY_VERIFIED_BYTES, SourceStatus
 
 COLUMNS = ("MODEL", "MX_SOURCE_ID", "WORKER_ID", "RANK", "LAYOUT", "STATUS", "AGE", "TENSORS", "BYTES", "MANIFEST")
 MANIFEST_SHOWN = 16  # hex digits of the manifest id in the table (--json has all 64, for `expect`)
@@ -37,6 +39,21 @@ class FleetRow:
     # sglang_mx.manifest id recomputed from the record, as a pinned target computes it; "" when the record
     # has no tensors.
     manifest: str = ""
+    verified_bytes: int | None = None  # a pulling target's progress (topology mx_verified_bytes)
+    depth: int | None = None  # its depth in the cascade tree (topology mx_depth)
+
+    @property
+    def pulling(self) -> bool:
+        """An INITIALIZING record that reports progress: a target pulling, serving what it verified."""
+        return self.status == SourceStatus.INITIALIZING and self.verified_bytes is not None
+
+    @property
+    def status_text(self) -> str:
+        """The STATUS cell: the status name, or 'PULLING 42%' (rounded down: 100% only when done)."""
+        if not self.pulling:
+            return self.status.name
+        done = 100 if self.verified_bytes >= self.total_bytes else self.verified_bytes * 100 // self.total_bytes
+        return f"PULLING {done}%"
 
     @property
     def layout(self) -> str:
@@ -71,9 +88,18 @@ def collect(client: MetadataClient, *, model_name: str | None = None) -> list[Fl
             ep_size=stored.identity.expert_parallel_size,
             any_layout=bool(worker.topology.get(TOPOLOGY_MODEL_ID)),
             manifest=manifest_id(stored.mx_source_id, worker.worker_rank, worker.tensors) if worker.tensors else "",
+            verified_bytes=_count(worker.topology.get(TOPOLOGY_VERIFIED_BYTES)),
+            depth=_count(worker.topology.get(TOPOLOGY_DEPTH)),
         ))
     rows.sort(key=lambda r: (r.model_name, r.mx_source_id, r.worker_rank, r.worker_id))
     return rows
+
+
+def _count(text: str | None) -> int | None:
+    """A topology value that should be a decimal count; None when absent or not one (shown as unknown)."""
+    if text is None or not text.isdigit() or not text.isascii():
+        return None
+    return int(text)
 
 
 def format_age(age_ms: int) -> str:
@@ -101,7 +127,7 @@ def format_bytes(n: int) -> str:
 
 def _cells(row: FleetRow, now_ms: int) -> tuple[str, ...]:
     age = format_age(now_ms - row.updated_at_ms) if row.updated_at_ms > 0 else "-"
-    return (row.model_name, row.mx_source_id, row.worker_id, str(row.worker_rank), row.layout, row.status.name, age,
+    return (row.model_name, row.mx_source_id, row.worker_id, str(row.worker_rank), row.layout, row.status_text, age,
             str(row.tensors), format_bytes(row.total_bytes), row.manifest[:MANIFEST_SHOWN] or "-")
 
 
@@ -138,6 +164,9 @@ def render_json(rows: Sequence[FleetRow], now_ms: int) -> str:
             "tensors": r.tensors,
             "total_bytes": r.total_bytes,
             "manifest": r.manifest or None,
+            "pulling": r.pulling,
+            "verified_bytes": r.verified_bytes,
+            "depth": r.depth,
         }
         for r in rows
     ]) + "\n"

@@ -18,6 +18,10 @@ TOPOLOGY_MODEL_ID, TOPOLOGY_TP_SIZE, TOPOLOGY_PP_SIZE, TOPOLOGY_INSTANCE = (
     "mx_model_id", "mx_tp_size", "mx_pp_size", "mx_instance")
 # Every sglang-mx seed's record: its manifest id (sglang_mx.manifest), what an operator pins.
 TOPOLOGY_MANIFEST = "mx_manifest"
+# A pulling target's record (pipelined cascade): the bytes it has verified so far (decimal), which the
+# server keeps beside the status (UpdateStatus mx_verified_bytes) and shows in the topology of its
+# listings and GetMetadata answers.
+TOPOLOGY_VERIFIED_BYTES = "mx_verified_bytes"
 # A partial seed's record (a target serving what it has verified while it pulls; sglang_mx.target.pipeline):
 # "1", and its depth in the cascade tree (the first seeds are 0, a target one more than its deepest parent).
 TOPOLOGY_PIPELINE, TOPOLOGY_DEPTH = "mx_pipeline", "mx_depth"
@@ -187,6 +191,20 @@ class SourceRef:
     source_load: float | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class SourceEvent:
+    """One message of a source watch (MxWatchService.WatchSources).
+
+    `ref`: the record as ListSources lists it (its status the current one), or its last state when
+    `removed`; None for the one `snapshot_end` event that follows the records that matched when the
+    watch (re)started.
+    """
+
+    ref: SourceRef | None
+    removed: bool = False
+    snapshot_end: bool = False
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SourceQuery:
     """A listing request; None means "no filter"."""
@@ -241,3 +259,4 @@ class WorkerBytes:
     worker_bytes: bytes
     status: SourceStatus
     updated_at_ms: int
+    verified_bytes: int | None = None  # a pulling target's progress (UpdateStatus), None when never reported

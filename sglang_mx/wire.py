@@ -19,6 +19,8 @@ from sglang_mx.records import (
     EncodedWorker,
     PieceDigest,
     ShardSpec,
+    TOPOLOGY_VERIFIED_BYTES,
+    SourceEvent,
     SourceIdentity,
     SourceQuery,
     SourceRef,
@@ -32,10 +34,12 @@ from sglang_mx.records import (
 )
 
 SERVICE_NAME = "model_express.p2p.P2pService"
+WATCH_SERVICE_NAME = "model_express.p2p.MxWatchService"  # sglang-mx's own: a ModelExpress server has none
 
 # Re-exported so that the client and server never import _proto themselves.
 P2pServiceStub = pb_grpc.P2pServiceStub
 P2pServiceServicer = pb_grpc.P2pServiceServicer
+MxWatchServiceStub = pb_grpc.MxWatchServiceStub
 messages = pb  # for tests and benchmarks that speak raw protobuf on purpose
 
 
@@ -240,12 +244,30 @@ def get_request(mx_source_id: str, worker_id: str) -> pb.GetMetadataRequest:
 
 
 def update_status_request(mx_source_id: str, worker_id: str, worker_rank: int,
-                          status: SourceStatus, source_load: float | None = None) -> pb.UpdateStatusRequest:
+                          status: SourceStatus, source_load: float | None = None,
+                          verified_bytes: int | None = None) -> pb.UpdateStatusRequest:
     request = pb.UpdateStatusRequest(mx_source_id=mx_source_id, worker_id=worker_id, worker_rank=worker_rank,
                                      status=int(status))
     if source_load is not None:
         request.source_load = source_load
+    if verified_bytes is not None:
+        request.mx_verified_bytes = verified_bytes
     return request
+
+
+def watch_request(mx_source_id: str, *, worker_rank: int | None = None,
+                  progress: bool = False) -> pb.MxWatchSourcesRequest:
+    request = pb.MxWatchSourcesRequest(mx_source_id=mx_source_id, progress=progress)
+    if worker_rank is not None:
+        request.worker_rank = worker_rank
+    return request
+
+
+def source_event_from_pb(msg: pb.MxSourceEvent) -> SourceEvent:
+    """A watch's event; its ref carries the event's status (the wire ref has none)."""
+    status = status_from_pb(msg.status, "MxSourceEvent.status")
+    ref = ref_from_pb(msg.source, status) if msg.HasField("source") else None
+    return SourceEvent(ref=ref, removed=msg.removed, snapshot_end=msg.snapshot_end)
 
 
 def refs_from_response(response: pb.ListSourcesResponse, status: SourceStatus) -> list[SourceRef]:
@@ -350,11 +372,22 @@ def encode_record(mx_source_id: str, worker_id: str, identity: SourceIdentity, w
 def decode_stored(mx_source_id: str, worker_id: str, stored: WorkerBytes) -> StoredWorker:
     """Plain records of stored bytes (for tools and tests; the server serves the bytes)."""
     worker = worker_from_pb(pb.WorkerMetadata.FromString(stored.worker_bytes))
+    if stored.verified_bytes is not None:  # as GetMetadata frames it (server/framing.py)
+        worker = dataclasses.replace(worker, topology={**worker.topology,
+                                                       TOPOLOGY_VERIFIED_BYTES: str(stored.verified_bytes)})
     return StoredWorker(
         mx_source_id=mx_source_id, worker_id=worker_id,
         identity=identity_from_pb(pb.SourceIdentity.FromString(stored.identity_bytes)),
         worker=dataclasses.replace(worker, status=stored.status, updated_at_ms=stored.updated_at_ms),
     )
+
+
+def source_event_bytes(ref: SourceRef, *, removed: bool = False) -> bytes:
+    """A serialized MxSourceEvent of one record (server side: encoded once, sent to every watcher)."""
+    return pb.MxSourceEvent(source=ref_to_pb(ref), status=int(ref.status), removed=removed).SerializeToString()
+
+
+SNAPSHOT_END_BYTES = pb.MxSourceEvent(snapshot_end=True).SerializeToString()
 
 
 def not_found_response_bytes(mx_source_id: str, worker_id: str) -> bytes:
@@ -366,6 +399,20 @@ def not_found_response_bytes(mx_source_id: str, worker_id: str) -> bytes:
 
 def _passthrough(response: bytes) -> bytes:
     return response
+
+
+def add_watch_handler(watch, server: grpc.Server) -> None:
+    """Register MxWatchService.WatchSources as `watch(request, context, send)`: grpc's non-blocking
+    server streaming (the handler returns at once; `send(bytes)` writes one serialized MxSourceEvent
+    from any thread, `send(None)` ends the stream). server/watch.py says why."""
+    def behavior(request, context, send) -> None:
+        watch(request, context, send)
+
+    behavior.experimental_non_blocking = True
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(WATCH_SERVICE_NAME, {
+        "WatchSources": grpc.unary_stream_rpc_method_handler(
+            behavior, request_deserializer=pb.MxWatchSourcesRequest.FromString, response_serializer=_passthrough),
+    }),))
 
 
 def add_servicer_to_server(servicer: P2pServiceServicer, server: grpc.Server) -> None:

@@ -141,7 +141,22 @@ def test_quota_flags_reach_the_server(tmp_path, unused_port, make_identity, make
         proc.wait(timeout=10)
 
 
-@pytest.mark.parametrize("flag", ["--max-records-per-principal", "--max-mb-per-principal"])
+def test_max_watchers_reaches_the_server(tmp_path, unused_port):
+    address = f"127.0.0.1:{unused_port}"
+    with open(tmp_path / "server.log", "w") as log:
+        proc = subprocess.Popen(_server_cmd("--host", "127.0.0.1", "--port", str(unused_port), "--max-watchers", "1"),
+                                stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_serving(address, proc)
+        with MetadataClient(address) as client, client.watch_sources("0123456789abcdef"):
+            with pytest.raises(ServerError, match=r"its limit \(--max-watchers 1\)"):
+                client.watch_sources("0123456789abcdef")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("flag", ["--max-records-per-principal", "--max-mb-per-principal", "--max-watchers"])
 def test_quota_flags_must_be_positive(flag, capsys):
     from sglang_mx.cli import main
 

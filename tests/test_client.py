@@ -99,3 +99,23 @@ def test_normalize_url(url, expected):
 def test_client_url_is_normalized():
     with MetadataClient("grpc://127.0.0.1:1/") as client:
         assert client.url == "127.0.0.1:1"
+
+
+def test_watch_of_an_unreachable_server_raises_unavailable_naming_watch_sources(unused_port):
+    address = f"127.0.0.1:{unused_port}"
+    with MetadataClient(address, timeout_s=0.5, retries=2, backoff_s=0.01) as client:
+        started = time.monotonic()
+        with pytest.raises(ServerUnavailableError) as info:
+            client.watch_sources("0123456789abcdef")
+        elapsed = time.monotonic() - started
+    assert (info.value.url, info.value.rpc) == (address, "WatchSources")
+    assert "after 3 attempt(s)" in str(info.value)
+    assert elapsed < 5, f"took {elapsed:.1f} s to give up"
+
+
+def test_update_status_reports_verified_bytes(client, make_identity, make_worker):
+    source = client.publish(make_identity(), make_worker(status=SourceStatus.INITIALIZING), "w0")
+    client.update_status(source, "w0", 0, SourceStatus.INITIALIZING, verified_bytes=12_288)
+    assert client.get_metadata(source, "w0").worker.topology == {"mx_verified_bytes": "12288"}
+    [ref] = client.list_sources(make_identity())
+    assert ref.topology == {"mx_verified_bytes": "12288"}

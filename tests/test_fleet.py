@@ -65,9 +65,33 @@ def test_render_json():
     assert data[0] == {"model_name": "Qwen/Qwen3-8B", "mx_source_id": "8b7aa4b533b72278",
                        "worker_id": "pod-a-rank0", "worker_rank": 0, "tp_size": 0, "pp_size": 0, "ep_size": 0,
                        "any_layout": False, "status": "READY", "updated_at_ms": NOW - 3000,
-                       "age_s": 3.0, "tensors": 291, "total_bytes": 8_190_000_000, "manifest": None}
+                       "age_s": 3.0, "tensors": 291, "total_bytes": 8_190_000_000, "manifest": None,
+                       "pulling": False, "verified_bytes": None, "depth": None}
     assert data[1]["age_s"] is None
     assert render_json([], NOW) == "[]\n"
+
+
+@pytest.mark.parametrize("status, verified, total, text", [
+    (SourceStatus.INITIALIZING, 0, 1000, "PULLING 0%"),
+    (SourceStatus.INITIALIZING, 420, 1000, "PULLING 42%"),
+    (SourceStatus.INITIALIZING, 999, 1000, "PULLING 99%"),  # rounded down: 100% only when done
+    (SourceStatus.INITIALIZING, 1000, 1000, "PULLING 100%"),
+    (SourceStatus.INITIALIZING, 0, 0, "PULLING 100%"),
+    (SourceStatus.INITIALIZING, None, 1000, "INITIALIZING"),  # no progress reported: not a pulling target
+    (SourceStatus.READY, 1000, 1000, "READY"),
+])
+def test_status_text_of_a_pulling_target(status, verified, total, text):
+    row = _row(status=status, verified_bytes=verified, total_bytes=total)
+    assert row.status_text == text
+    assert row.pulling == text.startswith("PULLING")
+
+
+def test_a_pulling_target_in_the_table_and_the_json():
+    rows = [_row(worker_id="pull", status=SourceStatus.INITIALIZING, verified_bytes=3_440_000_000, depth=2)]
+    assert render_table(rows, NOW).splitlines()[1].split()[5:7] == ["PULLING", "42%"]
+    [data] = json.loads(render_json(rows, NOW))
+    assert (data["status"], data["pulling"], data["verified_bytes"], data["depth"]) == (
+        "INITIALIZING", True, 3_440_000_000, 2)
 
 
 # --- against a live server ------------------------------------------------------------------------------
@@ -99,6 +123,20 @@ def test_collect_reads_status_and_sizes_per_worker(fleet_server):
         assert rows[0].manifest == manifest_id(rows[0].mx_source_id, 0, stored.worker.tensors)
         assert len({r.manifest for r in rows}) == 3
         assert [r.worker_id for r in fleet.collect(client, model_name="org/other")] == ["o-rank0"]
+
+
+def test_collect_reads_a_pulling_targets_progress_and_depth(server, make_identity, make_worker):
+    with MetadataClient(server.address, timeout_s=5) as client:
+        source = client.publish(make_identity(), make_worker(0, n_tensors=4, status=SourceStatus.INITIALIZING,
+                                                             topology={"mx_depth": "2"}), "target")
+        client.publish(make_identity(), make_worker(1, status=SourceStatus.INITIALIZING,
+                                                    topology={"mx_depth": "deep"}), "odd")
+        client.update_status(source, "target", 0, SourceStatus.INITIALIZING, verified_bytes=4096)
+        rows = {r.worker_id: r for r in fleet.collect(client)}
+    target = rows["target"]
+    assert (target.verified_bytes, target.total_bytes, target.depth, target.status_text) == (
+        4096, 4 * 4096, 2, "PULLING 25%")
+    assert (rows["odd"].verified_bytes, rows["odd"].depth, rows["odd"].status_text) == (None, None, "INITIALIZING")
 
 
 def test_collect_skips_a_worker_that_vanishes_after_the_listing(fleet_server):

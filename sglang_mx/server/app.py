@@ -1,4 +1,4 @@
-"""Assemble and run the metadata server: store, servicer, reaper, health."""
+"""Assemble and run the metadata server: store, servicers (P2pService, MxWatchService), reaper, health."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ from sglang_mx.server.options import ServerOptions
 from sglang_mx.server.reaper import Reaper
 from sglang_mx.server.service import P2pServicer, now_ms
 from sglang_mx.server.store import Capacity, SourceStore
+from sglang_mx.server.watch import WatchHub
+from sglang_mx.server.watch_service import WatchServicer
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +125,7 @@ class MetadataServer:
         fast, bulk = self._pools
         interceptors: list[grpc.ServerInterceptor] = [_PoolRouter({
             f"/{wire.SERVICE_NAME}/GetMetadata": bulk, f"/{wire.SERVICE_NAME}/PublishMetadata": bulk})]
+        self._hub = WatchHub(self._store, max_watchers=options.max_watchers)
         if options.metrics_port is not None:
             from sglang_mx.server.metrics import ServerMetrics
 
@@ -131,6 +134,7 @@ class MetadataServer:
             interceptors.append(AuthInterceptor(self.tokens, self.metrics.observe if self.metrics else None))
         if self.metrics is not None:
             interceptors.append(self.metrics.interceptor)
+        pending = max(options.max_concurrent_rpcs + options.max_watchers, 3000)
         self._grpc = grpc.server(
             fast,
             interceptors=interceptors,
@@ -140,6 +144,11 @@ class MetadataServer:
                 # gRPC sets SO_REUSEPORT by default: a second server on a busy port would
                 # then start too and silently take half the calls (each with its own store).
                 ("grpc.so_reuseport", 0),
+                # Calls gRPC holds until this server's one accepting thread takes them: past 1,000
+                # (3,000 at once) it cancels them, and thousands of targets opening their watches
+                # together would see CANCELLED.
+                ("grpc.server.max_pending_requests", pending),
+                ("grpc.server.max_pending_requests_hard_limit", pending),
             ],
             maximum_concurrent_rpcs=options.max_concurrent_rpcs,
         )
@@ -152,6 +161,7 @@ class MetadataServer:
                                           max_bytes_per_principal=options.max_mb_per_principal * 1024 * 1024)),
             self._grpc,
         )
+        wire.add_watch_handler(WatchServicer(self._hub).watch_sources, self._grpc)
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         address = f"{options.host}:{options.port}"
@@ -180,7 +190,13 @@ class MetadataServer:
         host = "127.0.0.1" if self.options.host in ("0.0.0.0", "::", "") else self.options.host
         return f"{host}:{self.port}"
 
+    @property
+    def open_watches(self) -> int:
+        """WatchSources streams open now (server/watch.py)."""
+        return self._hub.open_watches
+
     def start(self) -> "MetadataServer":
+        self._hub.start()
         self._grpc.start()
         for service in ("", wire.SERVICE_NAME):
             self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -204,7 +220,12 @@ class MetadataServer:
         self._stopping.set()
         self._health.enter_graceful_shutdown()
         self._reaper.close()
-        self._grpc.stop(grace_s).wait()
+        # gRPC takes no new calls from now on (clients watching again are refused by it, not by us), and
+        # open watches end at once (UNAVAILABLE: their clients watch again elsewhere) instead of holding
+        # up the grace period that calls in progress get.
+        stopped = self._grpc.stop(grace_s)
+        self._hub.close(timeout_s=grace_s)
+        stopped.wait()
         for pool in self._pools:
             pool.shutdown(wait=False)
         if self.metrics is not None:

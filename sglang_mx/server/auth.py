@@ -2,10 +2,11 @@
 
 Tokens come from files, one token per line (`TOKEN`, or `NAME TOKEN` to name the
 principal; blank lines and lines starting with '#' are skipped), each file with a
-role: a reader token may call ListSources and GetMetadata, a writer token every
-RPC. A record is bound to the principal that published it (see SourceStore.put);
-without a NAME the principal is a fingerprint of the token, so rotating a named
-writer's token keeps its records its own. The files are re-read when they change
+role: a reader token may call ListSources and GetMetadata (and watch sources:
+MxWatchService.WatchSources), a writer token every RPC. A record is bound to the
+principal that published it (see SourceStore.put); without a NAME the principal
+is a fingerprint of the token, so rotating a named writer's token keeps its
+records its own. The files are re-read when they change
 (checked at most once a second) and on `reload()` (SIGHUP): a file that turns
 bad keeps the tokens read before, with an error in the log.
 """
@@ -33,7 +34,8 @@ from sglang_mx.errors import ConfigError
 log = logging.getLogger(__name__)
 
 SERVICE = "/model_express.p2p.P2pService/"
-READ_METHODS = frozenset(SERVICE + m for m in ("ListSources", "GetMetadata"))
+WATCH_METHOD = "/model_express.p2p.MxWatchService/WatchSources"  # sglang-mx's own: reads, as ListSources
+READ_METHODS = frozenset(SERVICE + m for m in ("ListSources", "GetMetadata")) | {WATCH_METHOD}
 WRITE_METHODS = frozenset(SERVICE + m for m in ("PublishMetadata", "UpdateStatus"))
 KNOWN_METHODS = READ_METHODS | WRITE_METHODS
 # Load balancers and orchestrators probe health without credentials.
@@ -48,7 +50,7 @@ def current_principal() -> str:
 
 
 class Access(enum.Enum):
-    READER = "reader"  # ListSources, GetMetadata
+    READER = "reader"  # ListSources, GetMetadata, WatchSources
     WRITER = "writer"  # every RPC
 
 
@@ -209,7 +211,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         if credential.role is Access.READER and method not in READ_METHODS:
             return self._deny(method, start, grpc.StatusCode.PERMISSION_DENIED,
                               f"{rpc}: permission denied: a reader token may call ListSources and GetMetadata "
-                              "only; use a writer token")
+                              "only (and WatchSources); use a writer token")
         handler = continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import threading
+from typing import Sequence
 
-from sglang_mx.records import EncodedWorker, SourceQuery, SourceRef, SourceStatus, WorkerBytes
-from sglang_mx.server.store import (Capacity, CapacityError, NotOwnerError, ReapStats, SourceStore, check_quota,
-                                    record_bytes)
+from sglang_mx.records import (TOPOLOGY_VERIFIED_BYTES, EncodedWorker, SourceQuery, SourceRef, SourceStatus,
+                               WorkerBytes)
+from sglang_mx.server.store import (Capacity, CapacityError, ChangeListener, NotOwnerError, ReapStats, RecordState,
+                                    SourceStore, check_quota, record_bytes)
 
 
 @dataclasses.dataclass
@@ -15,7 +18,9 @@ class _Entry:
     record: EncodedWorker  # never mutated: replaced whole on publish
     status: SourceStatus
     updated_at_ms: int
+    generation: int  # new at every put
     source_load: float | None = None
+    verified_bytes: int | None = None
 
 
 @dataclasses.dataclass
@@ -32,10 +37,30 @@ class MemoryStore(SourceStore):
         # model_name -> (mx_source_id, worker_id) of its records: the model index.
         self._models: dict[str, set[tuple[str, str]]] = {}
         self._usage: dict[str, _Usage] = {}  # owner -> what its records hold
+        self._generations = itertools.count(1)
+        self._listeners: tuple[ChangeListener, ...] = ()
+
+    def subscribe(self, listener: ChangeListener) -> None:
+        with self._lock:
+            self._listeners += (listener,)
+
+    def unsubscribe(self, listener: ChangeListener) -> None:
+        with self._lock:
+            self._listeners = tuple(x for x in self._listeners if x is not listener)
+
+    def _tell(self, keys: Sequence[tuple[str, str]]) -> None:
+        """Tell the listeners of changed records; called after the lock is released (they may read)."""
+        for listener in self._listeners:
+            for source_id, worker_id in keys:
+                listener.changed(source_id, worker_id)
 
     def put(self, record: EncodedWorker, capacity: Capacity = Capacity()) -> None:
-        entry = _Entry(record, record.status, record.updated_at_ms)
+        self._put(record, capacity)
+        self._tell([(record.mx_source_id, record.worker_id)])
+
+    def _put(self, record: EncodedWorker, capacity: Capacity) -> None:
         with self._lock:
+            entry = _Entry(record, record.status, record.updated_at_ms, next(self._generations))
             workers = self._sources.get(record.mx_source_id)
             old = workers.get(record.worker_id) if workers else None
             if old is not None:
@@ -80,6 +105,7 @@ class MemoryStore(SourceStore):
         now_ms: int,
         source_load: float | None = None,
         owner: str | None = None,
+        verified_bytes: int | None = None,
     ) -> int:
         with self._lock:
             entry = self._sources.get(mx_source_id, {}).get(worker_id)
@@ -87,11 +113,17 @@ class MemoryStore(SourceStore):
                 return 0
             if owner is not None and entry.record.owner not in ("", owner):
                 raise NotOwnerError(mx_source_id, worker_id)
+            before = (entry.status, entry.source_load, entry.verified_bytes)
             entry.status = status
             entry.updated_at_ms = now_ms
             if source_load is not None:
                 entry.source_load = source_load
-            return 1
+            if verified_bytes is not None:
+                entry.verified_bytes = verified_bytes
+            changed = before != (entry.status, entry.source_load, entry.verified_bytes)
+        if changed:
+            self._tell([(mx_source_id, worker_id)])
+        return 1
 
     def get_bytes(self, mx_source_id: str, worker_id: str) -> WorkerBytes | None:
         with self._lock:
@@ -99,7 +131,13 @@ class MemoryStore(SourceStore):
             if entry is None:
                 return None
             return WorkerBytes(entry.record.identity_bytes, entry.record.worker_bytes, entry.status,
-                               entry.updated_at_ms)
+                               entry.updated_at_ms, entry.verified_bytes)
+
+    def states(self, mx_source_id: str, worker_ids: Sequence[str] | None = None) -> dict[str, RecordState]:
+        with self._lock:
+            workers = self._sources.get(mx_source_id, {})
+            names = workers.keys() if worker_ids is None else [w for w in worker_ids if w in workers]
+            return {w: RecordState(_ref(mx_source_id, w, workers[w]), str(workers[w].generation)) for w in names}
 
     def list(self, query: SourceQuery) -> list[SourceRef]:
         rank, status, since, model = query.worker_rank, query.status, query.min_updated_at_ms, query.model_name
@@ -129,6 +167,7 @@ class MemoryStore(SourceStore):
         stale_before = now_ms - heartbeat_timeout_ms
         delete_before = now_ms - gc_timeout_ms
         marked = deleted = 0
+        changed: list[tuple[str, str]] = []
         with self._lock:
             for source_id in list(self._sources):
                 workers = self._sources[source_id]
@@ -137,12 +176,15 @@ class MemoryStore(SourceStore):
                     if entry.status != SourceStatus.STALE and entry.updated_at_ms < stale_before:
                         entry.status = SourceStatus.STALE
                         marked += 1
+                        changed.append((source_id, worker_id))
                     if entry.status == SourceStatus.STALE and entry.updated_at_ms < delete_before:
                         del workers[worker_id]
                         self._forget(entry.record)
                         deleted += 1
+                        changed.append((source_id, worker_id))
                 if not workers:
                     del self._sources[source_id]
+        self._tell(changed)
         return ReapStats(marked_stale=marked, deleted=deleted)
 
 
@@ -155,6 +197,7 @@ def _ref(source_id: str, worker_id: str, entry: _Entry) -> SourceRef:
         status=entry.status,
         updated_at_ms=entry.updated_at_ms,
         accelerator=entry.record.accelerator,
-        topology=entry.record.topology,
+        topology=entry.record.topology if entry.verified_bytes is None else {
+            **entry.record.topology, TOPOLOGY_VERIFIED_BYTES: str(entry.verified_bytes)},
         source_load=entry.source_load,
     )

@@ -46,6 +46,9 @@ class ServerOptions:
     bulk_nice: int = 0
     fast_workers: int = 8  # threads answering ListSources, UpdateStatus and health: they never wait behind the above
     max_concurrent_rpcs: int = 1024  # calls past this are answered RESOURCE_EXHAUSTED at once
+    # Open WatchSources streams (server/watch.py); past it a new watch is answered RESOURCE_EXHAUSTED.
+    # An open watch holds no thread and no call slot of max_concurrent_rpcs: about 25 KB of memory.
+    max_watchers: int = 10_000
     store: str = "memory"  # one of STORE_KINDS
     redis_url: str = DEFAULT_REDIS_URL
     redis_prefix: str = DEFAULT_REDIS_PREFIX
@@ -87,7 +90,7 @@ class ServerOptions:
             raise ConfigError(f"max_message_mb={self.max_message_mb} must be >= 1")
         for name in ("max_tensors", "max_record_mb", "max_workers_per_source", "max_sources",
                      "max_records_per_principal", "max_mb_per_principal", "bulk_workers", "fast_workers",
-                     "max_concurrent_rpcs"):
+                     "max_concurrent_rpcs", "max_watchers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
         if not 0 <= self.bulk_nice <= 19:

@@ -6,7 +6,8 @@ Layout, under a configurable key prefix P (default "mx:"):
   `worker` hold the protobuf bytes the worker was published as (the tensor
   list: the only big field; status and updated_at are not in them), served as
   they are; `status`, `updated_at`, `rank`, `model`, `accelerator`, `topology`
-  (JSON), `load`, `owner`, `version` (new at every publish) are small fields.
+  (JSON), `load`, `verified` (a pulling target's progress), `owner`, `version`
+  (new at every publish) are small fields.
   The length prefix keeps ids containing ':' from colliding. Each server keeps
   the blobs it read in a bounded cache, keyed by `version`: GetMetadata reads
   the small fields and fetches the blobs only for a version it does not hold.
@@ -24,6 +25,12 @@ Layout, under a configurable key prefix P (default "mx:"):
   (identity + worker blobs) its records hold: the per-principal quotas.
 - `P layout`: "2" once the records of the previous layout (no model index, no
   quotas) have been adopted into it; each server adopts them when it starts.
+- `P changes`: the pub/sub channel of record changes, for the watches of every
+  server on this prefix (server/redis_changes.py): each message is one record's
+  name in the model index. The write scripts PUBLISH it themselves, in the same
+  atomic step as the write, for a publish, an update that changed the status,
+  load or progress (not a plain heartbeat), and a record the reaper marked or
+  deleted.
 
 Publish writes a record and every index in one Lua script (after checking the
 record's owner, the capacity limits and its owner's quota), so a reader never sees half a record. Heartbeats and the reaper run Lua scripts
@@ -43,17 +50,19 @@ import logging
 import os
 import threading
 import urllib.parse
-from typing import Callable, Iterable, TypeVar
+from typing import Callable, Iterable, Sequence, TypeVar
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from sglang_mx.errors import ConfigError, StoreUnavailableError
-from sglang_mx.records import EncodedWorker, SourceQuery, SourceRef, SourceStatus, WorkerBytes
+from sglang_mx.records import (TOPOLOGY_VERIFIED_BYTES, EncodedWorker, SourceQuery, SourceRef, SourceStatus,
+                               WorkerBytes)
 from sglang_mx.server.options import DEFAULT_REDIS_PREFIX, DEFAULT_REDIS_URL
-from sglang_mx.server.store import (Capacity, CapacityError, NotOwnerError, QuotaError, ReapStats, SourceStore,
-                                    record_bytes)
+from sglang_mx.server.redis_changes import ChangeFeed, split_member
+from sglang_mx.server.store import (Capacity, CapacityError, ChangeListener, NotOwnerError, QuotaError, ReapStats,
+                                    RecordState, SourceStore, record_bytes)
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +76,8 @@ T = TypeVar("T")
 # a replica that was primary before a failover).
 _UNAVAILABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ReadOnlyError)
 
-_SMALL_FIELDS = ("status", "updated_at", "rank", "model", "accelerator", "topology", "load")  # what listing reads
+# What listing reads (`version` only for watches: it tells a republish from an update).
+_SMALL_FIELDS = ("status", "updated_at", "rank", "model", "accelerator", "topology", "load", "verified", "version")
 _STALE = str(int(SourceStatus.STALE))
 
 # Lua shared by the scripts that add or remove a record's accounting (its `P meta:<src>` entry, its
@@ -95,9 +105,10 @@ end
 
 # KEYS: record, index, sources, meta, usage records, usage bytes. ARGV: owner, max_workers, max_sources,
 # max_records, max_bytes ('0' = no limit), worker_id, source_id, updated_at, ttl_ms ('0' = none), size,
-# model, model key prefix, member, then the hash's field/value pairs. Returns {1} when stored, {-1}: owned
-# by another principal, {-2}: too many workers, {-3}: too many sources, {-4, records held}: past the
-# owner's records quota, {-5, bytes held, growth}: past its bytes quota (the rule of store.check_quota).
+# model, model key prefix, member, changes channel, then the hash's field/value pairs. Returns {1} when
+# stored (and published), {-1}: owned by another principal, {-2}: too many workers, {-3}: too many sources,
+# {-4, records held}: past the owner's records quota, {-5, bytes held, growth}: past its bytes quota (the
+# rule of store.check_quota).
 _PUT = _ACCOUNTING + """
 local owner, size = ARGV[1], tonumber(ARGV[10])
 if redis.call('EXISTS', KEYS[1]) == 1 then
@@ -120,25 +131,37 @@ if ARGV[5] ~= '0' and growth > 0 and held_bytes + growth > tonumber(ARGV[5]) the
 end
 release(KEYS[4], ARGV[6], KEYS[5], KEYS[6], ARGV[12], ARGV[13])
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 14))
+redis.call('HSET', KEYS[1], unpack(ARGV, 15))
 if ARGV[9] ~= '0' then redis.call('PEXPIRE', KEYS[1], ARGV[9]) end
 redis.call('ZADD', KEYS[2], ARGV[8], ARGV[6])
 redis.call('SADD', KEYS[3], ARGV[7])
 redis.call('HSET', KEYS[4], ARGV[6], cjson.encode({o = owner, b = size, m = ARGV[11]}))
 account(KEYS[5], KEYS[6], ARGV[12], ARGV[13], owner, size, ARGV[11], 1)
+redis.call('PUBLISH', ARGV[14], ARGV[13])
 return {1}
 """
 
 # KEYS: record, index. ARGV: worker_id, rank, status, now_ms, load ('' = keep), ttl_ms ('0' = none),
-# owner ('' = no check). Returns 1 when changed, 0: no such record of that rank, -1: owned by another.
+# owner ('' = no check), verified bytes ('' = keep), changes channel, member. Returns 1 when changed, 0: no
+# such record of that rank, -1: owned by another. Publishes the member when the status, load or progress
+# changed (a plain heartbeat: nothing).
 _UPDATE_ONE = """
-local f = redis.call('HMGET', KEYS[1], 'rank', 'owner')
+local f = redis.call('HMGET', KEYS[1], 'rank', 'owner', 'status', 'load', 'verified')
 if f[1] ~= ARGV[2] then return 0 end
 if ARGV[7] ~= '' and f[2] and f[2] ~= '' and f[2] ~= ARGV[7] then return -1 end
 redis.call('HSET', KEYS[1], 'status', ARGV[3], 'updated_at', ARGV[4])
-if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'load', ARGV[5]) end
+local changed = f[3] ~= ARGV[3]
+if ARGV[5] ~= '' then
+  redis.call('HSET', KEYS[1], 'load', ARGV[5])
+  changed = changed or f[4] ~= ARGV[5]
+end
+if ARGV[8] ~= '' then
+  redis.call('HSET', KEYS[1], 'verified', ARGV[8])
+  changed = changed or f[5] ~= ARGV[8]
+end
 if ARGV[6] ~= '0' then redis.call('PEXPIRE', KEYS[1], ARGV[6]) end
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+if changed then redis.call('PUBLISH', ARGV[9], ARGV[10]) end
 return 1
 """
 
@@ -146,10 +169,11 @@ return 1
 # `out` when it matches rank, status and model ('' = any). Never reads the blobs.
 _LIST_ROW = """
 local function add_row(out, name, key, rank, status, model)
-  local f = redis.call('HMGET', key, 'status', 'updated_at', 'rank', 'model', 'accelerator', 'topology', 'load')
+  local f = redis.call('HMGET', key, 'status', 'updated_at', 'rank', 'model', 'accelerator', 'topology', 'load',
+                      'verified', 'version')
   if f[1] and (rank == '' or f[3] == rank) and (status == '' or f[1] == status) and (model == '' or f[4] == model) then
     out[#out + 1] = name
-    for i = 1, 7 do out[#out + 1] = f[i] or false end
+    for i = 1, 9 do out[#out + 1] = f[i] or false end
   end
 end
 """
@@ -175,13 +199,13 @@ return out
 """
 
 # KEYS: record, index, sources, meta, usage records, usage bytes. ARGV: worker_id, source_id, stale_before,
-# delete_before, STALE value, model key prefix, member. Decides from the record as it is now, so a second
-# reaper finds nothing left to do.
+# delete_before, STALE value, model key prefix, member, changes channel. Decides from the record as it is
+# now, so a second reaper finds nothing left to do; publishes the member when it changed something.
 _REAP_ONE = _ACCOUNTING + """
 local f = redis.call('HMGET', KEYS[1], 'status', 'updated_at')
 local marked, deleted = 0, 0
 if not f[1] then  -- expired (the TTL safety net): its index entries and accounting go now
-  redis.call('ZREM', KEYS[2], ARGV[1])
+  if redis.call('ZREM', KEYS[2], ARGV[1]) == 1 then redis.call('PUBLISH', ARGV[8], ARGV[7]) end
   release(KEYS[4], ARGV[1], KEYS[5], KEYS[6], ARGV[6], ARGV[7])
 else
   local status, at = f[1], tonumber(f[2]) or 0  -- unreadable time: expire it
@@ -196,6 +220,7 @@ else
     release(KEYS[4], ARGV[1], KEYS[5], KEYS[6], ARGV[6], ARGV[7])
     deleted = 1
   end
+  if marked + deleted > 0 then redis.call('PUBLISH', ARGV[8], ARGV[7]) end
 end
 if redis.call('ZCARD', KEYS[2]) == 0 then redis.call('SREM', KEYS[3], ARGV[2]) end
 return {marked, deleted}
@@ -284,6 +309,9 @@ class RedisStore(SourceStore):
         self._reap_one = self._r.register_script(_REAP_ONE)
         self._adopt = self._r.register_script(_ADOPT)
         self._closed = threading.Event()
+        self._feed: ChangeFeed | None = None  # started by the first subscribe
+        self._subscribe_timeout_s = connect_timeout_s + timeout_s
+        self._feed_lock = threading.Lock()
         try:
             self._r.ping()
             self._adopt_previous_layout()
@@ -319,6 +347,9 @@ class RedisStore(SourceStore):
 
     def _layout_key(self) -> str:
         return f"{self.prefix}layout"
+
+    def _changes_channel(self) -> str:
+        return f"{self.prefix}changes"
 
     @staticmethod
     def _member(mx_source_id: str, worker_id: str) -> str:
@@ -357,7 +388,7 @@ class RedisStore(SourceStore):
             args=[record.owner, capacity.max_workers_per_source, capacity.max_sources,
                   capacity.max_records_per_principal, capacity.max_bytes_per_principal, worker_id, source_id,
                   record.updated_at_ms, self._ttl_ms, size, record.model_name, self._model_prefix(),
-                  self._member(source_id, worker_id), *pairs],
+                  self._member(source_id, worker_id), self._changes_channel(), *pairs],
         ))
         if result == -1:
             raise NotOwnerError(source_id, worker_id)
@@ -383,11 +414,14 @@ class RedisStore(SourceStore):
         now_ms: int,
         source_load: float | None = None,
         owner: str | None = None,
+        verified_bytes: int | None = None,
     ) -> int:
         load = "" if source_load is None else repr(float(source_load))
+        verified = "" if verified_bytes is None else str(int(verified_bytes))
         key = self._record_key(mx_source_id, worker_id)
         result = int(self._update_one(keys=[key, self._index_key(mx_source_id)], args=[
-            worker_id, str(worker_rank), str(int(status)), str(now_ms), load, self._ttl_ms, owner or ""]))
+            worker_id, str(worker_rank), str(int(status)), str(now_ms), load, self._ttl_ms, owner or "", verified,
+            self._changes_channel(), self._member(mx_source_id, worker_id)]))
         if result < 0:
             raise NotOwnerError(mx_source_id, worker_id)
         return result
@@ -398,19 +432,56 @@ class RedisStore(SourceStore):
         # The blobs change only with a publish, which gives the record a new `version`: read the
         # small fields first and the blobs only when this process does not hold that version.
         # Redis answers small replies quickly, instead of every call queueing it behind megabytes.
-        version, status, updated_at = self._r.hmget(key, ["version", "status", "updated_at"])
+        version, status, updated_at, verified = self._r.hmget(key, ["version", "status", "updated_at", "verified"])
         if status is None:
             return None
         cached = self._cache.get((mx_source_id, worker_id), version)
         if cached is not None:
-            return WorkerBytes(cached[0], cached[1], SourceStatus(int(status)), int(updated_at))
-        identity, worker, version, status, updated_at = self._r.hmget(
-            key, ["identity", "worker", "version", "status", "updated_at"])  # one read: one version
+            return WorkerBytes(cached[0], cached[1], SourceStatus(int(status)), int(updated_at), _int_or_none(verified))
+        identity, worker, version, status, updated_at, verified = self._r.hmget(
+            key, ["identity", "worker", "version", "status", "updated_at", "verified"])  # one read: one version
         if worker is None or identity is None or status is None:
             return None
         if version is not None:  # records of the previous version have none: never cached
             self._cache.put((mx_source_id, worker_id), version, identity, worker)
-        return WorkerBytes(identity, worker, SourceStatus(int(status)), int(updated_at))
+        return WorkerBytes(identity, worker, SourceStatus(int(status)), int(updated_at), _int_or_none(verified))
+
+    @_guarded
+    def states(self, mx_source_id: str, worker_ids: Sequence[str] | None = None) -> dict[str, RecordState]:
+        if worker_ids is None:  # the listing script: the index and the small fields, in one call
+            flat = self._list(keys=[self._index_key(mx_source_id)],
+                              args=[self._record_prefix(mx_source_id), "-inf", "", "", ""])
+            rows = [(name.decode(errors="replace"), fields) for name, fields in _rows(flat)]
+        else:
+            names = list(dict.fromkeys(worker_ids))
+            pipe = self._r.pipeline(transaction=False)
+            for worker_id in names:
+                pipe.hmget(self._record_key(mx_source_id, worker_id), list(_SMALL_FIELDS))
+            rows = list(zip(names, pipe.execute()))
+        out = {}
+        for worker_id, fields in rows:
+            ref = _ref(mx_source_id, worker_id, fields)
+            if ref is not None:
+                out[worker_id] = RecordState(ref, (fields[-1] or b"").decode())
+        return out
+
+    def subscribe(self, listener: ChangeListener) -> None:
+        with self._feed_lock:
+            if self._closed.is_set():
+                raise StoreUnavailableError("the store is closed", url=self.url)
+            if self._feed is None:
+                self._feed = ChangeFeed(self._r, self._changes_channel()).start()
+            self._feed.add(listener)
+            feed = self._feed
+        # Writes after this return are told; if Redis is down now, `missed()` follows once it is back.
+        if not feed.wait_subscribed(self._subscribe_timeout_s):
+            log.warning("change feed %s: not subscribed yet; watches start once Redis answers",
+                        self._changes_channel())
+
+    def unsubscribe(self, listener: ChangeListener) -> None:
+        with self._feed_lock:
+            if self._feed is not None:
+                self._feed.remove(listener)
 
     @_guarded
     def list(self, query: SourceQuery) -> list[SourceRef]:
@@ -423,7 +494,7 @@ class RedisStore(SourceStore):
         if query.mx_source_id is None and query.model_name is not None:  # the model index: one script
             flat = self._list_model(keys=[self._model_prefix() + query.model_name],
                                     args=[f"{self.prefix}rec:", *filters])
-            rows = [(*_split_member(name), fields) for name, fields in _rows(flat)]
+            rows = [(*split_member(name), fields) for name, fields in _rows(flat)]
         else:
             if query.mx_source_id is not None:
                 sources = [query.mx_source_id]
@@ -461,7 +532,7 @@ class RedisStore(SourceStore):
                         keys=[self._record_key(source_id, worker_id), self._index_key(source_id),
                               self._sources_key(), self._meta_key(source_id), *self._usage_keys()],
                         args=[worker_id, source_id, stale_before, delete_before, _STALE, self._model_prefix(),
-                              self._member(source_id, worker_id)],
+                              self._member(source_id, worker_id), self._changes_channel()],
                         client=pipe,
                     )
                 for m, d in pipe.execute():
@@ -470,9 +541,14 @@ class RedisStore(SourceStore):
         return ReapStats(marked_stale=marked, deleted=deleted)
 
     def close(self) -> None:
-        if not self._closed.is_set():
+        with self._feed_lock:
+            if self._closed.is_set():
+                return
             self._closed.set()
-            self._r.close()
+            feed, self._feed = self._feed, None
+        if feed is not None:
+            feed.close()
+        self._r.close()
 
 
 def _rows(flat: list) -> Iterable[tuple[bytes, list[bytes | None]]]:
@@ -482,29 +558,30 @@ def _rows(flat: list) -> Iterable[tuple[bytes, list[bytes | None]]]:
         yield flat[i], flat[i + 1: i + width]
 
 
-def _split_member(member: bytes) -> tuple[str, str]:
-    """(source, worker) of a model index member, `<len(src)>:<src>:<worker_id>`."""
-    length, rest = member.split(b":", 1)
-    n = int(length)
-    return rest[:n].decode(errors="replace"), rest[n + 1:].decode(errors="replace")
+def _int_or_none(value: bytes | None) -> int | None:
+    return None if value is None else int(value)
 
 
 def _ref(source_id: str, worker_id: str, row: list[bytes | None]) -> SourceRef | None:
     """The ref of a record's small fields; None when it is gone or cannot be read (logged)."""
-    status, updated_at, rank, model, accelerator, topology, load = row
+    status, updated_at, rank, model, accelerator, topology, load, verified, _version = row
     if status is None:  # the record expired or was reaped since the index was read
         return None
     try:
-        return _decode_ref(source_id, worker_id, status, updated_at, rank, model, accelerator, topology, load)
+        return _decode_ref(source_id, worker_id, status, updated_at, rank, model, accelerator, topology, load,
+                           verified)
     except (ValueError, TypeError, AttributeError) as e:  # written by something else: skip it, list the rest
         log.warning("skipping unreadable record %s/%s: %s", source_id, worker_id, e)
         return None
 
 
-def _decode_ref(source_id, worker_id, status, updated_at, rank, model, accelerator, topology, load) -> SourceRef:
+def _decode_ref(source_id, worker_id, status, updated_at, rank, model, accelerator, topology, load,
+                verified) -> SourceRef:
     topology = json.loads(topology)
     if not isinstance(topology, dict) or not all(isinstance(v, str) for v in topology.values()):
         raise ValueError(f"topology {topology!r} is not a map of strings")
+    if verified is not None:
+        topology[TOPOLOGY_VERIFIED_BYTES] = str(int(verified))
     return SourceRef(
         mx_source_id=source_id,
         worker_id=worker_id,

@@ -140,8 +140,10 @@ class P2pServicer(wire.P2pServiceServicer):
                 "INITIALIZING (1), READY (2), STALE (3)",
             )
         load = request.source_load if request.HasField("source_load") else None
+        verified = request.mx_verified_bytes if request.HasField("mx_verified_bytes") else None
         changed = self._store.update_status(request.mx_source_id, request.worker_id, request.worker_rank, status,
-                                            self._clock_ms(), load, owner=current_principal())
+                                            self._clock_ms(), load, owner=current_principal(),
+                                            verified_bytes=verified)
         if changed == 0:
             return wire.update_status_response(
                 success=False,

@@ -11,11 +11,33 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+from typing import Protocol, Sequence
 
 from sglang_mx import wire
 from sglang_mx.errors import MxError
 from sglang_mx.records import (EncodedWorker, SourceIdentity, SourceQuery, SourceRef, SourceStatus, StoredWorker,
                                WorkerBytes, WorkerRecord)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordState:
+    """What a watch compares of one record: its listing ref (`SourceStore.list`'s, progress merged into
+    the topology) and the generation of its stored bytes, new at every publish: a republish is a
+    change even when every listed field stays the same."""
+
+    ref: SourceRef
+    generation: str
+
+
+class ChangeListener(Protocol):
+    """Told of records that may have changed (server/watch.py's hub). Calls must return quickly:
+    they run in the writer's thread (or a store's one subscriber thread)."""
+
+    def changed(self, mx_source_id: str, worker_id: str) -> None:
+        """That record may have changed or gone: read it again."""
+
+    def missed(self) -> None:
+        """Changes may have gone untold (a shared store's feed reconnected): read everything again."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,14 +145,18 @@ class SourceStore(abc.ABC):
         now_ms: int,
         source_load: float | None = None,
         owner: str | None = None,
+        verified_bytes: int | None = None,
     ) -> int:
         """Set status and updated_at of that worker's record if its rank equals `worker_rank`; return 1
         if it changed, 0 if there is no such record.
 
-        With `owner` given, MUST raise NotOwnerError (changing nothing) when the
-        record's owner is neither "" nor `owner`. MUST NOT rewrite the stored
-        bytes: its cost is independent of the number of tensors. MUST NOT create
-        records.
+        `source_load` and `verified_bytes` (a pulling target's progress), when given, are kept beside
+        the status; None keeps the value stored before. The progress MUST appear as topology key
+        TOPOLOGY_VERIFIED_BYTES (decimal) in `list` refs, over the record's own topology, and as
+        `WorkerBytes.verified_bytes`; a later `put` of the worker MUST reset it to unset. With `owner`
+        given, MUST raise NotOwnerError (changing nothing) when the record's owner is neither "" nor
+        `owner`. MUST NOT rewrite the stored bytes: its cost is independent of the number of tensors.
+        MUST NOT create records.
         """
 
     @abc.abstractmethod
@@ -158,6 +184,25 @@ class SourceStore(abc.ABC):
         `now_ms - gc_timeout_ms` are deleted. MUST be safe to run from several
         server replicas at once.
         """
+
+    @abc.abstractmethod
+    def states(self, mx_source_id: str, worker_ids: Sequence[str] | None = None) -> dict[str, RecordState]:
+        """worker_id -> RecordState of that source's records (of `worker_ids` only, when given; an
+        absent one is left out). Like `list`, MUST NOT read the stored bytes nor other sources."""
+
+    @abc.abstractmethod
+    def subscribe(self, listener: ChangeListener) -> None:
+        """Tell `listener.changed` of every record a write may have changed: `put`, an `update_status`
+        that changed the status, source_load or verified bytes, and every record `reap` marked STALE or
+        deleted. An update that changed nothing but updated_at MAY go untold (these stores do not tell
+        it: a fleet's heartbeats would wake every watch). A store shared by several servers (Redis)
+        MUST also tell of the writes of the others, and call `listener.missed()` when it may have lost
+        some. Told after the write (a read by the listener sees it), of every write made after this
+        returns (a shared store that cannot subscribe in time calls `missed()` once it has)."""
+
+    @abc.abstractmethod
+    def unsubscribe(self, listener: ChangeListener) -> None:
+        """Tell `listener` nothing more (an unknown listener is ignored)."""
 
     def close(self) -> None:
         """Release connections. Idempotent."""

@@ -65,8 +65,13 @@ class SeedWaiter:
         if self._watch is None:
             self._sleep(min(self._poll_interval_s, timeout_s))
             return
-        if self._watch.wait(min(WATCHED_WAIT_S, timeout_s)):
-            self.woken += 1
+        try:
+            if self._watch.wait(min(WATCHED_WAIT_S, timeout_s)):
+                self.woken += 1
+        except ServerError as e:  # the stream ended for good (refused on reconnect): poll from here on
+            log.warning("the watch of metadata server %s ended (%s): polling every %g s", self._client.url, e,
+                        self._poll_interval_s)
+            self.close()
 
     def close(self) -> None:
         if self._watch is not None:

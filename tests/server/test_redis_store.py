@@ -1,6 +1,7 @@
 """What the Redis store promises beyond the contract suite, checked on a real redis-server:
 heartbeats never touch the tensor blob, listing never scans the keyspace, concurrent reapers
-agree, the TTL safety net, outages and start-up errors that name the URL."""
+agree, the TTL safety net, outages and start-up errors that name the URL, and a change feed
+that tells each store of the writes of the others and of what it may have missed."""
 
 from __future__ import annotations
 
@@ -90,6 +91,7 @@ def test_heartbeat_never_rewrites_the_tensor_blob(store, rclient):
                         for i in range(1, 11)]
 
     beats("small")()  # warm up: the first call loads the script (NOSCRIPT, SCRIPT LOAD, EVALSHA)
+    beats("big")()  # and sets the load: a change, which the script publishes (for watches); plain beats do not
     big = _monitored(rclient, beats("big"))
     small = _monitored(rclient, beats("small"))
 
@@ -321,3 +323,45 @@ def test_get_reads_the_blobs_only_for_a_version_it_does_not_hold(store, redis_se
         assert len(commands) == 2 and " worker" in commands[1]
     finally:
         uncached.close()
+
+
+# --- the change feed (watches) -----------------------------------------------------------------------
+
+def test_a_store_is_told_of_the_writes_and_reaps_of_another_on_the_same_prefix(store, redis_server, redis_prefix):
+    from tests.server.test_store_contract import RecordingListener
+
+    other = RedisStore(redis_server.url, prefix=redis_prefix, record_ttl_s=3600)
+    elsewhere = RedisStore(redis_server.url, prefix=redis_prefix + "other:", record_ttl_s=3600)
+    listener = RecordingListener()
+    try:
+        store.subscribe(listener)
+        other.publish(SRC, "probe", IDENTITY, _worker(1))
+        listener.wait_for((SRC, "probe"))
+        elsewhere.publish(SRC, "not-ours", IDENTITY, _worker(1))  # another deployment's prefix: not told
+        other.publish(SRC, "w1", IDENTITY, _worker(1, status=SourceStatus.INITIALIZING, at=T0 - HB - 1))
+        other.update_status(SRC, "w1", 0, SourceStatus.INITIALIZING, T0 - HB - 1, verified_bytes=10)
+        other.reap(T0, HB, GC)
+        other.publish(SRC, "marker", IDENTITY, _worker(1))
+        assert listener.wait_for((SRC, "marker")) == [(SRC, "w1")] * 3 + [(SRC, "marker")]
+    finally:
+        for s in (other, elsewhere):
+            s.close()
+
+
+def test_the_feed_tells_missed_when_it_subscribes_again(store, rclient):
+    from tests.server.test_store_contract import RecordingListener
+
+    listener = RecordingListener()
+    store.subscribe(listener)
+    store.publish(SRC, "probe", IDENTITY, _worker(1))
+    listener.wait_for((SRC, "probe"))
+    first = listener.missed_count  # 1: told when it first subscribed
+    rclient.client_kill_filter(_type="pubsub")  # the feed's connection drops, as in a Redis restart
+    deadline = time.monotonic() + 10
+    while listener.missed_count == first:
+        assert time.monotonic() < deadline, "missed() was not called after the feed reconnected"
+        time.sleep(0.02)
+    store.publish(SRC, "after", IDENTITY, _worker(1))
+    assert listener.wait_for((SRC, "after"))[-1] == (SRC, "after")
+    store.close()
+    assert not [t for t in threading.enumerate() if t.name == "mx-redis-changes" and t.is_alive()]

@@ -14,9 +14,12 @@ import time
 
 import pytest
 
+from sglang_mx import wire
 from sglang_mx.server import MemoryStore, ReapStats, SourceStore
+from sglang_mx.server.framing import get_response_bytes
 from sglang_mx.server.store import Capacity, CapacityError, NotOwnerError, QuotaError
 from sglang_mx.records import (
+    TOPOLOGY_VERIFIED_BYTES,
     EncodedWorker,
     SourceIdentity,
     SourceQuery,
@@ -61,6 +64,37 @@ IDENTITY_BYTES = b"\x1a\x0borg/model-a"  # what every _encoded record's identity
 def _sized(worker_id: str, size: int, **kw) -> EncodedWorker:
     """A record of `size` bytes as quotas count them (identity + worker bytes)."""
     return _encoded(worker_id, worker_bytes=b"\x08" * (size - len(IDENTITY_BYTES)), **kw)
+
+
+class RecordingListener:
+    """A ChangeListener that notes what it is told, in order (our own protocol: a recorder, not a fake
+    of a real component)."""
+
+    def __init__(self) -> None:
+        self.told: list[tuple[str, str]] = []
+        self.missed_count = 0
+        self._cond = threading.Condition()
+
+    def changed(self, mx_source_id: str, worker_id: str) -> None:
+        with self._cond:
+            self.told.append((mx_source_id, worker_id))
+            self._cond.notify_all()
+
+    def missed(self) -> None:
+        with self._cond:
+            self.missed_count += 1
+            self._cond.notify_all()
+
+    def wait_for(self, key: tuple[str, str], timeout_s: float = 10.0) -> list[tuple[str, str]]:
+        """Wait until `key` is told; return (and forget) everything told up to and including it."""
+        with self._cond:
+            assert self._cond.wait_for(lambda: key in self.told, timeout_s), f"{key} never told: {self.told}"
+            upto = self.told.index(key) + 1
+            told, self.told = self.told[:upto], self.told[upto:]
+            return told
+
+
+MARKER = "mmmmmmmmmmmmmmmm"  # a source of its own: a write to it shows that the writes before it were told
 
 
 class StoreContract:
@@ -156,6 +190,128 @@ class StoreContract:
         store.update_status(SRC_A, "w1", 0, SourceStatus.READY, T0 + 1, source_load=0.25)
         [ref] = store.list(SourceQuery(mx_source_id=SRC_A))
         assert ref.source_load == pytest.approx(0.25)
+
+    # --- progress: verified bytes (pipelined cascade) ------------------------------------------------
+
+    def test_verified_bytes_are_listed_over_the_records_topology(self, store):
+        store.publish(SRC_A, "w1", ID_A, _worker(status=SourceStatus.INITIALIZING,
+                                                  topology={"node": "n1", TOPOLOGY_VERIFIED_BYTES: "5"}))
+        [ref] = store.list(SourceQuery(mx_source_id=SRC_A))
+        assert dict(ref.topology) == {"node": "n1", TOPOLOGY_VERIFIED_BYTES: "5"}  # its own, as published
+        assert store.update_status(SRC_A, "w1", 0, SourceStatus.INITIALIZING, T0 + 1, verified_bytes=1234) == 1
+        [ref] = store.list(SourceQuery(mx_source_id=SRC_A))
+        assert dict(ref.topology) == {"node": "n1", TOPOLOGY_VERIFIED_BYTES: "1234"}
+        assert (ref.status, ref.updated_at_ms) == (SourceStatus.INITIALIZING, T0 + 1)
+        assert store.get_bytes(SRC_A, "w1").verified_bytes == 1234
+        assert store.get(SRC_A, "w1").worker.topology[TOPOLOGY_VERIFIED_BYTES] == "1234"
+
+    def test_verified_bytes_never_rewrite_the_stored_bytes(self, store):
+        record = _encoded("w1", worker_bytes=b"\x08\x05opaque", status=SourceStatus.INITIALIZING)
+        store.put(record)
+        store.update_status(SRC_A, "w1", 0, SourceStatus.INITIALIZING, T0 + 1, verified_bytes=2**40)
+        got = store.get_bytes(SRC_A, "w1")
+        assert got == WorkerBytes(record.identity_bytes, record.worker_bytes, SourceStatus.INITIALIZING, T0 + 1,
+                                  verified_bytes=2**40)
+
+    def test_verified_bytes_are_framed_in_get_metadata_answers(self, store):
+        store.publish(SRC_A, "w1", ID_A, _worker(status=SourceStatus.INITIALIZING, topology={"node": "n1"}))
+        store.update_status(SRC_A, "w1", 0, SourceStatus.INITIALIZING, T0 + 1, verified_bytes=768)
+        answer = wire.messages.GetMetadataResponse.FromString(
+            get_response_bytes(store.get_bytes(SRC_A, "w1"), mx_source_id=SRC_A, worker_id="w1"))
+        assert dict(answer.worker.topology) == {"node": "n1", TOPOLOGY_VERIFIED_BYTES: "768"}
+        assert (answer.worker.status, answer.worker.updated_at) == (SourceStatus.INITIALIZING, T0 + 1)
+
+    def test_a_republish_resets_verified_bytes(self, store):
+        store.publish(SRC_A, "w1", ID_A, _worker(status=SourceStatus.INITIALIZING))
+        store.update_status(SRC_A, "w1", 0, SourceStatus.INITIALIZING, T0 + 1, verified_bytes=100)
+        store.publish(SRC_A, "w1", ID_A, _worker(status=SourceStatus.READY, at=T0 + 2))
+        [ref] = store.list(SourceQuery(mx_source_id=SRC_A))
+        assert TOPOLOGY_VERIFIED_BYTES not in ref.topology
+        assert store.get_bytes(SRC_A, "w1").verified_bytes is None
+
+    def test_plain_heartbeats_keep_verified_bytes(self, store):
+        store.publish(SRC_A, "w1", ID_A, _worker(status=SourceStatus.INITIALIZING))
+        store.update_status(SRC_A, "w1", 0, SourceStatus.INITIALIZING, T0 + 1, verified_bytes=100)
+        store.update_status(SRC_A, "w1", 0, SourceStatus.INITIALIZING, T0 + 2)
+        store.update_status(SRC_A, "w1", 0, SourceStatus.READY, T0 + 3, source_load=0.5)
+        [ref] = store.list(SourceQuery(mx_source_id=SRC_A))
+        assert (ref.topology[TOPOLOGY_VERIFIED_BYTES], ref.status, ref.updated_at_ms) == ("100", SourceStatus.READY,
+                                                                                          T0 + 3)
+        assert store.get_bytes(SRC_A, "w1").verified_bytes == 100
+
+    # --- what watches read: states and change listeners ----------------------------------------------
+
+    def test_states_are_the_listed_refs_with_a_generation_new_at_every_publish(self, store):
+        store.publish(SRC_A, "w1", ID_A, _worker(rank=1, topology={"wid": "w1"}))
+        store.publish(SRC_A, "w2", ID_A, _worker(rank=2))
+        store.publish(SRC_B, "b1", ID_B, _worker())
+        store.update_status(SRC_A, "w1", 1, SourceStatus.INITIALIZING, T0 + 1, verified_bytes=7)
+        states = store.states(SRC_A)
+        assert sorted(states) == ["w1", "w2"]
+        assert [states[r.worker_id].ref for r in store.list(SourceQuery(mx_source_id=SRC_A))] == \
+            store.list(SourceQuery(mx_source_id=SRC_A))
+        assert sorted(store.states(SRC_A, ["w2", "gone", "w2"])) == ["w2"]
+        before = states["w1"].generation
+        store.update_status(SRC_A, "w1", 1, SourceStatus.READY, T0 + 2)
+        assert store.states(SRC_A, ["w1"])["w1"].generation == before  # an update: the same bytes
+        store.publish(SRC_A, "w1", ID_A, _worker(rank=1, topology={"wid": "w1"}))
+        assert store.states(SRC_A, ["w1"])["w1"].generation != before
+        assert store.states("cccccccccccccccc") == {}
+
+    @pytest.fixture
+    def listener(self, store):
+        """A listener subscribed to `store`, told of the writes made after the fixture returns."""
+        listener = RecordingListener()
+        store.subscribe(listener)
+        store.put(_encoded("probe", source=MARKER))
+        listener.wait_for((MARKER, "probe"))
+        yield listener
+        store.unsubscribe(listener)
+
+    def _told_before_marker(self, store, listener, name: str) -> list[tuple[str, str]]:
+        """What the listener was told of up to a marker written now (so that what was not told shows)."""
+        store.put(_encoded(name, source=MARKER))
+        return listener.wait_for((MARKER, name))[:-1]
+
+    def test_listeners_are_told_of_publishes_and_changes(self, store, listener):
+        store.put(_encoded("w1", status=SourceStatus.INITIALIZING))
+        assert self._told_before_marker(store, listener, "m1") == [(SRC_A, "w1")]
+        for change in (dict(status=SourceStatus.READY), dict(status=SourceStatus.READY, source_load=1.0),
+                       dict(status=SourceStatus.READY, verified_bytes=10)):
+            store.update_status(SRC_A, "w1", 0, now_ms=T0 + 1, **change)
+            assert self._told_before_marker(store, listener, f"m{change}") == [(SRC_A, "w1")], change
+
+    def test_listeners_are_not_told_of_plain_heartbeats(self, store, listener):
+        store.put(_encoded("w1"))
+        store.update_status(SRC_A, "w1", 0, SourceStatus.READY, T0 + 1, source_load=1.0, verified_bytes=5)
+        self._told_before_marker(store, listener, "m0")
+        for i in range(3):  # the same status, load and progress again: only updated_at changes
+            store.update_status(SRC_A, "w1", 0, SourceStatus.READY, T0 + 2 + i, source_load=1.0, verified_bytes=5)
+            store.update_status(SRC_A, "w1", 0, SourceStatus.READY, T0 + 2 + i)
+        store.update_status(SRC_A, "nope", 0, SourceStatus.STALE, T0 + 9)  # no such record: no change
+        assert self._told_before_marker(store, listener, "m1") == []
+
+    def test_listeners_are_told_of_what_the_reaper_marks_and_deletes(self, store, listener):
+        store.put(_encoded("silent", at=T0 - HB - 1))
+        store.put(_encoded("old", status=SourceStatus.STALE, at=T0 - GC - 1))
+        store.put(_encoded("fresh", at=T0))
+        self._told_before_marker(store, listener, "m0")
+        store.reap(T0, HB, GC)
+        assert sorted(self._told_before_marker(store, listener, "m1")) == [(SRC_A, "old"), (SRC_A, "silent")]
+        store.reap(T0, HB, GC)  # nothing left to do: nothing told
+        assert self._told_before_marker(store, listener, "m2") == []
+
+    def test_an_unsubscribed_listener_is_told_nothing(self, store, listener):
+        other = RecordingListener()
+        store.subscribe(other)
+        store.put(_encoded("probe2", source=MARKER))
+        other.wait_for((MARKER, "probe2"))
+        store.unsubscribe(listener)
+        store.put(_encoded("after"))
+        store.put(_encoded("m", source=MARKER))
+        assert other.wait_for((MARKER, "m")) == [(SRC_A, "after"), (MARKER, "m")]
+        assert listener.told == [(MARKER, "probe2")]
+        store.unsubscribe(other)
 
     # --- stored bytes, owners, capacity ----------------------------------------------------------------
 
