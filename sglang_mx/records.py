@@ -25,6 +25,9 @@ TOPOLOGY_VERIFIED_BYTES = "mx_verified_bytes"
 # A partial seed's record (a target serving what it has verified while it pulls; sglang_mx.target.pipeline):
 # "1", and its depth in the cascade tree (the first seeds are 0, a target one more than its deepest parent).
 TOPOLOGY_PIPELINE, TOPOLOGY_DEPTH = "mx_pipeline", "mx_depth"
+# A seed with a reader-lease cap publishes it: a target skips a seed whose listed load is at its cap
+# without asking it (no GetMetadata, no lease call), which keeps a crowd of waiting targets off the server.
+TOPOLOGY_MAX_READERS = "mx_max_readers"
 
 
 class SourceStatus(enum.IntEnum):

@@ -30,7 +30,8 @@ from sglang_mx.transfer.tensors import describe
 from sglang_mx.identity import mx_source_id
 from sglang_mx.manifest import manifest_id
 from sglang_mx.records import (
-    DIGEST_FROM_CHECKPOINT, DIGEST_UNVERIFIED, DIGEST_VERIFIED, TOPOLOGY_MANIFEST, PieceDigest, ShardSpec,
+    DIGEST_FROM_CHECKPOINT, DIGEST_UNVERIFIED, DIGEST_VERIFIED, TOPOLOGY_MANIFEST, TOPOLOGY_MAX_READERS, PieceDigest,
+    ShardSpec,
     SourceIdentity, SourceStatus, TensorDescriptor, WorkerRecord,
 )
 from sglang_mx.shards import pieces_of
@@ -203,6 +204,9 @@ class SeedPublisher:
     # --- internals ---------------------------------------------------------
 
     def _record(self) -> WorkerRecord:
+        topology = dict(self._topology)
+        if self.leases is not None and self.leases.max_readers:
+            topology[TOPOLOGY_MAX_READERS] = str(self.leases.max_readers)
         return WorkerRecord(
             worker_rank=self.worker_rank,
             transfer_engine_session_id=self._engine.session_id,
@@ -210,7 +214,7 @@ class SeedPublisher:
             status=self._status,
             accelerator=self._accelerator,
             worker_grpc_endpoint=self._lease_server.endpoint if self._lease_server else "",
-            topology=self._topology,
+            topology=topology,
         )
 
     def _publish(self) -> None:

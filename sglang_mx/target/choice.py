@@ -20,7 +20,7 @@ from __future__ import annotations
 import random
 from typing import Callable, Iterable, TypeVar
 
-from sglang_mx.records import SourceRef
+from sglang_mx.records import TOPOLOGY_MAX_READERS, SourceRef
 from sglang_mx.target.pipeline import depth_of
 
 T = TypeVar("T")
@@ -35,17 +35,31 @@ def least_loaded(items: Iterable[T], *, load: Callable[[T], float], rng: random.
     return sorted(items, key=load)  # stable: ties keep the shuffled order
 
 
+def at_cap(ref: SourceRef) -> bool:
+    """The seed listed as serving as many readers as the cap it publishes (`mx_max_readers`): asking it
+    would only be refused. Its load is as of its last heartbeat, sent within a moment of a change."""
+    try:
+        cap = int(ref.topology.get(TOPOLOGY_MAX_READERS, "0"))
+    except ValueError:
+        return False
+    return cap > 0 and ref.source_load is not None and ref.source_load >= cap
+
+
 def order_candidates(refs: Iterable[SourceRef], *, rng: random.Random | None = None,
                      spread: bool = True) -> list[SourceRef]:
-    """`refs` least-loaded first; equal loads in random order (`spread`) or as listed."""
-    return least_loaded(refs, load=lambda r: r.source_load or 0.0, rng=rng, spread=spread)
+    """`refs` least-loaded first, those listed at their cap left out (`at_cap`); equal loads in random
+    order (`spread`) or as listed."""
+    return least_loaded([r for r in refs if not at_cap(r)], load=lambda r: r.source_load or 0.0, rng=rng,
+                        spread=spread)
 
 
 def order_parents(full: Iterable[SourceRef], partial: Iterable[SourceRef], *, own_depth: int | None = None,
                   own_worker: str = "", rng: random.Random | None = None, spread: bool = True) -> list[SourceRef]:
     """Full seeds least-loaded first, then the partial seeds a target at `own_depth` (None: not yet
-    in the tree) may attach to, shallowest and least loaded first; never itself (`own_worker`)."""
+    in the tree) may attach to, shallowest and least loaded first; never itself (`own_worker`), nor a
+    seed listed at its cap (`at_cap`)."""
     rng = rng or random.Random()
-    allowed = [r for r in partial if r.worker_id != own_worker and (own_depth is None or depth_of(r) < own_depth)]
+    allowed = [r for r in partial if r.worker_id != own_worker and not at_cap(r)
+               and (own_depth is None or depth_of(r) < own_depth)]
     shallow_first = least_loaded(allowed, load=lambda r: (depth_of(r), r.source_load or 0.0), rng=rng, spread=spread)
     return order_candidates([r for r in full if r.worker_id != own_worker], rng=rng, spread=spread) + shallow_first

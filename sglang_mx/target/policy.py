@@ -24,7 +24,7 @@ from sglang_mx.layout import RankInfo, identity_for, model_source_id
 from sglang_mx.metrics import metrics
 from sglang_mx.records import TOPOLOGY_INSTANCE, ShardSpec, SourceIdentity, SourceRef, SourceStatus, TensorDescriptor
 from sglang_mx.target.candidate import Pins
-from sglang_mx.target.choice import order_candidates, order_parents
+from sglang_mx.target.choice import at_cap, order_candidates, order_parents
 from sglang_mx.target.pipeline import PipelineSeed, is_partial
 from sglang_mx.target.progress import PullProgress
 from sglang_mx.target.report import PullReport
@@ -160,8 +160,8 @@ def pull_weights(
     succeeded = False
     try:
         while True:
-            queue = [r for r in _candidates(client, identity, worker_rank, options, pipeline) if r.worker_id not in pull.bad]
-            busy = False
+            queue, busy = _candidates(client, identity, worker_rank, options, pipeline)
+            queue = [r for r in queue if r.worker_id not in pull.bad]
             while not pull.done and len(pull.bad) < options.max_candidates:
                 while queue and len(pull.sources) < options.max_seeds and len(pull.bad) < options.max_candidates:
                     found = clock() if found is None else found
@@ -218,17 +218,19 @@ def pull_weights(
 
 
 def _candidates(client: MetadataClient, identity: SourceIdentity, worker_rank: int, options: PullOptions,
-                pipeline: PipelineSeed | None) -> list[SourceRef]:
+                pipeline: PipelineSeed | None) -> tuple[list[SourceRef], bool]:
     """The seeds to ask, in order: READY ones least loaded first; with `options.pipeline`, then the
-    partial seeds the tree allows (choice.order_parents)."""
+    partial seeds the tree allows (choice.order_parents). Seeds listed at their cap are left out
+    (choice.at_cap); the flag says whether any was."""
     refs = client.list_sources(identity, status=SourceStatus.READY, worker_rank=worker_rank)
     if not options.pipeline:
-        return order_candidates(refs, rng=options.rng, spread=options.spread)
+        return order_candidates(refs, rng=options.rng, spread=options.spread), any(map(at_cap, refs))
     partial = [r for r in client.list_sources(identity, status=SourceStatus.INITIALIZING, worker_rank=worker_rank)
                if is_partial(r)]
-    return order_parents(refs, partial, own_depth=pipeline.depth if pipeline is not None else None,
-                         own_worker=pipeline.worker_id if pipeline is not None else "", rng=options.rng,
-                         spread=options.spread)
+    order = order_parents(refs, partial, own_depth=pipeline.depth if pipeline is not None else None,
+                          own_worker=pipeline.worker_id if pipeline is not None else "", rng=options.rng,
+                          spread=options.spread)
+    return order, any(map(at_cap, refs + partial))
 
 
 def _pull_mixed(client: MetadataClient, engine: MooncakeEngine, mixed: MixedLayout, pull: StripedPull,

@@ -55,6 +55,7 @@ class SeedWaiter:
                 self._watch = watch_sources(self._source_id, worker_rank=self._rank)
                 log.info("waiting for a seed of %s rank %d: watching the metadata server for changes",
                          self._source_id, self._rank)
+                self._skip_snapshot()
                 return  # list again now: a change before the stream opened is in that listing
             except WatchUnsupportedError:
                 log.info("the metadata server %s has no watch: polling every %g s", self._client.url,
@@ -72,6 +73,16 @@ class SeedWaiter:
             log.warning("the watch of metadata server %s ended (%s): polling every %g s", self._client.url, e,
                         self._poll_interval_s)
             self.close()
+
+    def _skip_snapshot(self) -> None:
+        """Take the stream's first batch (the records as they are: the listing that follows has them),
+        so that the next wait waits for a change. Bounded: a snapshot still arriving after a second
+        only costs one early listing."""
+        deadline = self._clock() + 1.0
+        while self._clock() < deadline:
+            events = self._watch.wait(max(deadline - self._clock(), 0.0))
+            if any(e.snapshot_end for e in events):
+                return
 
     def close(self) -> None:
         if self._watch is not None:

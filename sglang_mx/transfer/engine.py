@@ -268,6 +268,8 @@ class MooncakeEngine:
         and every read has been submitted (to verify it while the rest moves). A read that failed, a
         callback that raised, or the deadline passing (`timeout_s`, default
         30 s plus 1 ns per byte, as the binding's own) stops further submissions.
+        The deadline counts from the last piece that landed: a slow link shared by
+        many readers moves on and is not cut, one that stalls for that long is.
         A batch Mooncake reports timed out (-2) fails the read but is still in
         flight (the binding frees it only once completed or failed): it is polled
         like the others. The reads in flight are drained (each reaches completed
@@ -278,7 +280,8 @@ class MooncakeEngine:
         already be overwritten: the caller must treat all of them as garbage.
 
         `window_bytes` (a pipelined pull): reads are submitted in order while fewer
-        than that many bytes are in flight (always at least one read), and `on_done`
+        than that many bytes are in flight, or fewer than two reads (so a large tensor
+        moves while the one before it is verified), and `on_done`
         runs as soon as a read lands. Reads then land nearly in order, so the first
         tensors are verified, and can be served on, long before the last arrive.
         Without it every read is in flight at once: fastest to the last byte.
@@ -300,12 +303,14 @@ class MooncakeEngine:
         raised: BaseException | None = None
         submitted = 0
         in_flight = 0  # bytes of the reads submitted and not landed (the window)
+        done_reads: set[int] = set()
         warned_at = None
         drain_until = None
         while True:
             progressed = False
             if failure is None and raised is None and submitted < len(reads) and (
-                    window_bytes is None or in_flight == 0 or in_flight + reads[submitted].length <= window_bytes):
+                    window_bytes is None or submitted - len(done_reads) < 2
+                    or in_flight + reads[submitted].length <= window_bytes):
                 index, read = submitted, reads[submitted]
                 submitted += 1
                 in_flight += read.length
@@ -322,6 +327,7 @@ class MooncakeEngine:
                         left[index] += 1
                     if failure is None and left[index] == 0:  # nothing to move (zero length)
                         landed.append(index)
+                        done_reads.add(index)
                         in_flight -= read.length
                 except BaseException as e:  # drain what is in flight first, then re-raise
                     raised = e
@@ -345,8 +351,10 @@ class MooncakeEngine:
                 progressed = True
                 if status == 1:  # completed; the binding freed the batch
                     left[index] -= 1
+                    deadline = max(deadline, time.monotonic() + budget_s)  # it moves: count from here
                     if left[index] == 0:
                         done.append(index)
+                        done_reads.add(index)
                         in_flight -= reads[index].length
                 elif failure is None:  # -1 failed (freed by the binding)
                     failure = self._read_error("failed", index, reads, seed_session, status)
@@ -368,7 +376,7 @@ class MooncakeEngine:
             now = time.monotonic()
             if now > deadline and failure is None and raised is None:
                 failure = TransferError(
-                    f"Mooncake reads not done within the {budget_s:.1f} s deadline; "
+                    f"Mooncake reads made no progress for the {budget_s:.1f} s deadline; "
                     f"draining {len(pending)} in flight", seed=seed_session, nbytes=total)
             if drain_until is None and (failure is not None or raised is not None):
                 drain_until = now + drain_s

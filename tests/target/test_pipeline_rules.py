@@ -5,6 +5,7 @@ as such), and the config's checks."""
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import random
 import threading
 
@@ -176,3 +177,51 @@ def test_pipeline_config_needs_a_seeding_role_and_verification():
         parse_config({"pipeline": True, "verify": "off"})
     with pytest.raises(ConfigError, match="key 'pipeline' must be true or false"):
         parse_config({"pipeline": "yes"})
+
+
+def test_reads_larger_than_the_window_still_keep_two_in_flight(monkeypatch):
+    """A large tensor moves while the one before it is verified: the link never idles on the hash."""
+    monkeypatch.setattr(engine_module, "POLL_S", 0)
+    buf = ctypes.create_string_buffer(6 * 256)
+    binding = FakeBinding()
+    engine = MooncakeEngine(binding, "me:1", owned=False, transport="tcp", allocations=None)
+    monkeypatch.setattr(engine, "_remote_edges", lambda session: [])
+    engine.read("seed:1", _reads(6, 256, buf), window_bytes=128, on_done=lambda i: None)
+    assert binding.peak == 2
+
+
+def test_the_deadline_counts_from_the_last_piece_that_landed(monkeypatch):
+    """Eight reads, each well within the deadline, all of them together well past it: not cut."""
+    import time as time_module
+
+    monkeypatch.setattr(engine_module, "POLL_S", 0.001)
+    buf = ctypes.create_string_buffer(8 * 64)
+
+    class Slow(FakeBinding):
+        def transfer_check_status(self, bid):
+            time_module.sleep(0.002)
+            return super().transfer_check_status(bid)
+
+    engine = MooncakeEngine(Slow(polls=10), "me:1", owned=False, transport="tcp", allocations=None)
+    monkeypatch.setattr(engine, "_remote_edges", lambda session: [])
+    started = time_module.monotonic()
+    engine.read("seed:1", _reads(8, 64, buf), window_bytes=64, timeout_s=0.1)
+    assert time_module.monotonic() - started > 0.1  # longer than the deadline in all, yet no error
+
+
+def test_a_seed_listed_at_its_published_cap_is_skipped_unasked():
+    from sglang_mx.records import TOPOLOGY_MAX_READERS
+    from sglang_mx.target.choice import at_cap, order_candidates
+
+    def seed(worker_id, load, cap):
+        return SourceRef(mx_source_id="id", worker_id=worker_id, model_name="m", worker_rank=0,
+                         status=SourceStatus.READY, updated_at_ms=1, source_load=load,
+                         topology={TOPOLOGY_MAX_READERS: str(cap)} if cap is not None else {})
+
+    full, room, uncapped, unknown = seed("full", 2, 2), seed("room", 1, 2), seed("uncapped", 9, None), seed("?", None, 2)
+    assert [at_cap(r) for r in (full, room, uncapped, unknown)] == [True, False, False, False]
+    assert [r.worker_id for r in order_candidates([full, room, uncapped, unknown], spread=False)] == [
+        "?", "room", "uncapped"]
+    partial = dataclasses.replace(_ref("p", depth=1), source_load=1, topology={
+        TOPOLOGY_PIPELINE: "1", TOPOLOGY_DEPTH: "1", TOPOLOGY_MAX_READERS: "1"})
+    assert order_parents([], [partial]) == []
