@@ -591,7 +591,7 @@ def main() -> int:
     parser.add_argument("--heartbeat-interval", type=float, default=1.0, metavar="S",
                         help="each seed's UpdateStatus period (default 1; real seeds: 30)")
     parser.add_argument("--stores", default="memory,redis", help="comma-separated: memory, redis (default both)")
-    parser.add_argument("--modes", default="load,burst,cpu", help="comma-separated: load, burst, cpu (default all)")
+    parser.add_argument("--modes", default="load,burst,cpu", help="comma-separated: load, burst, cpu, watch, poll (default load,burst,cpu)")
     parser.add_argument("--burst", type=int, default=200, help="targets starting at once in burst mode (default 200)")
     parser.add_argument("--repeats", type=int, default=3, help="bursts per store; the median is reported (default 3)")
     parser.add_argument("--server-root", type=pathlib.Path, default=ROOT, metavar="DIR",
