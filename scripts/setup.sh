@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 need_apt=()
 dpkg -s libibverbs1 >/dev/null 2>&1 || need_apt+=(libibverbs1)   # Mooncake's non-CUDA build links it
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)  # the Redis store's tests
+command -v tc >/dev/null 2>&1 || need_apt+=(iproute2)  # ip netns and tc: the emulated hosts (benchmark and test)
 if ((${#need_apt[@]})); then
   echo "setup: installing ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
@@ -27,6 +28,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/pip install -q --disable-pip-version-check -e ".[cpu,redis,test]" "torch==2.13.0" 2>&1 \
     | grep -v "^WARNING: Location" || true
+  # matplotlib: only benchmarks/fleet.py --plot imports it.
+  .venv/bin/pip install -q --disable-pip-version-check "matplotlib>=3.8" 2>&1 | grep -v "^WARNING: Location" || true
   # The real ModelExpress client, for the compatibility tests (its own deps are GPU-sized).
   .venv/bin/pip install -q --disable-pip-version-check --no-deps "modelexpress==0.7.0" 2>&1 \
     | grep -v "^WARNING: Location" || true

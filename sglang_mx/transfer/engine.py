@@ -46,6 +46,9 @@ CHUNK_BYTES = 16 << 20
 # Sleep between polls of the batches in flight: short, since a read lands every few ms on loopback
 # (README "Benchmarks" has the comparison).
 POLL_S = 0.001
+# While nothing lands the sleep doubles up to this: a slow link (a shaped one, or one shared by many
+# readers) is not polled a thousand times a second by every pulling process.
+POLL_MAX_S = 0.008
 # How long reads still in flight are waited for once a read failed or the deadline passed, before
 # ReadsInFlightError gives up on them.
 DRAIN_S = 60.0
@@ -303,6 +306,7 @@ class MooncakeEngine:
         raised: BaseException | None = None
         submitted = 0
         in_flight = 0  # bytes of the reads submitted and not landed (the window)
+        idle_s = POLL_S  # the next sleep while nothing lands
         done_reads: set[int] = set()
         warned_at = None
         drain_until = None
@@ -391,7 +395,10 @@ class MooncakeEngine:
                     warned_at = now
                     log.warning("waiting for %d Mooncake reads still in flight from %s before giving up",
                                 len(pending), seed_session)
-                time.sleep(POLL_S)
+                time.sleep(idle_s)
+                idle_s = min(idle_s * 2, max(POLL_MAX_S, POLL_S))
+            else:
+                idle_s = POLL_S
         if raised is not None:
             raise raised
         if failure is not None:
