@@ -12,7 +12,7 @@ at once, pull with verify=require, and print where their bytes came from and
 when they finished (seconds after "go"). With --cascade a target publishes
 itself READY as soon as its pull is verified, so later targets can read from
 it. At the end every publisher prints its peak concurrent readers (its reader
-leases). The last line is JSON for benchmarks/fleet_model.py (per-link GB/s).
+leases). The last line is JSON (per-link GB/s); with --emulate, --summary writes the run for benchmarks/fleet_sim.py.
 
 --emulate (root): every process on a host of its own (benchmarks/netem.py: a
 network namespace each, behind one switch namespace that also runs the metadata
@@ -38,7 +38,6 @@ the last target is verified, its ratio to T1, CPU busy of the machine from
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import pathlib
@@ -91,19 +90,6 @@ def _retire(publisher, reads: int) -> None:
     publisher.close()
 
 
-def pipeline_missing() -> str:
-    """Why the pipelined mode cannot run with this sglang_mx ("" when it can)."""
-    from sglang_mx.target import PullOptions, pull_weights
-
-    try:
-        from sglang_mx.target.pipeline import PipelineSeed  # noqa: F401
-    except ImportError as e:
-        return f"pipelined: not available yet (sglang_mx.target.pipeline: {e})"
-    if "pipeline" not in inspect.signature(pull_weights).parameters or not hasattr(PullOptions(), "pipeline"):
-        return "pipelined: not available yet (pull_weights has no pipeline=, PullOptions no pipeline)"
-    return ""
-
-
 class _Progress:
     """(time, bytes verified so far) samples of one pull, fed by pull_weights(on_verified=...)."""
 
@@ -146,15 +132,9 @@ def worker(args) -> None:
         tensors = _weights(args.size_mb, filled=False, count=args.tensors)
         options = PullOptions(wait_timeout_s=args.wait_s, poll_interval_s=args.poll_s, verify="require",
                               max_seeds=args.max_seeds, keep_registered=args.cascade or args.pipelined)
-        extra = {}
         progress = _Progress()
-        if "on_verified" in inspect.signature(pull_weights).parameters:
-            extra["on_verified"] = progress
-        # else (an sglang_mx before the on_verified hook): only a first and a last sample (below).
         seed = None
         if args.pipelined:
-            if why := pipeline_missing():
-                raise RuntimeError(why)
             from dataclasses import replace
 
             from sglang_mx.target.pipeline import PipelineSeed
@@ -163,19 +143,19 @@ def worker(args) -> None:
             seed = PipelineSeed(tensors, engine, identity(model), client, worker_rank=0, worker_id=args.name,
                                 options=SeedOptions(max_readers=args.max_readers))
             options = replace(options, pipeline=True)
-            extra["pipeline"] = seed
         _say(name=args.name, event="armed")
         sys.stdin.readline()  # "go"
         go = time.time()
         report = pull_weights(client, engine, identity(model), worker_rank=0, tensors=describe(tensors),
-                              options=options, verifier=digest_verifier(tensors), **extra)
+                              options=options, verifier=digest_verifier(tensors), pipeline=seed,
+                              on_verified=progress)
         pulled = time.time()
         if seed is not None:
             publisher = seed.publisher
         elif args.cascade:
             publisher = start_seed(tensors, engine, identity(model), client, worker_rank=0, worker_id=args.name,
-                                   options=seed_options)
-        samples = progress.samples if "on_verified" in extra else [(go, 0), (pulled, report.bytes)]
+                                   options=seed_options, known_digests=report.digests)  # as SGLang's cascade
+        samples = progress.samples
         _say(name=args.name, event="pulled", go=go, pulled=pulled, seeding=time.time() if publisher else None,
              served=report.served, bytes=report.bytes, transfer_s=report.seconds, verify_s=report.verify_seconds,
              failures=len(report.failures), samples=samples)
@@ -534,9 +514,6 @@ def emulate(args) -> tuple[dict[str, dict], list[str]]:
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise SystemExit(f"fleet: unknown mode(s) {', '.join(unknown)}; allowed: {', '.join(MODES)}")
-    if "pipelined" in modes and (why := pipeline_missing()):
-        raise SystemExit(f"fleet: {why}; run the others with --modes "
-                         + ",".join(m for m in modes if m != "pipelined"))
     if args.logs:
         os.makedirs(args.logs, exist_ok=True)
 
@@ -575,10 +552,21 @@ def emulate(args) -> tuple[dict[str, dict], list[str]]:
                                                                 key=lambda x: int(x[0].lstrip("th")))))
     if args.plot and runs:
         print(f"plot: {_plot(runs, args)}")
+    if args.summary:
+        _write_summary(args.summary, runs, args)
     print(f"all modes in {time.time() - start:.0f} s")
     print(f"pipelined {_ratio(runs, 'pipelined')}, store-and-forward {_ratio(runs, 'store-and-forward')}, "
           f"one seed {_ratio(runs, 'one-seed')} one target alone")
     return runs, failed
+
+
+def _write_summary(path: str, runs: dict[str, dict], args) -> None:
+    """The run for benchmarks/fleet_sim.py --emulated-json: its parameters and each mode's last verified time."""
+    with open(path, "w") as f:
+        json.dump({"rate_mb_s": args.rate_mb_s, "size_mb": args.size_mb, "tensors": args.tensors,
+                   "targets": args.targets, "max_readers": args.max_readers, "poll_s": args.poll_s, "watch": True,
+                   "measured": {mode: round(r["last_s"], 3) for mode, r in runs.items()}}, f, indent=1)
+    print(f"summary: {path}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -617,6 +605,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     e.add_argument("--poll-s", type=float, default=None,
                    help="a waiting target's poll interval, s (default 0.05; 0.1 with --emulate)")
     e.add_argument("--plot", metavar="DIR", help="write DIR/fleet-emulated.png (matplotlib)")
+    e.add_argument("--summary", metavar="FILE", help="write the run as JSON, for benchmarks/fleet_sim.py --emulated-json")
     e.add_argument("--cleanup", action="store_true", help="delete what a crashed --emulate run left, and exit")
     args = p.parse_args(argv)
     emulated = args.cmd != "worker" and args.emulate
