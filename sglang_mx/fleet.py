@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 import threading
 import time
 from typing import Callable, Sequence, TextIO
@@ -195,9 +196,16 @@ def watch(client: MetadataClient, out: TextIO, *, interval_s: float, model_name:
     stop = stop or threading.Event()
     clear = not as_json and out.isatty()
     renders = 0
+    # Ctrl-C sets `stop` instead of raising wherever the main thread is (inside a gRPC call, say): the
+    # view in progress is dropped, and the loop ends at once.
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
     try:
         while not stop.is_set():
             rows = collect(client, model_name=model_name)
+            if stop.is_set():
+                break
             now = now_ms()
             if as_json:
                 out.write(render_json(rows, now))
@@ -208,6 +216,9 @@ def watch(client: MetadataClient, out: TextIO, *, interval_s: float, model_name:
             out.flush()
             renders += 1
             stop.wait(interval_s)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # before the handler was in place, or another thread's
         pass
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     return renders
