@@ -44,7 +44,7 @@ from sglang_mx.identity import mx_source_id
 from sglang_mx.leases import ReaderLeases
 from sglang_mx.manifest import manifest_id
 from sglang_mx.records import (DIGEST_VERIFIED, TOPOLOGY_DEPTH, TOPOLOGY_MANIFEST, TOPOLOGY_PIPELINE, ShardSpec,
-                               SourceIdentity, SourceRef, SourceStatus, TensorDescriptor)
+                               SourceIdentity, SourceRef, SourceStatus)
 from sglang_mx.seed import SeedOptions, SeedPublisher, close_on_exit, seed_descriptors
 from sglang_mx.transfer.engine import MooncakeEngine
 from sglang_mx.transfer.tensors import describe
@@ -239,21 +239,7 @@ class PipelineSeed:
         topology = {**self.topology, TOPOLOGY_PIPELINE: "1", TOPOLOGY_DEPTH: str(depth),
                     TOPOLOGY_MANIFEST: manifest_id(mx_source_id(self.identity), self.worker_rank, descriptors)}
         verified = VerifiedSet([t.name for t in descriptors], [t.size for t in descriptors])
-        streams = min(self.options.max_readers or MAX_STREAMS, MAX_STREAMS)
-
-        def serve_verified(server: grpc.Server) -> None:  # runs in publisher.start(), once it exists
-            wire.add_pipeline_servicer_to_server(
-                _PipelineServicer(verified, publisher.leases, publisher.worker_id, streams, self._closed), server)
-
-        publisher = SeedPublisher(
-            self.client, self.engine, self.identity, worker_rank=self.worker_rank, tensors=descriptors,
-            worker_id=self.worker_id, heartbeat_interval_s=self.options.heartbeat_interval_s,
-            accelerator=self.options.accelerator, max_readers=self.options.max_readers,
-            lease_ttl_s=self.options.lease_ttl_s, topology=topology, extra_service=serve_verified, streams=streams,
-            progress=lambda: verified.verified_bytes,
-        )
-        close_on_exit(publisher)
-        publisher.start()  # INITIALIZING
+        publisher = self._start_publisher(descriptors, topology, verified)  # INITIALIZING
         publisher.start_heartbeat()
         self.publisher, self.depth, self.verified = publisher, depth, verified
         log.info("pipelined: serving verified tensors as partial seed %s at depth %d (%d tensors)",
@@ -273,19 +259,35 @@ class PipelineSeed:
                                                  options=self.options, shards=self.shards, topology=self.topology,
                                                  known_digests=digests)
         if self.publisher is None:  # never attached (nothing to pull): an ordinary seed from here on
-            self.publisher = SeedPublisher(
-                self.client, self.engine, self.identity, worker_rank=self.worker_rank, tensors=descriptors,
-                worker_id=self.worker_id, heartbeat_interval_s=self.options.heartbeat_interval_s,
-                accelerator=self.options.accelerator, max_readers=self.options.max_readers,
-                lease_ttl_s=self.options.lease_ttl_s, topology=topology)
-            close_on_exit(self.publisher)
-            self.publisher.start()
+            self.publisher = self._start_publisher(descriptors, topology)
         else:
             self.publisher.replace(descriptors, topology, SourceStatus.INITIALIZING)
             self.verified.finish()
         self.publisher.mark_ready()
         log.info("pipelined: worker %s is a full seed (READY)", self.publisher.worker_id)
         return self.publisher
+
+    def _start_publisher(self, descriptors, topology: Mapping[str, str],
+                         verified: VerifiedSet | None = None) -> SeedPublisher:
+        """This worker's SeedPublisher, registered and published (INITIALIZING); closed at exit. With
+        `verified` (a partial seed) it also streams that bitmap and heartbeats its progress."""
+        extra = {}
+        if verified is not None:
+            streams = min(self.options.max_readers or MAX_STREAMS, MAX_STREAMS)
+
+            def serve_verified(server: grpc.Server) -> None:  # runs in publisher.start(), once it exists
+                wire.add_pipeline_servicer_to_server(
+                    _PipelineServicer(verified, publisher.leases, self.worker_id, streams, self._closed), server)
+
+            extra = {"extra_service": serve_verified, "streams": streams, "progress": lambda: verified.verified_bytes}
+        publisher = SeedPublisher(
+            self.client, self.engine, self.identity, worker_rank=self.worker_rank, tensors=descriptors,
+            worker_id=self.worker_id, heartbeat_interval_s=self.options.heartbeat_interval_s,
+            accelerator=self.options.accelerator, max_readers=self.options.max_readers,
+            lease_ttl_s=self.options.lease_ttl_s, topology=topology, **extra)
+        close_on_exit(publisher)
+        publisher.start()
+        return publisher
 
     def abort(self) -> None:
         """The pull failed: tell the children nothing more comes, and withdraw (STALE)."""

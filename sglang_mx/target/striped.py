@@ -327,8 +327,7 @@ def read_all(engine: MooncakeEngine, jobs: Sequence[Job], *,
     def run(i: int) -> None:
         session, reads, prepare, on_done = jobs[i]
         try:
-            engine.read(session, reads, prepare=prepare, on_done=on_done,
-                        **({"window_bytes": window_bytes} if window_bytes is not None else {}))
+            engine.read(session, reads, prepare=prepare, on_done=on_done, window_bytes=window_bytes)
         except TransferError as e:
             errors[i] = e
         except BaseException as e:  # a verifier or prepare that raised: re-raised once all reads ended

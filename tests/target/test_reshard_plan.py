@@ -44,7 +44,7 @@ class MemmoveEngine:
         for r in regions:
             self.registered.remove(r)
 
-    def read(self, session, reads, *, prepare=None, on_done=None, timeout_s=None) -> None:
+    def read(self, session, reads, *, prepare=None, on_done=None, timeout_s=None, window_bytes=None) -> None:
         self.sessions.append(session)
         for i, r in enumerate(reads):
             ctypes.memmove(r.local_addr, r.remote_addr, r.length)

@@ -29,7 +29,7 @@ class KillMidRead:
     def unregister(self, regions):
         self.engine.unregister(regions)
 
-    def read(self, session, reads, prepare=None, on_done=None):
+    def read(self, session, reads, prepare=None, on_done=None, window_bytes=None):
         with self.lock:
             self.sessions.append(session)
         offset = 0
