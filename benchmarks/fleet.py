@@ -49,6 +49,7 @@ import sys
 import threading
 import time
 import zlib
+from typing import Sequence
 
 import torch
 
@@ -439,6 +440,23 @@ def _steady_mb_s(samples: list) -> float:
     return (b1 - b0) / 1e6 / (t1 - t0) if t1 > t0 else float("nan")
 
 
+def chain_depth(sources: dict[str, list[str]]) -> int:
+    """The deepest target's hops from the seed, following each target's first source ("seed": the root)."""
+    def depth(name: str, seen: frozenset = frozenset()) -> int:
+        parent = (sources.get(name) or ["seed"])[0]
+        return 1 if parent == "seed" or parent in seen else 1 + depth(parent, seen | {name})
+    return max((depth(t) for t in sources), default=0)
+
+
+def granularity_bound(sizes: Sequence[int], hops: int) -> float:
+    """The least time a pipelined chain of `hops` equal links can take to fill its last target, as a
+    multiple of one link moving every tensor, when each target forwards a tensor only once it has
+    all of it (verified): a proportionate flow shop, whose makespan is sum + (hops - 1) x largest
+    whatever the order. Tensors smaller against the model, or a shallower tree, bring it to 1."""
+    total = sum(sizes)
+    return 1.0 + max(hops - 1, 0) * max(sizes, default=0) / total if total else 1.0
+
+
 def _ratio(runs: dict, mode: str) -> str:
     if mode not in runs or "alone" not in runs:
         return "n/a"
@@ -550,6 +568,12 @@ def emulate(args) -> tuple[dict[str, dict], list[str]]:
                   f"(set {args.rate_mb_s:g} MB/s per link); sources " + ", ".join(
                       f"{t}<-{'+'.join(s)}" for t, s in sorted(r["sources"].items(),
                                                                 key=lambda x: int(x[0].lstrip("th")))))
+    if "pipelined" in runs:
+        sizes, hops = _weights_sizes(args), chain_depth(runs["pipelined"]["sources"])
+        runs["pipelined"]["bound"] = bound = granularity_bound(sizes, hops)
+        print(f"pipelined: {hops} hops deep; a target forwards a tensor only once it is verified, so with the "
+              f"largest tensor {max(sizes) / 1e6:.2f} of {sum(sizes) / 1e6:.1f} MB no chain this deep can beat "
+              f"{bound:.2f}x alone (sum + (hops - 1) x largest)")
     if args.plot and runs:
         print(f"plot: {_plot(runs, args)}")
     if args.summary:
@@ -565,7 +589,9 @@ def _write_summary(path: str, runs: dict[str, dict], args) -> None:
     with open(path, "w") as f:
         json.dump({"rate_mb_s": args.rate_mb_s, "size_mb": args.size_mb, "tensors": args.tensors,
                    "targets": args.targets, "max_readers": args.max_readers, "poll_s": args.poll_s, "watch": True,
-                   "measured": {mode: round(r["last_s"], 3) for mode, r in runs.items()}}, f, indent=1)
+                   "measured": {mode: round(r["last_s"], 3) for mode, r in runs.items()},
+                   **({"pipelined_bound": round(runs["pipelined"]["bound"], 3)} if "bound" in runs.get("pipelined", {})
+                      else {})}, f, indent=1)
     print(f"summary: {path}")
 
 

@@ -61,7 +61,9 @@ import math
 import random
 import statistics
 import sys
+import threading
 import time
+import types
 from typing import Callable, Sequence
 
 from sglang_mx import leases
@@ -69,7 +71,7 @@ from sglang_mx.config import DEFAULTS
 from sglang_mx.records import (TOPOLOGY_DEPTH, TOPOLOGY_MAX_READERS, TOPOLOGY_PIPELINE, SourceEvent, SourceRef,
                                SourceStatus, TensorDescriptor)
 from sglang_mx.seed import SeedOptions, SeedPublisher
-from sglang_mx.target import choice, stripes, waiting
+from sglang_mx.target import choice, striped, stripes, waiting
 from sglang_mx.target.pipeline import is_partial
 from sglang_mx.target.policy import PullOptions
 from sglang_mx.transfer.engine import POLL_S
@@ -483,7 +485,7 @@ class _Target:
         self.late = False
         self._wait_token = 0
         self._jobs = 0
-        self._round_dests: list[stripes.Destination] = []
+        self._round_slices: list[list[stripes.Slice]] = []
         self._post: list[stripes.Destination] = []
 
     # listing, choosing, waiting
@@ -611,25 +613,32 @@ class _Target:
                 return
         if fleet.pipelined:
             has = [s.pub.holds() if s.partial else (lambda d: True) for s in self.sources]
-            striped = stripes.assign(self.pending, has)
+            plan = stripes.assign(self.pending, has)
         else:
             n = stripes.stripe_count(sum(d.size for d in self.pending), len(self.sources))
-            striped = stripes.cut(self.pending, n)
-        holders = has if fleet.pipelined else [None] * len(striped)
-        jobs = [(s, slices, h) for s, slices, h in zip(self.sources, striped, holders) if slices]
+            plan = stripes.cut(self.pending, n)
+        holders = has if fleet.pipelined else [None] * len(plan)
+        jobs = [(s, slices, h) for s, slices, h in zip(self.sources, plan, holders) if slices or fleet.pipelined]
         _check_round(jobs, self.pending)
-        if not jobs:
+        if not any(slices for _, slices, _ in jobs):
             self._wait_for_parents()
             return
         self.rounds += 1
         self._jobs = len(jobs)
-        self._round_dests, self._post = [], []
+        self._round_slices, self._post = [], []
+        claimed, lock = {p.dest for _, slices, _ in jobs for p in slices}, threading.Lock()
         for src, slices, _ in jobs:
             reads = stripes.reads_for(slices, sim.addrs, merge=not fleet.pipelined)
             whole = _whole_by_read(slices, reads)
-            self._round_dests += [p.dest for p in slices]
+            feed = None
+            if fleet.pipelined:  # striped._Feed itself: what the parent verifies during the round joins it
+                view = types.SimpleNamespace(watch=_SeenWatch(src.pub, sim) if src.partial else None,
+                                             remote_addr=sim.addrs)
+                feed = striped._Feed(view, slices, reads, whole, self.pending, claimed, lock,
+                                     fleet.options.window_bytes)
+            self._round_slices.append(slices)  # (a feed extends it)
             self._post += [p.dest for p in slices if p.offset or p.length != p.dest.size]
-            _Job(self, src, reads, whole).start(fleet.costs.handshake_s if src.fresh else 0.0)
+            _Job(self, src, reads, whole, feed).start(fleet.costs.handshake_s if src.fresh else 0.0)
             src.fresh = False
 
     def _wait_for_parents(self) -> None:
@@ -665,7 +674,7 @@ class _Target:
     def _round_end(self, post: list) -> None:
         for d in post:
             self.final(d)
-        done = set(self._round_dests)
+        done = {p.dest for slices in self._round_slices for p in slices}
         self.pending = [d for d in self.pending if d not in done]
         if self.pending:
             self._wait_token += 1
@@ -750,21 +759,54 @@ def _whole_by_read(slices: Sequence[stripes.Slice], reads: Sequence) -> list[lis
     return out
 
 
+class _SeenWatch:
+    """A partial parent as `striped._Feed` sees it (VerifiedWatch): what it verified, `stream_s` late. Never
+    blocks: a job that finds nothing new waits for the parent's news itself (`_Job._idle`)."""
+
+    broken = ""
+
+    def __init__(self, pub: _Publisher, sim: "_Sim") -> None:
+        self.pub, self.sim = pub, sim
+
+    @property
+    def complete(self) -> bool:
+        return self.pub.complete_at + self.sim.fleet.costs.stream_s <= self.sim.loop.now
+
+    @property
+    def version(self) -> float:
+        return self.sim.loop.now  # news may have come at any event: the feed looks again each time
+
+    def holder(self) -> Callable[[Sequence[str]], bool]:
+        holds = self.pub.holds()
+        return lambda names: holds(stripes.Destination(0, 0, tuple(names)))
+
+    def wait(self, version, timeout_s: float) -> bool:
+        return False
+
+
 class _Job:
     """One source's reads of a round (MooncakeEngine.read): all submitted at once, or (pipelined) in order
-    within the window; each landed read verified in this thread before the next is submitted."""
+    within the window or while fewer than two are in flight, the next submitted as one lands, before this
+    thread verifies it; (pipelined) what the parent verifies meanwhile is fed in by `striped._Feed` (within
+    the window's room, or one read when idle), and with nothing in flight the job waits up to
+    `striped.FEED_WAIT_S` for the parent's news before it ends."""
 
-    def __init__(self, target: _Target, src: _Source, reads: Sequence, whole: list) -> None:
-        self.t, self.src, self.reads, self.whole = target, src, reads, whole
+    def __init__(self, target: _Target, src: _Source, reads: list, whole: list, feed=None) -> None:
+        self.t, self.src, self.reads, self.whole, self.feed = target, src, reads, whole, feed
         sim = target.sim
         # A coarsened group stands for several reads: each pays its own gaps, and the window holds as
         # many groups as it would hold of their tensors.
-        self.count = [max(1, sum(sim.per_group[d] for d in w)) for w in whole]
-        self.window = sim.fleet.options.window_bytes * statistics.fmean(self.count) if sim.fleet.pipelined else None
-        self.next = self.in_flight = self.landed = 0
-        self.left = len(reads)
+        self.count = [self._count(w) for w in whole]
+        self.window = sim.fleet.options.window_bytes * statistics.fmean(self.count or [1]) \
+            if sim.fleet.pipelined else None
+        self.next = self.in_flight = self.landed = self.checked = 0
         self.busy_until = 0.0
         self.deadline = math.inf
+        self._news = 0  # token of the current wait for the parent's news
+        self.ended = False
+
+    def _count(self, whole: list) -> int:
+        return max(1, sum(self.t.sim.per_group[d] for d in whole))
 
     def start(self, delay: float) -> None:
         sim = self.t.sim
@@ -772,15 +814,59 @@ class _Job:
         sim.loop.after(delay, self._submit)
 
     def _submit(self) -> None:
+        self._fill()
+        if self.next == self.checked == len(self.reads) and not self.ended:
+            self._idle()
+
+    def _fill(self) -> None:
         sim, c = self.t.sim, self.t.sim.fleet.costs
-        # MooncakeEngine.read: within the window, or while fewer than two reads are in flight.
-        while self.next < len(self.reads) and (self.window is None or self.next - self.landed < 2 or
-                                               self.in_flight + self.reads[self.next].length <= self.window):
+        while True:
+            idle = self.next == self.landed  # nothing in flight
+            if self.feed is not None and self.next == len(self.reads) and (idle or self.in_flight < self.window):
+                self.feed(idle, max(int(self.window - self.in_flight), 0))
+                self.count += [self._count(w) for w in self.whole[len(self.count):]]
+            # MooncakeEngine.read: within the window, or while fewer than two reads are in flight.
+            if not (self.next < len(self.reads) and (self.window is None or self.next - self.landed < 2 or
+                                                     self.in_flight + self.reads[self.next].length <= self.window)):
+                break
             i, read = self.next, self.reads[self.next]
             self.next += 1
             self.in_flight += read.length
             sim.loop.after(c.read_rtt_s * self.count[i], sim.net.read, self.src.pub.name, self.t.name, read.length,
                            lambda i=i: self._landed(i))
+
+    def _idle(self) -> None:
+        """Nothing in flight, nothing to verify, nothing fed: end, or (a partial parent) wait for its news
+        first, as the feed does (a full seed's feed, or one with nothing left to wait for, ends at once)."""
+        if self.feed is None or self.feed.src.watch is None or not self.feed.waiting:
+            self._end()
+            return
+        sim = self.t.sim
+        self._news += 1
+        token = self._news
+        sim.loop.after(striped.FEED_WAIT_S, self._no_news, token)
+        pub, late = self.src.pub, sim.fleet.costs.stream_s
+        if self.src.partial and pub.last_verified + late > sim.loop.now:
+            sim.loop.at(pub.last_verified + late, self._parent_news, token)
+        elif self.src.partial:
+            pub.waiters.append(lambda: self._parent_news(token))
+
+    def _parent_news(self, token: int) -> None:
+        """The feed's wait returned: it looks once more, and the read ends if nothing of ours came."""
+        if token == self._news and not self.ended:
+            self._news += 1
+            before = self.next
+            self._fill()
+            if self.next == before:
+                self._end()
+
+    def _no_news(self, token: int) -> None:
+        if token == self._news and not self.ended:
+            self._end()
+
+    def _end(self) -> None:
+        self.ended = True
+        self.t.job_done()
 
     def _landed(self, i: int) -> None:
         sim, c = self.t.sim, self.t.sim.fleet.costs
@@ -793,15 +879,17 @@ class _Job:
         start = max(sim.loop.now + c.poll_gap_s * self.count[i], self.busy_until)
         self.busy_until = start + c.verify_s(sum(d.size for d in self.whole[i]))
         sim.loop.at(self.busy_until, self._checked, i)
+        if self.window is not None:
+            sim.loop.at(start, self._submit)  # noticed at the poll: the next goes before this one is verified
 
     def _checked(self, i: int) -> None:
         for d in self.whole[i]:
             self.t.final(d)
-        self.left -= 1
+        self.checked += 1
         if self.window is not None:
             self._submit()
-        if not self.left:
-            self.t.job_done()
+        elif self.checked == len(self.reads):
+            self._end()
 
 
 # --- one run ---------------------------------------------------------------------------------------

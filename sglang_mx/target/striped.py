@@ -160,14 +160,22 @@ class StripedPull:
             sources = self.sources[: stripe_count(sum(d.size for d in self.pending), len(self.sources))]
             stripes = cut(self.pending, len(sources))
         jobs = [(src, slices, reads_for(slices, src.remote_addr, merge=not pipelined))
-                for src, slices in zip(sources, stripes) if slices]
-        if not jobs:
+                for src, slices in zip(sources, stripes) if slices or pipelined]
+        if not any(slices for _, slices, _ in jobs):
             return False
         self.rounds += 1
         for src, slices, reads in jobs:
-            log.info("pulling %d bytes in %d reads from %s", sum(p.length for p in slices), len(reads), src.label)
+            if slices:
+                log.info("pulling %d bytes in %d reads from %s", sum(p.length for p in slices), len(reads),
+                         src.label)
         checked: dict[Destination, set[str]] = {}  # verified early -> the names that differ
         lock = threading.Lock()
+        by_read = [_whole_by_read(slices, reads) for _, slices, reads in jobs]
+        feeds: list[_Feed | None] = [None] * len(jobs)
+        if pipelined:
+            claimed = {p.dest for _, slices, _ in jobs for p in slices}
+            feeds = [_Feed(src, slices, reads, by_read[i], self.pending, claimed, lock, self.window_bytes)
+                     for i, (src, slices, reads) in enumerate(jobs)]
 
         progress = self.progress
 
@@ -193,9 +201,10 @@ class StripedPull:
         start = self.clock()
         with progress.ticking() if progress is not None else contextlib.nullcontext():
             errors = read_all(engine, [
-                (src.session, reads, self.prepare, on_done(src, reads, _whole_by_read(slices, reads))
-                 if self.verifier or progress is not None or self.on_final is not None else None)
-                for src, slices, reads in jobs], window_bytes=self.window_bytes if pipelined else None)
+                (src.session, reads, self.prepare, on_done(src, reads, by_read[i])
+                 if self.verifier or progress is not None or self.on_final is not None else None, feeds[i])
+                for i, (src, slices, reads) in enumerate(jobs)],
+                window_bytes=self.window_bytes if pipelined else None)
         self.seconds += self.clock() - start
         self.reads += sum(len(reads) for _, _, reads in jobs)
         failed = {src.ref.worker_id for (src, _, _), e in zip(jobs, errors) if e is not None}
@@ -283,6 +292,65 @@ class StripedPull:
         )
 
 
+FEED_WAIT_S = 0.2
+"""How long a pipelined round's reader, with nothing in flight, waits for its partial seed to verify
+more before the round ends (the pull then waits on its parents, and ticks, between rounds)."""
+
+
+class _Feed:
+    """A pipelined round's further reads from one source (`MooncakeEngine.read(more=...)`): the
+    pending destinations its seed has verified since the round began, claimed whole, in address
+    order, about a window's bytes at a time, so the link never drains between rounds while a
+    parent keeps verifying. `slices`, `reads` and `by_read` are the round's lists for this source,
+    extended in place (the engine indexes its reads in the same order)."""
+
+    def __init__(self, src: _Source, slices: list[Slice], reads: list[Read], by_read: list[list[Destination]],
+                 pending: Sequence[Destination], claimed: set[Destination], lock: threading.Lock,
+                 window_bytes: int | None) -> None:
+        self.src = src
+        self.slices, self.reads, self.by_read = slices, reads, by_read
+        self.waiting = [d for d in pending if d not in claimed]  # not yet read by anyone this round
+        self.claimed = claimed
+        self.lock = lock
+        self.budget = window_bytes or 1
+        self.seen = src.watch.version if src.watch is not None else None
+        self.held = True  # some of `waiting` may be verified already: look before waiting
+
+    def __call__(self, idle: bool, room: int | None = None, may_wait: bool = False) -> list[Read]:
+        watch = self.src.watch
+        if watch is None or watch.broken or not self.waiting:
+            return []
+        if watch.version == self.seen and not self.held and not (may_wait and watch.wait(self.seen, FEED_WAIT_S)):
+            return []  # nothing verified since we last looked
+        self.seen = watch.version
+        holds = watch.holder()
+        taken: list[Destination] = []
+        held = False
+        budget = self.budget if room is None else room
+        with self.lock:
+            size = 0
+            keep: list[Destination] = []
+            for d in self.waiting:
+                if d in self.claimed:
+                    continue
+                if not holds(d.names):
+                    keep.append(d)
+                elif size + d.size <= budget or idle and not taken:
+                    self.claimed.add(d)
+                    taken.append(d)
+                    size += d.size
+                else:
+                    keep.append(d)
+                    held = True  # verified, but no room for it yet
+            self.waiting = keep
+        self.held = held
+        reads = [Read(d.addr, self.src.remote_addr[d.names[0]], d.size) for d in taken]
+        self.slices.extend(Slice(d, 0, d.size) for d in taken)
+        self.reads.extend(reads)
+        self.by_read.extend([d] for d in taken)
+        return reads
+
+
 def _let_go(src: _Source) -> None:
     if src.watch is not None:
         src.watch.close()
@@ -312,22 +380,26 @@ def _whole_by_read(slices: Sequence[Slice], reads: Sequence[Read]) -> list[list[
     return out
 
 
-Job = tuple  # (session, reads, prepare, on_done)
+Job = tuple  # (session, reads, prepare, on_done[, more])
 
 
 def read_all(engine: MooncakeEngine, jobs: Sequence[Job], *,
              window_bytes: int | None = None) -> list[TransferError | None]:
-    """Run each (session, reads, prepare, on_done) job, in parallel threads when there are several;
-    one error (or None) each. Every read of every job has ended when this returns.
-    `window_bytes`: each job's bytes in flight (MooncakeEngine.read)."""
+    """Run each (session, reads, prepare, on_done[, more]) job, in parallel threads when there are
+    several; one error (or None) each. Every read of every job has ended when this returns.
+    `window_bytes`: each job's bytes in flight; `more`: its further reads (MooncakeEngine.read)."""
     errors: list[TransferError | None] = [None] * len(jobs)
 
     raised: list[BaseException] = []
 
     def run(i: int) -> None:
-        session, reads, prepare, on_done = jobs[i]
+        session, reads, prepare, on_done, *rest = jobs[i]
+        more = rest[0] if rest else None
         try:
-            engine.read(session, reads, prepare=prepare, on_done=on_done, window_bytes=window_bytes)
+            if more is None:  # (test fakes of the engine take no `more`)
+                engine.read(session, reads, prepare=prepare, on_done=on_done, window_bytes=window_bytes)
+            else:
+                engine.read(session, reads, prepare=prepare, on_done=on_done, window_bytes=window_bytes, more=more)
         except TransferError as e:
             errors[i] = e
         except BaseException as e:  # a verifier or prepare that raised: re-raised once all reads ended

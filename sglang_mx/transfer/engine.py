@@ -259,6 +259,7 @@ class MooncakeEngine:
         timeout_s: float | None = None,
         drain_s: float | None = None,
         window_bytes: int | None = None,
+        more: Callable[[bool, int | None, bool], Sequence[Read]] | None = None,
     ) -> None:
         """Pull every read from the seed; raise TransferError on any failure.
 
@@ -284,13 +285,25 @@ class MooncakeEngine:
 
         `window_bytes` (a pipelined pull): reads are submitted in order while fewer
         than that many bytes are in flight, or fewer than two reads (so a large tensor
-        moves while the one before it is verified), and `on_done`
-        runs as soon as a read lands. Reads then land nearly in order, so the first
-        tensors are verified, and can be served on, long before the last arrive.
-        Without it every read is in flight at once: fastest to the last byte.
+        moves while the one before it is verified), and `on_done` runs as soon as a read
+        lands (after the next read, if the window lets it, was submitted). Reads then
+        land nearly in order, so the first tensors are verified, and can be served on,
+        long before the last arrive. Without it every read is in flight at once:
+        fastest to the last byte.
+
+        `more(idle, room, may_wait)` (with a window: a pipelined pull whose source verifies as
+        it goes): asked for further reads whenever every read so far is submitted and the
+        window has `room` bytes left, or nothing is in flight (`idle`). It gives reads that
+        fit the room, or when idle one larger than that: a tensor its source verified while
+        another moves waits for that one rather than share its link, so each lands, and is
+        served on, as early as it can be. Only when `may_wait` (idle, and no read waits for
+        `on_done`) may it wait a little for some. They are read like the first ones, indexed
+        after them. The call ends once nothing is in flight and `more` had none while it
+        could wait.
         """
-        if not reads:
+        if not reads and more is None:
             return
+        reads = list(reads)
         total = sum(r.length for r in reads)
         budget_s = timeout_s if timeout_s is not None else 30.0 + total * 1e-9
         drain_s = DRAIN_S if drain_s is None else drain_s
@@ -310,31 +323,48 @@ class MooncakeEngine:
         done_reads: set[int] = set()
         warned_at = None
         drain_until = None
+        exhausted = more is None  # `more` has nothing to give (while idle)
+
+        def submit_next() -> bool:
+            """Submit the next read if the window lets it (asking `more` for one first); True if it did."""
+            nonlocal submitted, in_flight, failure, raised, exhausted
+            if failure is not None or raised is not None:
+                return False
+            idle = submitted == len(done_reads)  # nothing in flight
+            if more is not None and submitted == len(reads) and (
+                    window_bytes is None or in_flight < window_bytes or idle):
+                room = None if window_bytes is None else max(window_bytes - in_flight, 0)
+                may_wait = idle and not landed  # nothing waits for on_done either: a wait delays no one
+                extra = list(more(idle, room, may_wait))
+                exhausted = not extra and may_wait
+                reads.extend(extra)
+                left.extend([0] * len(extra))
+            if submitted == len(reads) or not (window_bytes is None or submitted - len(done_reads) < 2
+                                               or in_flight + reads[submitted].length <= window_bytes):
+                return False
+            index, read = submitted, reads[submitted]
+            submitted += 1
+            in_flight += read.length
+            try:
+                if prepare is not None:
+                    prepare(read)
+                for local, remote, length in pieces(read, local_edges, remote_edges, CHUNK_BYTES):
+                    batch = self._engine.batch_transfer_async_read(seed_session, [local], [remote], [length])
+                    if batch is None or batch <= 0:
+                        failure = self._read_error("could not be submitted", index, reads, seed_session, batch)
+                        break
+                    pending.append((batch, index, local, length))
+                    left[index] += 1
+                if failure is None and left[index] == 0:  # nothing to move (zero length)
+                    landed.append(index)
+                    done_reads.add(index)
+                    in_flight -= read.length
+            except BaseException as e:  # drain what is in flight first, then re-raise
+                raised = e
+            return True
+
         while True:
-            progressed = False
-            if failure is None and raised is None and submitted < len(reads) and (
-                    window_bytes is None or submitted - len(done_reads) < 2
-                    or in_flight + reads[submitted].length <= window_bytes):
-                index, read = submitted, reads[submitted]
-                submitted += 1
-                in_flight += read.length
-                progressed = True
-                try:
-                    if prepare is not None:
-                        prepare(read)
-                    for local, remote, length in pieces(read, local_edges, remote_edges, CHUNK_BYTES):
-                        batch = self._engine.batch_transfer_async_read(seed_session, [local], [remote], [length])
-                        if batch is None or batch <= 0:
-                            failure = self._read_error("could not be submitted", index, reads, seed_session, batch)
-                            break
-                        pending.append((batch, index, local, length))
-                        left[index] += 1
-                    if failure is None and left[index] == 0:  # nothing to move (zero length)
-                        landed.append(index)
-                        done_reads.add(index)
-                        in_flight -= read.length
-                except BaseException as e:  # drain what is in flight first, then re-raise
-                    raised = e
+            progressed = submit_next()
             still: list[tuple[int, int, int, int]] = []
             done: list[int] = []
             for entry in pending:
@@ -364,6 +394,8 @@ class MooncakeEngine:
                     failure = self._read_error("failed", index, reads, seed_session, status)
             pending = still
             landed.extend(done)
+            if done and window_bytes is not None:
+                progressed |= submit_next()  # the next read moves while this thread verifies the one that landed
             # Callbacks wait until every read is submitted: the io thread is never left without work
             # while this thread hashes.
             if on_done is not None and failure is None and raised is None and (
@@ -375,7 +407,7 @@ class MooncakeEngine:
                         raised = e
                         break
                     progressed = True
-            if not pending and (submitted == len(reads) or failure is not None or raised is not None):
+            if not pending and (submitted == len(reads) and exhausted or failure is not None or raised is not None):
                 break
             now = time.monotonic()
             if now > deadline and failure is None and raised is None:

@@ -8,6 +8,7 @@ import ctypes
 import dataclasses
 import random
 import threading
+import time
 
 import pytest
 
@@ -186,8 +187,147 @@ def test_reads_larger_than_the_window_still_keep_two_in_flight(monkeypatch):
     binding = FakeBinding()
     engine = MooncakeEngine(binding, "me:1", owned=False, transport="tcp", allocations=None)
     monkeypatch.setattr(engine, "_remote_edges", lambda session: [])
-    engine.read("seed:1", _reads(6, 256, buf), window_bytes=128, on_done=lambda i: None)
+    submitted_when_verified = []
+    engine.read("seed:1", _reads(6, 256, buf), window_bytes=128,
+                on_done=lambda i: submitted_when_verified.append(len(binding.batches)))
     assert binding.peak == 2
+    assert submitted_when_verified[0] == 3  # read 0 landed: read 2 went out before read 0 was verified
+
+
+def test_more_reads_are_asked_for_while_the_window_has_room_and_the_read_ends_when_an_idle_ask_finds_none(
+        monkeypatch):
+    monkeypatch.setattr(engine_module, "POLL_S", 0)
+    buf = ctypes.create_string_buffer(6 * 64)
+    binding = FakeBinding()
+    engine = MooncakeEngine(binding, "me:1", owned=False, transport="tcp", allocations=None)
+    monkeypatch.setattr(engine, "_remote_edges", lambda session: [])
+    reads = _reads(6, 64, buf)
+    later, asked, done = list(reads[2:]), [], []
+
+    def more(idle, room, may_wait):
+        asked.append((idle, room, may_wait))
+        assert not may_wait or idle
+        return [later.pop(0)] if later and (idle or later[0].length <= room) else []
+
+    engine.read("seed:1", reads[:2], window_bytes=128, on_done=done.append, more=more)
+    assert done == list(range(6))  # the fed reads are indexed after the first ones
+    assert binding.landed == [r.local_addr for r in reads]
+    assert binding.peak == 2  # 128 bytes: two reads of 64
+    assert asked[-1] == (True, 128, True)  # nothing in flight or to verify, nothing given: the call ended
+    assert all(0 <= room <= 128 for _, room, _ in asked)
+
+
+def test_a_fed_read_larger_than_the_room_waits_for_the_one_in_flight(monkeypatch):
+    """What the source verified while a large read moves does not share its link: it goes next."""
+    monkeypatch.setattr(engine_module, "POLL_S", 0)
+    buf = ctypes.create_string_buffer(4 * 256)
+    binding = FakeBinding()
+    engine = MooncakeEngine(binding, "me:1", owned=False, transport="tcp", allocations=None)
+    monkeypatch.setattr(engine, "_remote_edges", lambda session: [])
+    reads = _reads(4, 256, buf)
+    later = list(reads[1:])
+
+    def more(idle, room, may_wait):
+        return [later.pop(0)] if later and (idle or later[0].length <= room) else []
+
+    submitted_when_verified = []
+    engine.read("seed:1", reads[:1], window_bytes=128, more=more,
+                on_done=lambda i: submitted_when_verified.append(len(binding.batches)))
+    assert binding.peak == 1
+    assert binding.landed == [r.local_addr for r in reads]
+    assert submitted_when_verified[:3] == [2, 3, 4]  # each next read went out before the last was verified
+
+
+class FakeWatch:
+    """What a child sees of its partial parent (a fake VerifiedWatch): the test says what is verified."""
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+        self.version = 0
+        self.broken = ""
+        self.complete = False
+        self._cond = threading.Condition()
+
+    def verify(self, *names: str) -> None:
+        with self._cond:
+            self.names.update(names)
+            self.version += 1
+            self._cond.notify_all()
+
+    def holder(self):
+        held = frozenset(self.names)
+        return lambda names: all(n in held for n in names)
+
+    def wait(self, version: int, timeout_s: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.version != version, timeout=timeout_s)
+
+    def close(self) -> None:
+        pass
+
+
+def _pipelined_pull(monkeypatch, watch: FakeWatch, n: int, on_submit=lambda i: None):
+    """A StripedPull of `n` 64-byte tensors t0.. whose one source is a partial parent seen through `watch`,
+    read by the real engine over a fake binding that calls `on_submit(i)` as tensor i's read is submitted."""
+    from sglang_mx.records import TensorDescriptor
+    from sglang_mx.target.striped import StripedPull, _Source
+    from sglang_mx.target.verify import VerifyMode
+
+    buf = ctypes.create_string_buffer(n * 64)
+    base = ctypes.addressof(buf)
+
+    class Binding(FakeBinding):
+        def batch_transfer_async_read(self, session, locals_, remotes, lengths):
+            on_submit((locals_[0] - base) // 64)
+            return super().batch_transfer_async_read(session, locals_, remotes, lengths)
+
+    binding = Binding()
+    engine = MooncakeEngine(binding, "me:1", owned=False, transport="tcp", allocations=None)
+    monkeypatch.setattr(engine, "_remote_edges", lambda session: [])
+    tensors = [TensorDescriptor(name=f"t{i}", addr=base + i * 64, size=64) for i in range(n)]
+    final: list[str] = []
+    pull = StripedPull(tensors, verify=VerifyMode.OFF, verifier=None, clock=time.monotonic,
+                       on_final=lambda dest, checked: final.append(dest.names[0]), window_bytes=128)
+    pull.sources.append(_Source(_ref("parent", depth=1), "seed:1", "parent", {f"t{i}": 1 << 20 | i * 64 for i in range(n)},
+                                {}, None, watch, 1))
+    pull.checked = True
+    return pull, engine, binding, final, buf
+
+
+def test_a_pipelined_round_takes_in_what_its_parent_verifies_while_it_reads(monkeypatch):
+    """The parent verifies tensor i+1 only as the child's read of tensor i starts: one round reads them all,
+    in order, each only once the parent held it."""
+    monkeypatch.setattr(engine_module, "POLL_S", 0)
+    watch = FakeWatch()
+    held_at_submit = []
+
+    def parent_goes_on(i):
+        held_at_submit.append(f"t{i}" in watch.names)
+        watch.verify(f"t{i + 1}")
+
+    watch.verify("t0")
+    pull, engine, binding, final, _buf = _pipelined_pull(monkeypatch, watch, 6, parent_goes_on)
+    assert pull.round(engine)
+    assert pull.rounds == 1 and pull.done
+    assert all(held_at_submit) and len(held_at_submit) == 6
+    assert sorted(final) == [f"t{i}" for i in range(6)]
+    assert binding.landed == sorted(binding.landed)  # in order
+
+
+def test_a_pipelined_round_ends_when_its_parent_stalls_and_leaves_the_rest_pending(monkeypatch):
+    monkeypatch.setattr(engine_module, "POLL_S", 0)
+    from sglang_mx.target import striped
+
+    monkeypatch.setattr(striped, "FEED_WAIT_S", 0.05)
+    watch = FakeWatch()
+    watch.verify("t0", "t1")
+    pull, engine, binding, final, _buf = _pipelined_pull(monkeypatch, watch, 4)
+    started = time.monotonic()
+    assert pull.round(engine)
+    assert time.monotonic() - started < 5
+    assert sorted(final) == ["t0", "t1"] and [d.names[0] for d in pull.pending] == ["t2", "t3"]
+    assert not pull.round(engine) or pull.pending  # nothing new: no read of an unverified tensor
+    assert len(binding.batches) == 2
 
 
 def test_the_deadline_counts_from_the_last_piece_that_landed(monkeypatch):
