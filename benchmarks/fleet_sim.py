@@ -24,9 +24,11 @@ decides, the sim calls the code itself:
   `stripes.stripe_count`/`stripes.cut` over the sources (a pipelined pull: `stripes.assign` over what
   each partial parent has verified), read per `stripes.reads_for`; a round ends with its slowest
   stripe; the sources stay fixed until the pull ends, and so do the leases (dropped after the pull);
-- a pipelined read keeps at most `PullOptions.window_bytes` in flight per seed, each read verified as
-  it lands (in the reading thread, so the next is submitted only after); a partial parent's verified
-  tensors reach a child after `stream_s`; the child waits when its parent has nothing new;
+- a pipelined read keeps at most `PullOptions.window_bytes` in flight per seed (or two reads), each
+  read verified as it lands, in the reading thread, once the next went out; a partial parent's verified
+  tensors reach a child after `stream_s`, and join a round under way through `striped._Feed` itself
+  (within the window's room, or one read when nothing is in flight); a round's reader with nothing in
+  flight waits up to `striped.FEED_WAIT_S` for its parent's news, then the child waits between rounds;
 - store-and-forward: a target becomes a READY seed after its pull (publish + READY), found by the
   waiting targets at their next listing; pipelined: it publishes itself as a partial seed at depth
   1 + its parent's once it has a source, and turns READY at the end (publish + READY).
@@ -68,8 +70,8 @@ from typing import Callable, Sequence
 
 from sglang_mx import leases
 from sglang_mx.config import DEFAULTS
-from sglang_mx.records import (TOPOLOGY_DEPTH, TOPOLOGY_MAX_READERS, TOPOLOGY_PIPELINE, SourceEvent, SourceRef,
-                               SourceStatus, TensorDescriptor)
+from sglang_mx.records import (TOPOLOGY_DEPTH, TOPOLOGY_LEASES, TOPOLOGY_MAX_READERS, TOPOLOGY_PIPELINE, SourceEvent,
+                               SourceRef, SourceStatus, TensorDescriptor)
 from sglang_mx.seed import SeedOptions, SeedPublisher
 from sglang_mx.target import choice, striped, stripes, waiting
 from sglang_mx.target.pipeline import is_partial
@@ -331,6 +333,7 @@ class _Publisher:
             topology = {TOPOLOGY_PIPELINE: "1", TOPOLOGY_DEPTH: str(self.depth)} if self.partial else {}
             if self.sim.fleet.max_readers:  # SeedPublisher._record: the cap, for targets to skip a full seed
                 topology[TOPOLOGY_MAX_READERS] = str(self.sim.fleet.max_readers)
+            topology[TOPOLOGY_LEASES] = f"{self.name}:lease"  # ... and where to ask for a lease first
             self._ref = SourceRef(mx_source_id=MX_ID, worker_id=self.name, model_name="sim", worker_rank=0,
                                   status=self.status, updated_at_ms=int(self.sim.loop.now * 1000),
                                   topology=topology, source_load=self.reported)
@@ -400,11 +403,11 @@ class _Server:
         self._listing = None
         if self.watchers:
             self.sim.load.add("watch events", len(self.watchers), self.sim.loop.now)
-            self.sim.loop.after(self.sim.fleet.costs.event_s, self._deliver, list(self.watchers))
+            self.sim.loop.after(self.sim.fleet.costs.event_s, self._deliver, list(self.watchers), pub.ref())
 
-    def _deliver(self, targets: list["_Target"]) -> None:
+    def _deliver(self, targets: list["_Target"], ref: SourceRef) -> None:
         for t in targets:
-            t.event()
+            t.event(ref)
 
     def listing(self) -> tuple[list[SourceRef], list[SourceRef]]:
         """(READY refs, partial refs), newest first as the server lists them."""
@@ -482,6 +485,7 @@ class _Target:
                                          clock=sim.loop.clock, sleep=self.probe.sleep, use_watch=opts.watch)
         self.found = self.verified = self.returned = self.ready = math.nan
         self.rounds = self.walks = self.tries = self.timed_out = 0
+        self.known: set[str] = set()  # seeds whose record this pull fetched (StripedPull.endpoints)
         self.late = False
         self._wait_token = 0
         self._jobs = 0
@@ -506,8 +510,10 @@ class _Target:
         self.walks += 1
         ready, partial = sim.server.listing()
         if not any(p is not self.publisher for p in sim.server.open):
-            tries, got = len(ready) + (len(partial) if fleet.pipelined else 0), []  # all busy: each tried, refused
-            extra = 0.0
+            listed = ready + (partial if fleet.pipelined else [])  # all busy: each tried, refused
+            fetched = sum(r.worker_id not in self.known and TOPOLOGY_LEASES not in r.topology for r in listed)
+            tries, got, extra = (len(listed), fetched), [], 0.0
+            self.known.update(r.worker_id for r in listed)
         else:
             if fleet.pipelined:
                 order = choice.order_parents(ready, partial, own_depth=None, own_worker=self.name, rng=self.rng,
@@ -515,39 +521,49 @@ class _Target:
             else:
                 order = choice.order_candidates(ready, rng=self.rng, spread=fleet.options.spread)
             tries, got, self.queue, extra = self._take(order)
-        self._tried(tries)
-        dt = tries * (fleet.costs.rpc_s + fleet.costs.lease_s) + extra
+        dt = self._tried(tries) + extra
         if got:
             self.sources = got
             self.sim.loop.after(dt, self._start_pull)
         else:
             self.sim.loop.after(dt, self._wait)
 
-    def _take(self, order: Sequence[SourceRef]) -> tuple[int, list[_Source], list[SourceRef], float]:
-        """Candidates in `order` until `max_seeds` sources: (tries, new sources, the rest, stream opens' time)."""
+    def _take(self, order: Sequence[SourceRef]) -> tuple[tuple[int, int], list[_Source], list[SourceRef], float]:
+        """Candidates in `order` until `max_seeds` sources: ((tries, GetMetadata calls), new sources, the rest,
+        stream opens' time). As StripedPull.add: a seed that lists its lease endpoint, or whose record this pull
+        fetched before, is asked for its lease first, and its record fetched only when it grants one."""
         got: list[_Source] = []
-        tries, extra = 0, 0.0
+        tries = fetched = 0
+        extra = 0.0
         for i, ref in enumerate(order):
             if len(self.sources) + len(got) >= self.sim.fleet.options.max_seeds:
-                return tries, got, list(order[i:]), extra
+                return (tries, fetched), got, list(order[i:]), extra
             tries += 1
+            known = ref.worker_id in self.known or TOPOLOGY_LEASES in ref.topology
+            self.known.add(ref.worker_id)
             pub = self.sim.server.pubs[ref.worker_id]
             if pub not in self.sim.server.open:
+                fetched += not known
                 continue  # refused since its last release: its lease call is counted, not made
             lease = pub.leases.acquire()
+            fetched += not known or lease is not None
             if lease is None:
                 self.sim.server.open.discard(pub)
                 continue
             got.append(_Source(pub, lease, partial=is_partial(ref)))
             if is_partial(ref):
                 extra += self.sim.fleet.costs.lease_s  # the WatchVerified stream to it
-        return tries, got, [], extra
+        return (tries, fetched), got, [], extra
 
-    def _tried(self, tries: int) -> None:
+    def _tried(self, calls: tuple[int, int]) -> float:
+        """Count a walk's calls; the time they take."""
+        tries, fetched = calls
         now, c = self.sim.loop.now, self.sim.fleet.costs
         self.tries += tries
-        self.sim.load.add("GetMetadata", tries, now, now + tries * (c.rpc_s + c.lease_s))
+        took = fetched * c.rpc_s + tries * c.lease_s
+        self.sim.load.add("GetMetadata", fetched, now, now + took)
         self.sim.load.seed_calls += tries
+        return took
 
     def _wait(self) -> None:
         """No source: SeedWaiter.wait decides how long (poll) or until what (watch event)."""
@@ -571,8 +587,14 @@ class _Target:
             self._wait_token += 1
             self.sim.loop.after(asked[1], self._waited, self._wait_token)
 
-    def event(self) -> None:
+    def event(self, ref: SourceRef) -> None:
+        """A watch event: SeedWaiter.wait ends only on a record `choice.could_serve` accepts (as pull_weights
+        asks it); the others are passed over."""
         if not self.probe.open:
+            return
+        own = self.publisher
+        if not choice.could_serve(ref, pipeline=self.sim.fleet.pipelined, own_depth=own.depth if own else None,
+                                  own_worker=self.name):
             return
         if self.state == "waiting":
             self._wait_token += 1
@@ -606,10 +628,10 @@ class _Target:
         sim, fleet = self.sim, self.sim.fleet
         if self.queue and len(self.sources) < fleet.options.max_seeds:  # the inner loop adds from the queue
             tries, got, self.queue, extra = self._take(self.queue)
-            self._tried(tries)
+            took = self._tried(tries)
             self.sources += got
-            if tries:
-                sim.loop.after(tries * (fleet.costs.rpc_s + fleet.costs.lease_s) + extra, self._round)
+            if tries[0]:
+                sim.loop.after(took + extra, self._round)
                 return
         if fleet.pipelined:
             has = [s.pub.holds() if s.partial else (lambda d: True) for s in self.sources]

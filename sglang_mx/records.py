@@ -28,6 +28,9 @@ TOPOLOGY_PIPELINE, TOPOLOGY_DEPTH = "mx_pipeline", "mx_depth"
 # A seed with a reader-lease cap publishes it: a target skips a seed whose listed load is at its cap
 # without asking it (no GetMetadata, no lease call), which keeps a crowd of waiting targets off the server.
 TOPOLOGY_MAX_READERS = "mx_max_readers"
+# Where a seed grants reader leases (its record's worker_grpc_endpoint), also in the listing: a target asks
+# for a lease before it fetches the record, and fetches it (GetMetadata) only from a seed that granted one.
+TOPOLOGY_LEASES = "mx_lease_endpoint"
 
 
 class SourceStatus(enum.IntEnum):

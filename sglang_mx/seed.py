@@ -30,7 +30,7 @@ from sglang_mx.transfer.tensors import describe
 from sglang_mx.identity import mx_source_id
 from sglang_mx.manifest import manifest_id
 from sglang_mx.records import (
-    DIGEST_FROM_CHECKPOINT, DIGEST_UNVERIFIED, DIGEST_VERIFIED, TOPOLOGY_MANIFEST, TOPOLOGY_MAX_READERS, PieceDigest,
+    DIGEST_FROM_CHECKPOINT, DIGEST_UNVERIFIED, DIGEST_VERIFIED, TOPOLOGY_LEASES, TOPOLOGY_MANIFEST, TOPOLOGY_MAX_READERS, PieceDigest,
     ShardSpec,
     SourceIdentity, SourceStatus, TensorDescriptor, WorkerRecord,
 )
@@ -207,6 +207,8 @@ class SeedPublisher:
         topology = dict(self._topology)
         if self.leases is not None and self.leases.max_readers:
             topology[TOPOLOGY_MAX_READERS] = str(self.leases.max_readers)
+        if self._lease_server is not None:
+            topology[TOPOLOGY_LEASES] = self._lease_server.endpoint
         return WorkerRecord(
             worker_rank=self.worker_rank,
             transfer_engine_session_id=self._engine.session_id,

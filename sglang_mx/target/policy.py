@@ -24,7 +24,7 @@ from sglang_mx.layout import RankInfo, identity_for, model_source_id
 from sglang_mx.metrics import metrics
 from sglang_mx.records import TOPOLOGY_INSTANCE, ShardSpec, SourceIdentity, SourceRef, SourceStatus, TensorDescriptor
 from sglang_mx.target.candidate import Pins
-from sglang_mx.target.choice import at_cap, order_candidates, order_parents
+from sglang_mx.target.choice import at_cap, could_serve, order_candidates, order_parents
 from sglang_mx.target.pipeline import PipelineSeed, is_partial
 from sglang_mx.target.progress import PullProgress
 from sglang_mx.target.report import PullReport
@@ -206,7 +206,9 @@ def pull_weights(
                     + (" (the READY seeds were all at max_readers)" if busy else ""),
                     attempts=pull.failures,
                 )
-            waiter.wait(max(deadline - clock(), 0.0))
+            waiter.wait(max(deadline - clock(), 0.0), helps=lambda ref: could_serve(
+                ref, pipeline=options.pipeline, own_depth=pipeline.depth if pipeline is not None else None,
+                own_worker=pipeline.worker_id if pipeline is not None else "", refused=pull.bad))
     finally:
         waiter.close()
         pull.drop_all()

@@ -21,9 +21,10 @@ from typing import Callable, Sequence
 
 from sglang_mx.client import MetadataClient
 from sglang_mx.errors import CandidateFailure, LayoutMismatchError, NoSourceError, TransferError, VerificationError
+from sglang_mx import leases
 from sglang_mx.leases import ReadLease
 from sglang_mx.metrics import metrics
-from sglang_mx.records import SourceRef, TensorDescriptor
+from sglang_mx.records import TOPOLOGY_LEASES, SourceRef, TensorDescriptor
 from sglang_mx.target.candidate import Pins, SeedBusyError, fetch, label, take_lease
 from sglang_mx.target.progress import PullProgress
 from sglang_mx.target.report import PullReport, build_report
@@ -89,19 +90,34 @@ class StripedPull:
         self.seconds = self.verify_seconds = self.metadata_seconds = 0.0
         self.on_final = on_final
         self.window_bytes = window_bytes
+        self.endpoints: dict[str, str] = {}  # worker id -> its lease endpoint, from its record (see `add`)
 
     @property
     def done(self) -> bool:
         return self.checked and not self.pending
 
     def add(self, client: MetadataClient, ref: SourceRef, lease_timeout_s: float) -> bool:
-        """Take `ref` as a source; True when it was busy (at max_readers) and is left for later."""
+        """Take `ref` as a source; True when it was busy (at max_readers) and is left for later.
+
+        A seed is asked for its lease first where the target knows its lease endpoint (the listing's
+        `mx_lease_endpoint`, or the record fetched before in this pull), and its record fetched (and
+        checked) only once it grants one: a crowd of waiting targets asks the busy seeds, not the
+        metadata server, again and again. The lease is kept only if the record names the same endpoint."""
         start = self.clock()
+        early: ReadLease | None = None
         try:
+            endpoint = self.endpoints.get(ref.worker_id) or ref.topology.get(TOPOLOGY_LEASES, "")
+            if endpoint:
+                early = leases.acquire(endpoint, ref.mx_source_id, ref.worker_id, timeout_s=lease_timeout_s)
             record = fetch(client, ref, pins=self.pins)
+            self.endpoints[ref.worker_id] = record.endpoint
             build_plan(self.tensors, record.tensors, seed=record.label)  # the layouts must agree exactly
             expected = expected_digests(self.tensors, record.tensors, self.verify, record.label)
-            lease = take_lease(record, lease_timeout_s)
+            if early is not None and record.endpoint != endpoint:  # it moved: a lease where it serves now
+                early.release()
+                early = None
+            lease = early if early is not None else take_lease(record, lease_timeout_s)
+            early = None  # (it is the source's lease now)
             watch = _watch(record, lease) if is_partial(ref) else None
         except SeedBusyError as e:
             log.info("%s", e)
@@ -110,6 +126,8 @@ class StripedPull:
             self._fail(ref, e)
             return False
         finally:
+            if early is not None:  # taken, but the seed failed its checks
+                early.release()
             self.metadata_seconds += self.clock() - start
         self.checked = True
         self.mx_source_id = ref.mx_source_id

@@ -9,6 +9,11 @@ server has no watch (UNIMPLEMENTED), and the target polls as before.
 No change is missed: the stream is opened at the first wait, and that first wait returns at
 once so the caller lists again. Any change after the stream opened then wakes a later wait;
 any change before it is in that listing. The stream is closed when the pull ends.
+
+Only a change that could give the target a seed wakes it (`helps`, `choice.could_serve`: a READY
+seed not at its cap, a partial seed the tree allows): with hundreds of targets waiting, every
+heartbeat of a busier seed or a target still loading would otherwise send all of them to list
+and fetch records again. A passed-over change is still in the next listing.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Callable
 
 from sglang_mx.client import MetadataClient
 from sglang_mx.errors import ServerError, WatchUnsupportedError
+from sglang_mx.records import SourceRef
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +48,16 @@ class SeedWaiter:
         self._watch = None
         self._tried = not use_watch  # opening the watch was tried (or is not wanted)
         self.woken = 0  # waits that an event ended (for logs and tests)
+        self.passed = 0  # events that could not help, passed over without listing again
 
     @property
     def watching(self) -> bool:
         return self._watch is not None
 
-    def wait(self, timeout_s: float) -> None:
+    def wait(self, timeout_s: float, helps: Callable[[SourceRef], bool] | None = None) -> None:
+        """Return after a change, or `timeout_s`. `helps(record)` (with the watch): only a change whose
+        record it accepts ends the wait (`choice.could_serve`: a seed the target would ask); the
+        others are passed over. Polling, every interval ends it."""
         watch_sources = getattr(self._client, "watch_sources", None)  # a client of its own (a test's) may lack it
         if not self._tried and watch_sources is not None:
             self._tried = True
@@ -66,9 +76,18 @@ class SeedWaiter:
         if self._watch is None:
             self._sleep(min(self._poll_interval_s, timeout_s))
             return
+        deadline = self._clock() + min(WATCHED_WAIT_S, timeout_s)
         try:
-            if self._watch.wait(min(WATCHED_WAIT_S, timeout_s)):
-                self.woken += 1
+            while True:
+                events = self._watch.wait(max(deadline - self._clock(), 0.0))
+                if not events:
+                    return  # the time is up
+                if helps is None or any(e.ref is not None and not e.removed and helps(e.ref) for e in events):
+                    self.woken += 1
+                    return
+                self.passed += len(events)
+                if self._clock() >= deadline:
+                    return
         except ServerError as e:  # the stream ended for good (refused on reconnect): poll from here on
             log.warning("the watch of metadata server %s ended (%s): polling every %g s", self._client.url, e,
                         self._poll_interval_s)

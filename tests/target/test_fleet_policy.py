@@ -12,7 +12,8 @@ import pytest
 
 from sglang_mx.errors import NoSourceError, TransferError
 from sglang_mx.identity import mx_source_id
-from sglang_mx.records import SourceIdentity, SourceRef, SourceStatus, StoredWorker, TensorDescriptor, WorkerRecord
+from sglang_mx.records import (TOPOLOGY_LEASES, SourceIdentity, SourceRef, SourceStatus, StoredWorker,
+                               TensorDescriptor, WorkerRecord)
 from sglang_mx.target import PullOptions, pull_weights
 from tests.fakes import FakeClock
 
@@ -127,6 +128,60 @@ def test_busy_seeds_are_skipped_and_waited_for(fake_leases):
     with pytest.raises(NoSourceError, match=r"within 2 s \(the READY seeds were all at max_readers\)"):
         pull(FakeClient(["a", "b"]), FakeEngine(), clock, wait_timeout_s=2)
     assert clock.sleeps == [1.0, 1.0]
+
+
+def test_a_seed_found_busy_is_asked_for_its_lease_before_its_record_is_fetched_again(fake_leases):
+    """Waiting among many, a target asks the busy seed (its lease endpoint), not the metadata server."""
+    fetched: list[str] = []
+
+    class Counting(FakeClient):
+        def get_metadata(self, mx_source_id, worker_id):
+            fetched.append(worker_id)
+            return super().get_metadata(mx_source_id, worker_id)
+
+    fake_leases.busy = {"a"}
+    clock = FakeClock()
+    asked_while_busy = []
+
+    def sleep(seconds):  # the seed frees a slot after the target's third wait
+        clock.sleep(seconds)
+        asked_while_busy.append(len(fetched))
+        if len(clock.sleeps) == 3:
+            fake_leases.busy = set()
+
+    report = pull_weights(Counting(["a"]), FakeEngine(), IDENTITY, worker_rank=0, tensors=LOCAL,
+                          options=PullOptions(wait_timeout_s=10, poll_interval_s=1.0, spread=False, watch=False),
+                          clock=clock, sleep=sleep)
+    assert report.served == {"a": 6 * MB}
+    assert asked_while_busy == [1, 1, 1]  # refused three more times without a GetMetadata
+    assert fetched == ["a", "a"]  # once to learn where to ask, once (checked afresh) when it granted
+    assert fake_leases.granted == ["a"] and fake_leases.released == ["a"]
+
+
+def test_a_seed_listing_its_lease_endpoint_is_fetched_only_once_it_grants(fake_leases):
+    fetched: list[str] = []
+
+    class Listing(FakeClient):
+        def list_sources(self, identity, *, status, worker_rank):
+            return [dataclasses.replace(r, topology={TOPOLOGY_LEASES: f"{r.worker_id}:2"})
+                    for r in super().list_sources(identity, status=status, worker_rank=worker_rank)]
+
+        def get_metadata(self, mx_source_id, worker_id):
+            fetched.append(worker_id)
+            return super().get_metadata(mx_source_id, worker_id)
+
+    fake_leases.busy = {"a"}
+    clock = FakeClock()
+
+    def sleep(seconds):
+        clock.sleep(seconds)
+        if len(clock.sleeps) == 2:
+            fake_leases.busy = set()
+
+    report = pull_weights(Listing(["a"]), FakeEngine(), IDENTITY, worker_rank=0, tensors=LOCAL,
+                          options=PullOptions(wait_timeout_s=10, poll_interval_s=1.0, spread=False, watch=False),
+                          clock=clock, sleep=sleep)
+    assert report.served == {"a": 6 * MB} and fetched == ["a"]
 
 
 @pytest.mark.parametrize("digest, why", [
