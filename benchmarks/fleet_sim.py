@@ -516,7 +516,8 @@ class _Target:
             self.known.update(r.worker_id for r in listed)
         else:
             if fleet.pipelined:
-                order = choice.order_parents(ready, partial, own_depth=None, own_worker=self.name, rng=self.rng,
+                own_depth = self.publisher.depth if self.publisher else None  # PipelineSeed.depth once attached
+                order = choice.order_parents(ready, partial, own_depth=own_depth, own_worker=self.name, rng=self.rng,
                                              spread=fleet.options.spread)
             else:
                 order = choice.order_candidates(ready, rng=self.rng, spread=fleet.options.spread)
