@@ -52,7 +52,6 @@ than the NICs.
 from __future__ import annotations
 
 import argparse
-import bisect
 import collections
 import dataclasses
 import enum
@@ -652,7 +651,7 @@ class _Target:
         claimed, lock = {p.dest for _, slices, _ in jobs for p in slices}, threading.Lock()
         for src, slices, _ in jobs:
             reads = stripes.reads_for(slices, sim.addrs, merge=not fleet.pipelined)
-            whole = _whole_by_read(slices, reads)
+            whole = striped._whole_by_read(slices, reads)
             feed = None
             if fleet.pipelined:  # striped._Feed itself: what the parent verifies during the round joins it
                 view = types.SimpleNamespace(watch=_SeenWatch(src.pub, sim) if src.partial else None,
@@ -768,18 +767,6 @@ def _check_round(jobs, pending) -> None:
     short = [d for d in pending if d in covered and covered[d] != d.size]
     if short:
         raise PlanError(f"{short[0].names[0]}: {covered[short[0]]} of its {short[0].size} bytes planned")
-
-
-def _whole_by_read(slices: Sequence[stripes.Slice], reads: Sequence) -> list[list[stripes.Destination]]:
-    """For each read, the destinations it holds whole (verified as it lands); as striped._whole_by_read."""
-    starts = [r.local_addr for r in reads]
-    out: list[list[stripes.Destination]] = [[] for _ in reads]
-    for p in slices:
-        if p.offset == 0 and p.length == p.dest.size:
-            i = bisect.bisect_right(starts, p.dest.addr) - 1
-            if i >= 0 and p.dest.addr + p.dest.size <= reads[i].local_addr + reads[i].length:
-                out[i].append(p.dest)
-    return out
 
 
 class _SeenWatch:

@@ -19,9 +19,9 @@ import logging
 import threading
 from typing import Callable, Sequence
 
+from sglang_mx import leases
 from sglang_mx.client import MetadataClient
 from sglang_mx.errors import CandidateFailure, LayoutMismatchError, NoSourceError, TransferError, VerificationError
-from sglang_mx import leases
 from sglang_mx.leases import ReadLease
 from sglang_mx.metrics import metrics
 from sglang_mx.records import TOPOLOGY_LEASES, SourceRef, TensorDescriptor
@@ -362,8 +362,9 @@ class _Feed:
                     held = True  # verified, but no room for it yet
             self.waiting = keep
         self.held = held
-        reads = [Read(d.addr, self.src.remote_addr[d.names[0]], d.size) for d in taken]
-        self.slices.extend(Slice(d, 0, d.size) for d in taken)
+        slices = [Slice(d, 0, d.size) for d in taken]
+        reads = reads_for(slices, self.src.remote_addr, merge=False)  # one per destination, in address order
+        self.slices.extend(slices)
         self.reads.extend(reads)
         self.by_read.extend([d] for d in taken)
         return reads
@@ -412,12 +413,9 @@ def read_all(engine: MooncakeEngine, jobs: Sequence[Job], *,
 
     def run(i: int) -> None:
         session, reads, prepare, on_done, *rest = jobs[i]
-        more = rest[0] if rest else None
+        more = {"more": rest[0]} if rest and rest[0] is not None else {}  # (test fakes of the engine take none)
         try:
-            if more is None:  # (test fakes of the engine take no `more`)
-                engine.read(session, reads, prepare=prepare, on_done=on_done, window_bytes=window_bytes)
-            else:
-                engine.read(session, reads, prepare=prepare, on_done=on_done, window_bytes=window_bytes, more=more)
+            engine.read(session, reads, prepare=prepare, on_done=on_done, window_bytes=window_bytes, **more)
         except TransferError as e:
             errors[i] = e
         except BaseException as e:  # a verifier or prepare that raised: re-raised once all reads ended

@@ -320,17 +320,17 @@ class MooncakeEngine:
         submitted = 0
         in_flight = 0  # bytes of the reads submitted and not landed (the window)
         idle_s = POLL_S  # the next sleep while nothing lands
-        done_reads: set[int] = set()
+        finished = 0  # reads landed (submitted - finished are in flight)
         warned_at = None
         drain_until = None
         exhausted = more is None  # `more` has nothing to give (while idle)
 
         def submit_next() -> bool:
             """Submit the next read if the window lets it (asking `more` for one first); True if it did."""
-            nonlocal submitted, in_flight, failure, raised, exhausted
+            nonlocal submitted, in_flight, failure, raised, exhausted, finished
             if failure is not None or raised is not None:
                 return False
-            idle = submitted == len(done_reads)  # nothing in flight
+            idle = submitted == finished  # nothing in flight
             if more is not None and submitted == len(reads) and (
                     window_bytes is None or in_flight < window_bytes or idle):
                 room = None if window_bytes is None else max(window_bytes - in_flight, 0)
@@ -339,7 +339,7 @@ class MooncakeEngine:
                 exhausted = not extra and may_wait
                 reads.extend(extra)
                 left.extend([0] * len(extra))
-            if submitted == len(reads) or not (window_bytes is None or submitted - len(done_reads) < 2
+            if submitted == len(reads) or not (window_bytes is None or submitted - finished < 2
                                                or in_flight + reads[submitted].length <= window_bytes):
                 return False
             index, read = submitted, reads[submitted]
@@ -357,7 +357,7 @@ class MooncakeEngine:
                     left[index] += 1
                 if failure is None and left[index] == 0:  # nothing to move (zero length)
                     landed.append(index)
-                    done_reads.add(index)
+                    finished += 1
                     in_flight -= read.length
             except BaseException as e:  # drain what is in flight first, then re-raise
                 raised = e
@@ -388,7 +388,7 @@ class MooncakeEngine:
                     deadline = max(deadline, time.monotonic() + budget_s)  # it moves: count from here
                     if left[index] == 0:
                         done.append(index)
-                        done_reads.add(index)
+                        finished += 1
                         in_flight -= reads[index].length
                 elif failure is None:  # -1 failed (freed by the binding)
                     failure = self._read_error("failed", index, reads, seed_session, status)

@@ -145,6 +145,13 @@ class FakeBinding:
         return 1
 
 
+def _engine(monkeypatch, binding) -> MooncakeEngine:
+    """The real MooncakeEngine over a fake `binding`, with no registered regions to cut reads at."""
+    engine = MooncakeEngine(binding, "me:1", owned=False, transport="tcp", allocations=None)
+    monkeypatch.setattr(engine, "_remote_edges", lambda session: [])
+    return engine
+
+
 def _reads(n, size, buf):
     base = ctypes.addressof(buf)
     return [Read(base + i * size, 1000 + i * size, size) for i in range(n)]
@@ -154,8 +161,7 @@ def test_a_window_keeps_few_reads_in_flight_and_hands_each_one_over_as_it_lands(
     monkeypatch.setattr(engine_module, "POLL_S", 0)
     buf = ctypes.create_string_buffer(8 * 64)
     binding = FakeBinding()
-    engine = MooncakeEngine(binding, "me:1", owned=False, transport="tcp", allocations=None)
-    monkeypatch.setattr(engine, "_remote_edges", lambda session: [])
+    engine = _engine(monkeypatch, binding)
     done_while_submitting = []
     engine.read("seed:1", _reads(8, 64, buf), window_bytes=128,
                 on_done=lambda i: done_while_submitting.append((i, len(binding.batches))))
@@ -164,8 +170,7 @@ def test_a_window_keeps_few_reads_in_flight_and_hands_each_one_over_as_it_lands(
     assert done_while_submitting[0][1] < 8  # the first read was handed over before the last was submitted
 
     unwindowed = FakeBinding()
-    engine = MooncakeEngine(unwindowed, "me:1", owned=False, transport="tcp", allocations=None)
-    monkeypatch.setattr(engine, "_remote_edges", lambda session: [])
+    engine = _engine(monkeypatch, unwindowed)
     engine.read("seed:1", _reads(8, 64, buf))
     assert unwindowed.peak == 8
 
@@ -185,8 +190,7 @@ def test_reads_larger_than_the_window_still_keep_two_in_flight(monkeypatch):
     monkeypatch.setattr(engine_module, "POLL_S", 0)
     buf = ctypes.create_string_buffer(6 * 256)
     binding = FakeBinding()
-    engine = MooncakeEngine(binding, "me:1", owned=False, transport="tcp", allocations=None)
-    monkeypatch.setattr(engine, "_remote_edges", lambda session: [])
+    engine = _engine(monkeypatch, binding)
     submitted_when_verified = []
     engine.read("seed:1", _reads(6, 256, buf), window_bytes=128,
                 on_done=lambda i: submitted_when_verified.append(len(binding.batches)))
@@ -199,8 +203,7 @@ def test_more_reads_are_asked_for_while_the_window_has_room_and_the_read_ends_wh
     monkeypatch.setattr(engine_module, "POLL_S", 0)
     buf = ctypes.create_string_buffer(6 * 64)
     binding = FakeBinding()
-    engine = MooncakeEngine(binding, "me:1", owned=False, transport="tcp", allocations=None)
-    monkeypatch.setattr(engine, "_remote_edges", lambda session: [])
+    engine = _engine(monkeypatch, binding)
     reads = _reads(6, 64, buf)
     later, asked, done = list(reads[2:]), [], []
 
@@ -222,8 +225,7 @@ def test_a_fed_read_larger_than_the_room_waits_for_the_one_in_flight(monkeypatch
     monkeypatch.setattr(engine_module, "POLL_S", 0)
     buf = ctypes.create_string_buffer(4 * 256)
     binding = FakeBinding()
-    engine = MooncakeEngine(binding, "me:1", owned=False, transport="tcp", allocations=None)
-    monkeypatch.setattr(engine, "_remote_edges", lambda session: [])
+    engine = _engine(monkeypatch, binding)
     reads = _reads(4, 256, buf)
     later = list(reads[1:])
 
@@ -282,8 +284,7 @@ def _pipelined_pull(monkeypatch, watch: FakeWatch, n: int, on_submit=lambda i: N
             return super().batch_transfer_async_read(session, locals_, remotes, lengths)
 
     binding = Binding()
-    engine = MooncakeEngine(binding, "me:1", owned=False, transport="tcp", allocations=None)
-    monkeypatch.setattr(engine, "_remote_edges", lambda session: [])
+    engine = _engine(monkeypatch, binding)
     tensors = [TensorDescriptor(name=f"t{i}", addr=base + i * 64, size=64) for i in range(n)]
     final: list[str] = []
     pull = StripedPull(tensors, verify=VerifyMode.OFF, verifier=None, clock=time.monotonic,
@@ -342,8 +343,7 @@ def test_the_deadline_counts_from_the_last_piece_that_landed(monkeypatch):
             time_module.sleep(0.002)
             return super().transfer_check_status(bid)
 
-    engine = MooncakeEngine(Slow(polls=10), "me:1", owned=False, transport="tcp", allocations=None)
-    monkeypatch.setattr(engine, "_remote_edges", lambda session: [])
+    engine = _engine(monkeypatch, Slow(polls=10))
     started = time_module.monotonic()
     engine.read("seed:1", _reads(8, 64, buf), window_bytes=64, timeout_s=0.1)
     assert time_module.monotonic() - started > 0.1  # longer than the deadline in all, yet no error
