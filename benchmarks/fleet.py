@@ -118,7 +118,7 @@ def worker(args) -> None:
 
     engine = MooncakeEngine.create(args.host, protocol="tcp")  # this host's own address (its namespace's)
     client = MetadataClient(args.url, timeout_s=10)
-    seed_options = SeedOptions(ready=True, max_readers=args.max_readers)
+    seed_options = SeedOptions(ready=True, max_readers=args.max_readers, chunk_bytes=args.chunk_kb * 1024)
     publisher = None
     if args.role in ("seed", "ring"):  # a ring host seeds its own copy and pulls its neighbour's
         own = _weights(args.size_mb, filled=True, count=args.tensors)
@@ -183,7 +183,7 @@ def _worker_argv(name: str, role: str, args, **over) -> list[str]:
     v = {**vars(args), **over}
     argv = [sys.executable, str(pathlib.Path(__file__).resolve()), "worker", "--role", role, "--name", name]
     for key in ("url", "host", "model", "pull_model", "size_mb", "tensors", "max_readers", "max_seeds", "wait_s",
-                "poll_s", "retire_after"):
+                "poll_s", "retire_after", "chunk_kb"):
         if v.get(key) not in (None, ""):
             argv += [f"--{key.replace('_', '-')}", str(v[key])]
     return argv + [f"--{flag}" for flag in ("cascade", "pipelined") if v.get(flag)]
@@ -385,6 +385,7 @@ def _run_mode(net, mode: str, args) -> dict:
     t1_est = args.size_mb * 1.048576 / args.rate_mb_s
     timeout_s = 60 + 3 * n * t1_est
     common = dict(model=f"{IDENTITY_NAME}/{mode}", size_mb=args.size_mb, tensors=args.tensors, max_seeds=1,
+                  chunk_kb=args.chunk_kb,
                   wait_s=timeout_s, poll_s=args.poll_s, retire_after=0,
                   max_readers=args.max_readers if mode in ("store-and-forward", "pipelined") else 0,
                   cascade=mode == "store-and-forward", pipelined=mode == "pipelined")
@@ -515,6 +516,14 @@ def _weights_sizes(args) -> list[int]:
     return [int(unit * s) // 64 * 64 for s in shares]
 
 
+def _unit_sizes(args) -> list[int]:
+    """What a pipelined target verifies and serves on, one at a time: each tensor, or each chunk of a larger one."""
+    from sglang_mx.chunks import spans
+
+    chunk = args.chunk_kb * 1024
+    return [n for size in _weights_sizes(args) for _, n in (spans(size, chunk) if 0 < chunk < size else [(0, size)])]
+
+
 def _netem():
     """benchmarks/netem.py, imported as a sibling module."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -544,7 +553,8 @@ def emulate(args) -> tuple[dict[str, dict], list[str]]:
     start = time.time()
     with netem.Netem(1 + args.targets, args.rate_mb_s) as net:
         print(f"emulated: {len(net.hosts)} hosts ({net.prefix}h0..), switch {net.switch_ns} {net.switch_ip}, "
-              f"every link {args.rate_mb_s:g} MB/s both ways; {args.size_mb} MiB in {args.tensors} tensors",
+              f"every link {args.rate_mb_s:g} MB/s both ways; {args.size_mb} MiB in {args.tensors} tensors, chunk "
+              f"digests every {args.chunk_kb} KiB",
               flush=True)
         for mode in modes:
             try:
@@ -569,11 +579,11 @@ def emulate(args) -> tuple[dict[str, dict], list[str]]:
                       f"{t}<-{'+'.join(s)}" for t, s in sorted(r["sources"].items(),
                                                                 key=lambda x: int(x[0].lstrip("th")))))
     if "pipelined" in runs:
-        sizes, hops = _weights_sizes(args), chain_depth(runs["pipelined"]["sources"])
+        sizes, hops = _unit_sizes(args), chain_depth(runs["pipelined"]["sources"])
         runs["pipelined"]["bound"] = bound = granularity_bound(sizes, hops)
-        print(f"pipelined: {hops} hops deep; a target forwards a tensor only once it is verified, so with the "
-              f"largest tensor {max(sizes) / 1e6:.2f} of {sum(sizes) / 1e6:.1f} MB no chain this deep can beat "
-              f"{bound:.2f}x alone (sum + (hops - 1) x largest)")
+        print(f"pipelined: {hops} hops deep; a target forwards a tensor (or a chunk of {args.chunk_kb} KiB) only once "
+              f"it is verified, so with the largest unit {max(sizes) / 1e6:.2f} of {sum(sizes) / 1e6:.1f} MB no chain "
+              f"this deep can beat {bound:.2f}x alone (sum + (hops - 1) x largest)")
     if args.plot and runs:
         print(f"plot: {_plot(runs, args)}")
     if args.summary:
@@ -588,6 +598,7 @@ def _write_summary(path: str, runs: dict[str, dict], args) -> None:
     """The run for benchmarks/fleet_sim.py --emulated-json: its parameters and each mode's last verified time."""
     with open(path, "w") as f:
         json.dump({"rate_mb_s": args.rate_mb_s, "size_mb": args.size_mb, "tensors": args.tensors,
+                   "chunk_kb": args.chunk_kb,
                    "targets": args.targets, "max_readers": args.max_readers, "poll_s": args.poll_s, "watch": True,
                    "measured": {mode: round(r["last_s"], 3) for mode, r in runs.items()},
                    **({"pipelined_bound": round(runs["pipelined"]["bound"], 3)} if "bound" in runs.get("pipelined", {})
@@ -616,6 +627,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         q.add_argument("--max-seeds", type=int, default=1, help="stripes per target")
         q.add_argument("--cascade", action="store_true", help="a target seeds as soon as its pull is verified")
         q.add_argument("--wait-s", type=float, default=60.0)
+        q.add_argument("--chunk-kb", type=int, default=None,
+                       help="the seed's chunk digests (SeedOptions.chunk_bytes), KiB: a pipelined target serves a "
+                            "larger tensor on chunk by chunk; 0: whole tensors only (default: the model's size / 128, "
+                            "as 64 MiB is to a TP 8 rank of a 70B model)")
     p.add_argument("--targets", type=int, default=None, help="default 8 (16 with --emulate)")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--retire-after", type=int, default=0,
@@ -639,6 +654,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                             ("poll_s", None, 0.1)):
         if getattr(args, key, 0) is None:
             setattr(args, key, emu if emulated else plain)
+    if args.chunk_kb is None:
+        args.chunk_kb = args.size_mb * 1024 // 128
+    if args.chunk_kb < 0 or args.chunk_kb % 4:
+        p.error(f"--chunk-kb {args.chunk_kb}: allowed 0 or a positive multiple of 4 (chunks of whole 4 KiB pages)")
     return args
 
 

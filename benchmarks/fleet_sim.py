@@ -67,7 +67,7 @@ import time
 import types
 from typing import Callable, Sequence
 
-from sglang_mx import leases
+from sglang_mx import chunks, leases
 from sglang_mx.config import DEFAULTS
 from sglang_mx.records import (TOPOLOGY_DEPTH, TOPOLOGY_LEASES, TOPOLOGY_MAX_READERS, TOPOLOGY_PIPELINE, SourceEvent,
                                SourceRef, SourceStatus, TensorDescriptor)
@@ -1008,14 +1008,21 @@ def coarsen(sizes: Sequence[int], groups: int) -> tuple[tuple[int, ...], tuple[i
 
 
 def emulated_fleet(mode: Mode, *, rate_mb_s: float, size_mb: float, tensors: int, targets: int, max_readers: int,
-                   poll_s: float = 0.1, watch: bool = False, seed: int = 0, costs: dict | None = None) -> Fleet:
+                   poll_s: float = 0.1, watch: bool = False, seed: int = 0, costs: dict | None = None,
+                   chunk_kb: int = 0) -> Fleet:
     """A run of benchmarks/fleet.py --emulate: hosts behind one switch, every link `rate_mb_s` MB/s each way
     (netem: TCP moves 96% as payload), `size_mb` MiB in `tensors` uneven tensors, CPU digests (xxh3-64);
     its store-and-forward seeds with start_seed (hashes again); alone and one-seed: no reader cap.
-    `costs`: Costs fields to change (16 watches: an event in a few ms, assumed)."""
+    `chunk_kb`: the seed's chunk digests; a pipelined pull's units are then each tensor's chunks
+    (sglang_mx.chunks), simulated as tensors of their own. `costs`: Costs fields to change (16 watches: an
+    event in a few ms, assumed)."""
     capped = mode in (Mode.STORE_AND_FORWARD, Mode.PIPELINED)
+    sizes = uneven_sizes(size_mb * 1024 * 1024, tensors)
+    if mode is Mode.PIPELINED and chunk_kb:
+        sizes = tuple(n for size in sizes for _, n in (chunks.spans(size, chunk_kb * 1024) if size > chunk_kb * 1024
+                                                        else [(0, size)]))
     return Fleet(mode=mode, targets=1 if mode is Mode.ALONE else targets,
-                 sizes=uneven_sizes(size_mb * 1024 * 1024, tensors), nic_gb_s=rate_mb_s / 1000,
+                 sizes=sizes, nic_gb_s=rate_mb_s / 1000,
                  max_readers=max_readers if capped else 0,
                  options=PullOptions(poll_interval_s=poll_s, watch=watch, pipeline=mode is Mode.PIPELINED),
                  costs=Costs(**{"payload": 0.96, "rehash_on_publish": True, "event_s": 0.005, **(costs or {})}),
@@ -1044,10 +1051,12 @@ def predict_emulated(params: dict, out=None, costs: dict | None = None) -> dict[
         raise SystemExit(f"fleet_sim: the emulated run's JSON lacks {', '.join(missing)}; expected keys "
                          f"{', '.join(keys)}, optional poll_s, watch and measured {{mode: seconds or null}}")
     measured = _measured(params.get("measured", {}))
-    kw = {k: params[k] for k in keys} | {"poll_s": float(params.get("poll_s", 0.1)), "costs": costs}
+    kw = {k: params[k] for k in keys} | {"poll_s": float(params.get("poll_s", 0.1)), "costs": costs,
+                                         "chunk_kb": int(params.get("chunk_kb", 0))}
     c = emulated_fleet(Mode.ALONE, **kw).costs
     which = "watch" if params.get("watch") else "poll"
-    print(f"emulated fleet: 1 seed + {kw['targets']} targets, {kw['size_mb']:g} MiB in {kw['tensors']} tensors, "
+    print(f"emulated fleet: 1 seed + {kw['targets']} targets, {kw['size_mb']:g} MiB in {kw['tensors']} tensors "
+          f"(chunk digests every {kw['chunk_kb']} KiB), "
           f"every link {kw['rate_mb_s']:g} MB/s each way ({kw['rate_mb_s'] * 0.96:.1f} MB/s payload), "
           f"max_readers {kw['max_readers']} (cascades), poll {kw['poll_s']:g} s, watch event {c.event_s * 1e3:g} ms; "
           f"RPC {c.rpc_s * 1e3:g} ms, lease call {c.lease_s * 1e3:g} ms, start serving {c.serve_s * 1e3:g} ms",
@@ -1186,6 +1195,7 @@ def main(argv=None) -> None:
     e.add_argument("--targets", type=int, default=16)
     e.add_argument("--max-readers", type=int, default=1)
     e.add_argument("--poll-s", type=float, default=0.1)
+    e.add_argument("--chunk-kb", type=int, default=512, help="the seed's chunk digests, KiB (0: none)")
     k = p.add_argument_group("fixed costs (Costs), for either")
     for name, default in (("rpc", Costs.rpc_s), ("lease", Costs.lease_s), ("serve", Costs.serve_s),
                           ("event", None)):
@@ -1211,7 +1221,7 @@ def main(argv=None) -> None:
             params = json.load(f)
     else:
         params = {k: getattr(args, k) for k in ("rate_mb_s", "size_mb", "tensors", "targets", "max_readers",
-                                                "poll_s")}
+                                                "poll_s", "chunk_kb")}
     predict_emulated(params, costs=costs)
 
 

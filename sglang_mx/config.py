@@ -20,6 +20,10 @@ from sglang_mx.errors import ConfigError
 from sglang_mx.manifest import DIGEST_ALGORITHMS, is_manifest_id
 
 DEFAULT_URL = "localhost:8001"
+DEFAULT_CHUNK_BYTES = 64 << 20
+"""A seed's chunk size (sglang_mx.chunks): a tensor larger than this publishes a digest per 64 MiB, so a pipelined
+hop lags its parent by about 64 MiB's time on the link instead of its largest tensor's (an embedding is GBs)."""
+CHUNK_ALIGN = 4096  # chunk_bytes is a multiple of this: chunks start on whole pages and digest blocks
 MAX_LEASES = 4096  # the most live reader leases a seed holds, whatever max_readers says (0 included)
 TRANSPORTS = ("transfer_engine",)
 FALLBACKS = ("fail", "disk")
@@ -64,6 +68,9 @@ class MxConfig:
     allow_weak_digests: bool = False
     # Seeds: the digest algorithm they publish ("" each device's default; "blake3" for pinning).
     digest: str = ""
+    # Seeds: also publish a digest per chunk of this many bytes of every larger tensor (sglang_mx.chunks), so
+    # pipelined targets serve it on chunk by chunk; 0: none. A cascading target republishes its seed's chunks.
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
     # What the checkpoint is by content, given by the operator ("" : computed, sglang_mx.checkpoint); for
     # targets that do not hold the checkpoint's files. Seeds and targets must name it alike.
     checkpoint: str = ""
@@ -120,6 +127,9 @@ class MxConfig:
         if self.digest not in ("", *DIGEST_ALGORITHMS):
             raise ConfigError(f"digest {self.digest!r} is not an algorithm sglang-mx knows; allowed: "
                               f"{', '.join(DIGEST_ALGORITHMS)} (or leave it out: each device's default)")
+        if self.chunk_bytes < 0 or self.chunk_bytes % CHUNK_ALIGN:
+            raise ConfigError(f"chunk_bytes={self.chunk_bytes} is out of range; allowed: 0 (no chunk digests) or a "
+                              f"positive multiple of {CHUNK_ALIGN}")
         if self.model_name is not None and not self.model_name.strip():
             raise ConfigError("model_name is empty; leave it out to use --model-path")
         for key in ("wait_timeout_s", "heartbeat_interval_s", "timeout_s", "reader_lease_s"):
@@ -157,6 +167,7 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "expect": ((list,), "a list of manifest ids"),
     "allow_weak_digests": ((bool,), "true or false"),
     "digest": _STRING,
+    "chunk_bytes": ((int,), "an integer"),
     "checkpoint": _STRING,
     "max_candidates": ((int,), "an integer"),
     "max_seeds": ((int,), "an integer"),

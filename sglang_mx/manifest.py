@@ -1,7 +1,9 @@
 """Manifest ids: what an operator pins to say "these weights, and no others".
 
 A seed rank's manifest id is SHA-256 over its identity's mx_source_id, its worker
-rank and every tensor's name, size and digest, in the order published. A seed
+rank and every tensor's name, size and digest, in the order published, with the
+digests of its dim-0 pieces and of its chunks where it has them (every digest a
+target may check bytes against: a pin binds them all). A seed
 advertises it (worker record topology `mx_manifest`; `sglang-mx sources` shows it);
 a target configured with `expect` recomputes it from the record it received, for
 the rank it asked for and the id it asked for, and uses only a seed whose manifest
@@ -30,10 +32,16 @@ _ID = re.compile(r"[0-9a-f]{64}")
 
 
 def manifest_id(mx_source_id: str, worker_rank: int, tensors: Sequence[TensorDescriptor]) -> str:
-    """64 lowercase hex digits over the id, the rank and every (name, size, digest), in order."""
+    """64 lowercase hex digits over the id, the rank and every (name, size, digest), in order, each with
+    its piece and chunk digests where it has any (a tensor with neither hashes as it always did)."""
     h = hashlib.sha256(f"sglang-mx manifest v1\n{mx_source_id}\n{worker_rank}\n".encode())
     for t in tensors:
-        h.update(f"{t.name}\t{t.size}\t{t.digest}\n".encode())
+        line = f"{t.name}\t{t.size}\t{t.digest}"
+        if t.pieces:
+            line += "\tpieces " + " ".join(f"{p.global_start}+{p.length}={p.digest}" for p in t.pieces)
+        if t.chunks:
+            line += f"\tchunks {t.chunk_bytes} " + " ".join(t.chunks)
+        h.update(f"{line}\n".encode())
     return h.hexdigest()
 
 
@@ -42,12 +50,12 @@ def is_manifest_id(text: str) -> bool:
 
 
 def weak_digests(tensors: Sequence[TensorDescriptor]) -> list[str]:
-    """Names of the tensors with bytes whose digest (or a piece digest) is missing or not cryptographic."""
+    """Names of the tensors with bytes whose digest (or a piece or chunk digest) is missing or not cryptographic."""
     weak = []
     for t in tensors:
         if t.size == 0:
             continue
-        digests = [t.digest, *(p.digest for p in t.pieces)]
+        digests = [t.digest, *(p.digest for p in t.pieces), *t.chunks]
         if any(not d or d.partition(":")[0] not in CRYPTOGRAPHIC for d in digests):
             weak.append(t.name)
     return weak

@@ -149,6 +149,9 @@ class TensorDescriptor:
     pieces: tuple[PieceDigest, ...] = ()  # digests of pieces of a dim-0 split (sglang_mx.shards)
     # Where `digest` came from (DIGEST_ORIGINS): "checkpoint", "verified", "unverified"; "" not said.
     digest_origin: str = ""
+    # Digests of the bytes cut every `chunk_bytes` (sglang_mx.chunks), in order; () when not chunked.
+    chunk_bytes: int = 0
+    chunks: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

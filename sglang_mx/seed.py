@@ -34,6 +34,7 @@ from sglang_mx.records import (
     ShardSpec,
     SourceIdentity, SourceStatus, TensorDescriptor, WorkerRecord,
 )
+from sglang_mx.chunks import chunk_digests_of
 from sglang_mx.shards import pieces_of
 
 log = logging.getLogger(__name__)
@@ -53,11 +54,15 @@ class SeedOptions:
     digest: str = ""
     max_readers: int | None = DEFAULTS.max_readers  # reader-lease cap (0: no cap; None: no lease endpoint)
     lease_ttl_s: float = DEFAULTS.reader_lease_s
+    # Also digest every larger tensor in chunks of this many bytes (sglang_mx.chunks; 0: none), for pipelined
+    # targets; a cascading target keeps the chunks its pull checked instead.
+    chunk_bytes: int = DEFAULTS.chunk_bytes
 
     @classmethod
     def from_config(cls, config: MxConfig, *, accelerator: str = "") -> "SeedOptions":
         return cls(heartbeat_interval_s=config.heartbeat_interval_s, accelerator=accelerator,
-                   max_readers=config.max_readers, lease_ttl_s=config.reader_lease_s, digest=config.digest)
+                   max_readers=config.max_readers, lease_ttl_s=config.reader_lease_s, digest=config.digest,
+                   chunk_bytes=config.chunk_bytes)
 
 
 class SeedPublisher:
@@ -342,11 +347,13 @@ def seed_descriptors(
     rest = DIGEST_FROM_CHECKPOINT if known_digests is None else DIGEST_UNVERIFIED
     origins = {name: DIGEST_VERIFIED if name in known else rest for name in published}
     pieces = piece_digests_of(tensors, shards, options.digest) if digests and shards else {}
+    chunks = chunk_digests_of(tensors, options.chunk_bytes, options.digest, known_digests) if digests else {}
     if published:
-        log.info("seed rank %d: digests of %d tensors (%d of them verified in the pull, not hashed again) and %d "
-                 "split pieces in %.3f s", worker_rank, len(published), len(known),
-                 sum(len(p) for p in pieces.values()), time.perf_counter() - start)
-    descriptors = tuple(describe(tensors, published, shards, pieces, origins))
+        log.info("seed rank %d: digests of %d tensors (%d of them verified in the pull, not hashed again), %d "
+                 "split pieces and %d chunks in %.3f s", worker_rank, len(published), len(known),
+                 sum(len(p) for p in pieces.values()), sum(len(c) for _, c in chunks.values()),
+                 time.perf_counter() - start)
+    descriptors = tuple(describe(tensors, published, shards, pieces, origins, chunks))
     topology = {**(topology or {}), TOPOLOGY_MANIFEST: manifest_id(mx_source_id(identity), worker_rank, descriptors)}
     return descriptors, topology
 

@@ -109,7 +109,8 @@ def identity_from_pb(msg: pb.SourceIdentity) -> SourceIdentity:
 
 def _tensor_to_pb(t: TensorDescriptor) -> pb.TensorDescriptor:
     msg = pb.TensorDescriptor(name=t.name, addr=t.addr, size=t.size, device_id=t.device_id, dtype=t.dtype,
-                              mx_digest=t.digest, mx_digest_origin=t.digest_origin)
+                              mx_digest=t.digest, mx_digest_origin=t.digest_origin, mx_chunk_bytes=t.chunk_bytes,
+                              mx_chunk_digests=t.chunks)
     if t.shard is not None:
         msg.mx_shard.CopyFrom(pb.MxShard(
             dim=t.shard.dim, shape=t.shard.shape, parts=t.shard.parts,
@@ -128,7 +129,8 @@ def _tensor_from_pb(t: pb.TensorDescriptor) -> TensorDescriptor:
                           spans=tuple(Span(x.local_start, x.global_start, x.length) for x in s.spans))
     return TensorDescriptor(name=t.name, addr=t.addr, size=t.size, dtype=t.dtype, device_id=t.device_id,
                             digest=t.mx_digest, digest_origin=t.mx_digest_origin, shard=shard,
-                            pieces=tuple(PieceDigest(p.global_start, p.length, p.digest) for p in t.mx_pieces))
+                            pieces=tuple(PieceDigest(p.global_start, p.length, p.digest) for p in t.mx_pieces),
+                            chunk_bytes=t.mx_chunk_bytes, chunks=tuple(t.mx_chunk_digests))
 
 
 def worker_to_pb(worker: WorkerRecord) -> pb.WorkerMetadata:

@@ -138,6 +138,8 @@ EXTENSIONS = {(f".{PACKAGE}.TensorDescriptor", "mx_digest"): 1000,
               (f".{PACKAGE}.TensorDescriptor", "mx_shard"): 1001,
               (f".{PACKAGE}.TensorDescriptor", "mx_pieces"): 1002,
               (f".{PACKAGE}.TensorDescriptor", "mx_digest_origin"): 1003,
+              (f".{PACKAGE}.TensorDescriptor", "mx_chunk_bytes"): 1004,
+              (f".{PACKAGE}.TensorDescriptor", "mx_chunk_digests"): 1005,
               (f".{PACKAGE}.PrepareTensorReadRequest", "mx_renew_lease_id"): 1000,
               (f".{PACKAGE}.PrepareTensorReadResponse", "mx_lease_ttl_ms"): 1000,
               (f".{PACKAGE}.UpdateStatusRequest", "mx_verified_bytes"): 1000}
@@ -307,11 +309,13 @@ def test_split_facts_round_trip_and_modelexpress_keeps_them_as_unknown_fields(th
     pieces = (PieceDigest(16, 4, "xxh3-64:0123456789abcdef"), PieceDigest(20, 4, "xxh3-64:fedcba9876543210"))
     tensors = (TensorDescriptor(name="qkv", addr=4096, size=1536, dtype="bfloat16", shard=shard, pieces=pieces),
                TensorDescriptor(name="norm", addr=8192, size=32, shard=ShardSpec(dim=-1, shape=(16,))),
-               TensorDescriptor(name="bare", addr=16384, size=8))
+               TensorDescriptor(name="bare", addr=16384, size=8),
+               TensorDescriptor(name="chunked", addr=32768, size=10000, digest="xxh3-64:" + "1" * 16, chunk_bytes=4096,
+                                chunks=("xxh3-64:" + "2" * 16, "xxh3-64:" + "3" * 16, "xxh3-64:" + "4" * 16)))
     data = encode_worker(WorkerRecord(worker_rank=1, transfer_engine_session_id="h:1", tensors=tensors))
     assert decode_worker(data).tensors == tensors
     parsed = their_worker.FromString(data)  # modelexpress 0.7.0's own descriptor
-    assert [t.name for t in parsed.tensor_source.tensors] == ["qkv", "norm", "bare"]
+    assert [t.name for t in parsed.tensor_source.tensors] == ["qkv", "norm", "bare", "chunked"]
     assert decode_worker(parsed.SerializeToString()).tensors == tensors
 
 

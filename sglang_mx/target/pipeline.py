@@ -9,9 +9,11 @@ its tensors are verified (`MxPipelineService.WatchVerified`, to holders of a liv
 Its children read exactly those tensors, check them against the same digests, and serve
 them on in turn, so every link of a chain moves at once.
 
-- `VerifiedSet`: the seed's bitmap over its published tensors. A bit is set only after the
-  bytes matched the digest the record publishes for that tensor, and only once: a verified
-  destination is never written again in the pull, so a set bit is final.
+- `VerifiedSet`: the seed's bitmap over its published units (`chunks.units`: a tensor, or each
+  chunk of a tensor its record publishes chunk digests for). A bit is set only after the bytes
+  matched the digest the record publishes for that unit, and only once: a verified destination
+  is never written again in the pull, so a set bit is final. With chunks, a hop lags its parent
+  by one chunk rather than one whole tensor (sglang_mx.chunks).
 - `PipelineSeed`: the target's side. `attach(depth, digests)` publishes the partial record;
   the pull reports what became final (`verified`); `finish` turns the same worker (same
   memory registration, lease endpoint and leases, so its children keep reading) into a
@@ -38,6 +40,7 @@ import grpc
 import torch
 
 from sglang_mx import wire
+from sglang_mx.chunks import parse_unit, units
 from sglang_mx.client import MetadataClient
 from sglang_mx.errors import MxError
 from sglang_mx.identity import mx_source_id
@@ -229,16 +232,20 @@ class PipelineSeed:
         return self.publisher is not None
 
     def attach(self, depth: int, digests: Mapping[str, str]) -> None:
-        """Publish our memory as a partial seed at `depth`, with `digests` (name -> the digest our
-        bytes will be checked against): INITIALIZING, heartbeating the bytes verified so far."""
+        """Publish our memory as a partial seed at `depth`, with `digests` (name, or a chunk's unit name
+        (sglang_mx.chunks) -> the digest our bytes will be checked against): INITIALIZING, heartbeating the
+        bytes verified so far."""
         if self.publisher is not None:
             return
-        self._published = {name: d for name, d in digests.items() if name in self.tensors and d}
-        origins = {name: DIGEST_VERIFIED for name in self._published}
-        descriptors = tuple(describe(self.tensors, self._published, self.shards, None, origins))
+        self._published = {name: d for name, d in digests.items()
+                           if d and (name in self.tensors or (parse_unit(name) or ("",))[0] in self.tensors)}
+        whole = {name: d for name, d in self._published.items() if name in self.tensors}
+        origins = {name: DIGEST_VERIFIED for name in whole}
+        descriptors = tuple(describe(self.tensors, whole, self.shards, None, origins, _chunks(self._published)))
         topology = {**self.topology, TOPOLOGY_PIPELINE: "1", TOPOLOGY_DEPTH: str(depth),
                     TOPOLOGY_MANIFEST: manifest_id(mx_source_id(self.identity), self.worker_rank, descriptors)}
-        verified = VerifiedSet([t.name for t in descriptors], [t.size for t in descriptors])
+        names, sizes, _ = zip(*units(descriptors)) if descriptors else ((), (), ())
+        verified = VerifiedSet(names, sizes)
         publisher = self._start_publisher(descriptors, topology, verified)  # INITIALIZING
         publisher.start_heartbeat()
         self.publisher, self.depth, self.verified = publisher, depth, verified
@@ -246,7 +253,7 @@ class PipelineSeed:
                  publisher.worker_id, depth, len(descriptors))
 
     def verified_names(self, checked: Mapping[str, str]) -> None:
-        """`checked`: names whose bytes just matched a digest (name -> that digest), now final.
+        """`checked`: names (or chunks' unit names) whose bytes just matched a digest (-> that digest), now final.
         Only those checked against the digest we publish are served on."""
         if self.verified is None:
             return
@@ -296,6 +303,16 @@ class PipelineSeed:
             self.verified.fail()
         if self.publisher is not None:
             self.publisher.close()
+
+
+def _chunks(digests: Mapping[str, str]) -> dict[str, tuple[int, tuple[str, ...]]]:
+    """Name -> (chunk_bytes, digests in order) from the chunks' unit names among `digests`."""
+    by_name: dict[str, list[tuple[int, int, str]]] = {}
+    for key, digest in digests.items():
+        unit = parse_unit(key)
+        if unit is not None:
+            by_name.setdefault(unit[0], []).append((unit[1], unit[2], digest))
+    return {name: (min(got)[1], tuple(d for _, _, d in sorted(got))) for name, got in by_name.items()}
 
 
 class VerifiedWatch:

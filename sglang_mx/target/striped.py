@@ -20,6 +20,7 @@ import threading
 from typing import Callable, Sequence
 
 from sglang_mx import leases
+from sglang_mx.chunks import parse_unit, spans, unit_name, units
 from sglang_mx.client import MetadataClient
 from sglang_mx.errors import CandidateFailure, LayoutMismatchError, NoSourceError, TransferError, VerificationError
 from sglang_mx.leases import ReadLease
@@ -29,7 +30,8 @@ from sglang_mx.target.candidate import Pins, SeedBusyError, fetch, label, take_l
 from sglang_mx.target.progress import PullProgress
 from sglang_mx.target.report import PullReport, build_report
 from sglang_mx.target.pipeline import VerifiedWatch, depth_of, is_partial
-from sglang_mx.target.stripes import Destination, Slice, assign, cut, destinations, reads_for, stripe_count
+from sglang_mx.target.stripes import (Destination, Slice, assign, chunked, cut, destinations, reads_for,
+                                      stripe_count)
 from sglang_mx.target.verify import Verifier, VerifyMode, expected_digests
 from sglang_mx.transfer.engine import MooncakeEngine
 from sglang_mx.transfer.plan import Read, build_plan
@@ -49,6 +51,7 @@ class _Source:
     lease: ReadLease | None
     watch: VerifiedWatch | None = None  # a partial seed: which of its tensors are verified (target.pipeline)
     depth: int = 0  # its depth in the cascade tree (0: a full seed)
+    chunks: dict[str, tuple[int, tuple[str, ...]]] = dataclasses.field(default_factory=dict)  # name -> its chunking
 
     @property
     def partial(self) -> bool:
@@ -76,6 +79,7 @@ class StripedPull:
         self.verifier = verifier
         self.clock = clock
         self.pending = destinations(tensors)
+        self._size = {t.name: t.size for t in tensors}
         self.total_bytes = sum(d.size for d in self.pending)
         self.checked = False  # some seed's layout matched (a model with no bytes needs that much)
         self.sources: list[_Source] = []
@@ -91,6 +95,12 @@ class StripedPull:
         self.on_final = on_final
         self.window_bytes = window_bytes
         self.endpoints: dict[str, str] = {}  # worker id -> its lease endpoint, from its record (see `add`)
+        # A chunked pull (pipelined, sglang_mx.chunks): the first source's chunks and whole digests, which every
+        # later one must publish too; each chunked tensor's units not yet kept. None until the first source.
+        self.chunking: dict[str, tuple[int, tuple[str, ...]]] | None = None
+        self.wholes: dict[str, str] = {}
+        self.units_left: dict[str, int] = {}
+        self.chunk_seed = ""
 
     @property
     def done(self) -> bool:
@@ -113,6 +123,11 @@ class StripedPull:
             self.endpoints[ref.worker_id] = record.endpoint
             build_plan(self.tensors, record.tensors, seed=record.label)  # the layouts must agree exactly
             expected = expected_digests(self.tensors, record.tensors, self.verify, record.label)
+            remote_addr = {t.name: t.addr for t in record.tensors}
+            chunks = {t.name: (t.chunk_bytes, t.chunks) for t in record.tensors if t.chunks}
+            chunking = None
+            if self.window_bytes is not None and self.verify.checks:  # a pipelined pull verifies chunk by chunk
+                chunking = self._chunking(record, chunks, expected, remote_addr)
             if early is not None and record.endpoint != endpoint:  # it moved: a lease where it serves now
                 early.release()
                 early = None
@@ -129,14 +144,51 @@ class StripedPull:
             if early is not None:  # taken, but the seed failed its checks
                 early.release()
             self.metadata_seconds += self.clock() - start
+        if chunking is not None and self.chunking is None:
+            self._cut(chunking, expected, record.label)
         self.checked = True
         self.mx_source_id = ref.mx_source_id
         self.sessions[ref.worker_id] = record.session
-        self.sources.append(_Source(ref, record.session, record.label, {t.name: t.addr for t in record.tensors},
-                                    expected, lease, watch, depth_of(ref)))
+        self.sources.append(_Source(ref, record.session, record.label, remote_addr, expected, lease, watch,
+                                    depth_of(ref), chunks))
         if watch is not None:
             log.info("reading from partial seed %s (depth %d) as it verifies", record.label, depth_of(ref))
         return False
+
+    def _chunking(self, record, chunks: dict[str, tuple[int, tuple[str, ...]]], expected: dict[str, str],
+                  remote_addr: dict[str, int]) -> dict[str, tuple[int, tuple[str, ...]]]:
+        """A pipelined pull's chunks from this seed (name -> (chunk_bytes, digests), our tensors with a digest to
+        check), with their units' digests and addresses added to `expected` and `remote_addr`. The first source's
+        become the pull's (`_cut`); every later one must publish the same chunks and whole digests, since a
+        chunk kept from one seed and the rest of its tensor from another are checked whole against one digest
+        (else LayoutMismatchError, before any byte is read from it)."""
+        ours = {name: chunks[name] for name in expected if name in chunks}
+        if self.chunking is not None:
+            differ = sorted(name for name in {*ours, *self.chunking}
+                            if ours.get(name) != self.chunking.get(name)
+                            or name in self.wholes and expected.get(name) != self.wholes[name])
+            if differ:
+                raise LayoutMismatchError(
+                    f"seed {record.label} publishes other chunks or digests than the seed this pipelined pull "
+                    f"started from for {len(differ)} tensors (first {differ[0]!r}): a pull verifies each tensor "
+                    "against one seed's chunks; seeds of one fleet must share their chunk_bytes")
+        for name, (chunk_bytes, digests) in ours.items():
+            for (offset, length), digest in zip(spans(self._size[name], chunk_bytes), digests):
+                unit = unit_name(name, offset, length)
+                expected[unit] = digest
+                remote_addr[unit] = remote_addr[name] + offset
+        return ours
+
+    def _cut(self, chunking: dict[str, tuple[int, tuple[str, ...]]], expected: dict[str, str], label: str) -> None:
+        """Make the first source's chunks the pull's units (before any round: nothing is read yet)."""
+        self.chunking = chunking
+        self.chunk_seed = label
+        self.wholes = {name: expected[name] for name in chunking}
+        self.pending = chunked(self.pending, {name: cb for name, (cb, _) in chunking.items()})
+        self.units_left = {name: len(digests) for name, (_, digests) in chunking.items()}
+        if chunking:
+            log.info("pipelined pull in chunks: %d tensors verified and served on chunk by chunk (%d units in all)",
+                     len(chunking), len(self.pending))
 
     def drop_broken(self) -> None:
         """Fail every partial source whose stream broke (it died, or its own pull failed)."""
@@ -209,7 +261,7 @@ class StripedPull:
                         self.verify_seconds += self.clock() - begin
                         checked[dest] = differing
                     if progress is not None and expected and not differing:
-                        progress.verified(dest.size, len(expected))
+                        progress.verified(dest.size, sum(parse_unit(n) is None for n in expected))
                     if self.on_final is not None and expected and not differing:
                         self.on_final(dest, expected)
                 if progress is not None:
@@ -253,16 +305,22 @@ class StripedPull:
         self.verify_seconds += self.clock() - verify_start
         for dest_differing in checked.values():
             differing |= dest_differing
-        self.verified += sum(1 for d in complete for name in d.names
-                             if name in servers[d][0].expected and name not in differing)
+        self.verified += sum(1 for d in complete for name in d.names  # tensors (a chunk's whole is checked below)
+                             if name in servers[d][0].expected and name not in differing and parse_unit(name) is None)
         good = {d for d in complete if not differing.intersection(d.names)}
         self.verified_bytes += sum(d.size for d in good if any(n in servers[d][0].expected for n in d.names))
         metrics().pulled(sum(d.size for d in good))
         for d in good:
-            self.digests.update((name, servers[d][0].expected[name]) for name in d.names
-                                if name in servers[d][0].expected)
+            src = servers[d][0]
+            self.digests.update((name, src.expected[name]) for name in d.names if name in src.expected)
+            for name in d.names:  # verified whole: its seed's chunk digests pass on with it (a cascade's manifest)
+                if name in src.chunks and name in src.expected and name not in self.units_left:
+                    chunk_bytes, digests = src.chunks[name]
+                    self.digests.update((unit_name(name, offset, length), digest) for (offset, length), digest
+                                        in zip(spans(self._size[name], chunk_bytes), digests))
             if self.on_final is not None and d not in checked:
                 self.on_final(d, {name: expected[name] for name in d.names if name in expected})
+        self._check_wholes(good)
         wrong: dict[str, set[str]] = {}
         for d in complete:
             for src in servers[d]:
@@ -286,6 +344,33 @@ class StripedPull:
                             verified_bytes=self.verified_bytes, checks=self.verified, by_seed=self.served)
             progress.tick()
         return True
+
+    def _check_wholes(self, good: set[Destination]) -> None:
+        """Check each chunked tensor whose last chunk was just kept against its whole digest. Its chunks
+        all matched, so a difference means the seed's chunk and whole digests disagree; its chunks may be
+        served on already and are never written again, so the pull fails (VerificationError)."""
+        whole = []
+        for d in good:
+            for unit in filter(None, map(parse_unit, d.names)):
+                if unit[0] in self.units_left:
+                    self.units_left[unit[0]] -= 1
+                    if not self.units_left[unit[0]]:
+                        whole.append(unit[0])
+        if not whole or self.verifier is None:
+            return
+        expected = {name: self.wholes[name] for name in whole}
+        begin = self.clock()
+        differing = list(self.verifier(expected))
+        self.verify_seconds += self.clock() - begin
+        if differing:
+            metrics().digest_failed()
+            raise VerificationError("every chunk matched its digest but the whole tensor does not match the seed's "
+                                    "digest: the seed publishes chunk and whole digests that disagree",
+                                    seed=self.chunk_seed, tensors=differing)
+        self.digests.update(expected)
+        self.verified += len(expected)
+        if self.progress is not None:
+            self.progress.verified(0, len(expected))
 
     def _fail(self, ref: SourceRef, error: Exception) -> None:
         log.warning("seed %s unusable: %s", ref.worker_id, error)
@@ -383,7 +468,7 @@ def _watch(record, lease: ReadLease | None) -> VerifiedWatch:
         raise NoSourceError(f"partial seed {record.label} granted no reader lease (no endpoint, or unreachable): "
                             "its verified tensors cannot be watched")
     return VerifiedWatch(record.endpoint, record.ref.mx_source_id, record.ref.worker_id, lease.lease_id,
-                         [t.name for t in record.tensors])
+                         [name for name, _, _ in units(record.tensors)])
 
 
 def _whole_by_read(slices: Sequence[Slice], reads: Sequence[Read]) -> list[list[Destination]]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Mapping, Sequence
 
+from sglang_mx.chunks import spans, unit_name
 from sglang_mx.records import TensorDescriptor
 from sglang_mx.transfer.plan import Read, merge_reads
 
@@ -49,6 +50,21 @@ def destinations(local: Sequence[TensorDescriptor]) -> list[Destination]:
         if t.size > 0:
             names.setdefault((t.addr, t.size), []).append(t.name)
     return [Destination(addr, size, tuple(n)) for (addr, size), n in sorted(names.items())]
+
+
+def chunked(dests: Sequence[Destination], chunk_bytes: Mapping[str, int]) -> list[Destination]:
+    """The destinations with each chunked tensor (`chunk_bytes`: name -> its seed's chunk size) cut into
+    its chunks (sglang_mx.chunks), each a destination of its own named by its unit names."""
+    out: list[Destination] = []
+    for d in dests:
+        names = [n for n in d.names if chunk_bytes.get(n, 0) > 0]
+        size = chunk_bytes[names[0]] if names else 0
+        if not size or d.size <= size:
+            out.append(d)
+            continue
+        out.extend(Destination(d.addr + offset, length, tuple(unit_name(n, offset, length) for n in names))
+                   for offset, length in spans(d.size, size))
+    return out
 
 
 def stripe_count(total_bytes: int, seeds: int, *, min_stripe_bytes: int = MIN_STRIPE_BYTES) -> int:

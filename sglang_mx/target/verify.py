@@ -23,6 +23,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from sglang_mx.chunks import UnitTensors, spans
 from sglang_mx.config import VerifyMode
 from sglang_mx.digest import DigestError, check_digest, mismatches
 from sglang_mx.errors import VerificationError
@@ -85,12 +86,18 @@ def expected_digests(local: Sequence[TensorDescriptor], remote: Sequence[TensorD
 
 
 def check_published(tensors: Sequence[TensorDescriptor], seed: str) -> None:
-    """Every digest a seed published (whole tensors and dim-0 pieces) names a known algorithm and
-    is well formed; else VerificationError for this seed, naming the tensors."""
+    """Every digest a seed published (whole tensors, dim-0 pieces, chunks) names a known algorithm and
+    is well formed, and chunk digests cut their tensor exactly; else VerificationError for this seed,
+    naming the tensors."""
     bad: list[str] = []
     reason = ""
     for t in tensors:
-        for digest in (t.digest, *(p.digest for p in t.pieces)):
+        if t.chunks and (t.chunk_bytes <= 0 or len(t.chunks) != len(spans(t.size, t.chunk_bytes))):
+            bad.append(t.name)
+            reason = reason or (f"{len(t.chunks)} chunk digests for {t.size} bytes cut every {t.chunk_bytes} "
+                                "(one per chunk, chunk_bytes > 0)")
+            continue
+        for digest in (t.digest, *(p.digest for p in t.pieces), *t.chunks):
             if digest:
                 try:
                     check_digest(digest)
@@ -104,5 +111,7 @@ def check_published(tensors: Sequence[TensorDescriptor], seed: str) -> None:
 
 
 def digest_verifier(tensors: Mapping[str, torch.Tensor]) -> Verifier:
-    """Checks `tensors` against a seed's digests (on their own device; CUDA is synchronized first)."""
-    return lambda expected: mismatches(tensors, expected)
+    """Checks `tensors` against a seed's digests (on their own device; CUDA is synchronized first);
+    a chunk's unit name (sglang_mx.chunks) checks those bytes of its tensor."""
+    units = UnitTensors(tensors)
+    return lambda expected: mismatches(units, expected)

@@ -16,14 +16,17 @@ def describe(
     shards: Mapping[str, ShardSpec] | None = None,
     pieces: Mapping[str, tuple[PieceDigest, ...]] | None = None,
     origins: Mapping[str, str] | None = None,
+    chunks: Mapping[str, tuple[int, tuple[str, ...]]] | None = None,
 ) -> list[TensorDescriptor]:
     """One descriptor per named tensor, in the given order, with its digest (and where that came
-    from: `origins`), split facts and piece digests where given.
+    from: `origins`), split facts, piece digests and chunk digests (name -> (chunk_bytes,
+    digests), sglang_mx.chunks) where given.
 
     Tensors must be contiguous: a strided view's bytes are not one range.
     Aliases (tied weights) keep their own names and share an address.
     """
     digests, shards, pieces, origins = digests or {}, shards or {}, pieces or {}, origins or {}
+    chunks = chunks or {}
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     out = []
     for name, t in items:
@@ -44,6 +47,8 @@ def describe(
                 digest_origin=origins.get(name, "") if digests.get(name) else "",
                 shard=shards.get(name),
                 pieces=pieces.get(name, ()),
+                chunk_bytes=chunks[name][0] if name in chunks else 0,
+                chunks=chunks[name][1] if name in chunks else (),
             )
         )
     return out

@@ -35,6 +35,7 @@ def main() -> None:
     p.add_argument("--corrupt", default="", help="before publishing, change one byte of this tensor: a rogue seed "
                                                  "whose digests are computed over its corrupted bytes")
     p.add_argument("--digest", default="", help="the digest algorithm (SeedOptions.digest)")
+    p.add_argument("--chunk-bytes", type=int, default=0, help="SeedOptions.chunk_bytes (0: no chunk digests)")
     p.add_argument("--layer-scale", type=int, default=0,
                    help="publish tests/procs/layouts.py's Llama layer at this scale, cut for --tp/--rank, with its "
                         "split facts (0: the weights of tests/procs/weights.py)")
@@ -60,7 +61,8 @@ def main() -> None:
     publisher = start_seed(tensors, engine, identity, client, worker_rank=args.rank,
                            worker_id=f"{args.instance}-rank{args.rank}" if args.instance else None,
                            options=SeedOptions(heartbeat_interval_s=args.heartbeat, ready=True,
-                                               digests=not args.no_digests, digest=args.digest),
+                                               digests=not args.no_digests, digest=args.digest,
+                                               chunk_bytes=args.chunk_bytes),
                            shards=shards, topology=topology)
     if args.mutate:  # the weights change under a READY record (what an unguarded in-place update does)
         tensors[args.mutate].view(-1).view(torch.uint8)[0] ^= 0xFF

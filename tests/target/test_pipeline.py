@@ -21,7 +21,9 @@ import time
 import pytest
 import torch
 
-from sglang_mx.records import TOPOLOGY_DEPTH, TOPOLOGY_PIPELINE, SourceIdentity, SourceStatus
+from sglang_mx.chunks import spans, unit_name
+from sglang_mx.errors import VerificationError
+from sglang_mx.records import TOPOLOGY_DEPTH, TOPOLOGY_MANIFEST, TOPOLOGY_PIPELINE, SourceIdentity, SourceStatus
 from sglang_mx.seed import SeedOptions
 from sglang_mx.target import PullOptions, digest_verifier, pull_weights
 from sglang_mx.target.pipeline import PipelineSeed
@@ -37,10 +39,10 @@ BIG = ["big.f32", "big.bf16"]  # what the parent verifies first
 
 
 class PartialParent:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *argv: str) -> None:
         self.log = tempfile.NamedTemporaryFile(prefix="partial-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.procs.partial_seed_proc", "--url", url, "--size-mb", str(SIZE_MB)],
+            [sys.executable, "-m", "tests.procs.partial_seed_proc", "--url", url, "--size-mb", str(SIZE_MB), *argv],
             cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=self.log, text=True)
         line = _readline(self.proc, 120)
@@ -186,3 +188,89 @@ def test_a_target_waiting_for_a_seed_is_woken_by_the_metadata_servers_watch(serv
     report = pull.join(60)
     assert time.monotonic() - started < 30
     assert pull.holds(TRUTH) and report.served == {root.worker_id: report.bytes}
+
+
+# --- chunks (sglang_mx.chunks): a large tensor served on a verified chunk at a time ---------------
+
+CHUNK = 64 << 10
+
+
+def _units(name: str, chunk_bytes: int = CHUNK) -> list[str]:
+    return [unit_name(name, offset, length) for offset, length in spans(_bytes([name]), chunk_bytes)]
+
+
+def _bytes_equal(local, name: str, start: int, end: int) -> bool:
+    return torch.equal(weights.as_bytes(local[name]).view(-1)[start:end], weights.as_bytes(TRUTH[name]).view(-1)[start:end])
+
+
+def test_a_child_reads_only_the_chunks_its_partial_parent_verified(server, client, engine, parents, wait_for):
+    parent = PartialParent(server.address, "--chunk-bytes", str(CHUNK))
+    parents.append(parent)
+    [ref] = client.list_sources(IDENTITY, status=SourceStatus.INITIALIZING, worker_rank=0)
+    [record] = [t for t in client.get_metadata(ref.mx_source_id, ref.worker_id).worker.tensors if t.name == "big.f32"]
+    assert record.chunk_bytes == CHUNK and len(record.chunks) == len(_units("big.f32"))
+
+    pull = Pull(client, engine, poll_interval_s=120)
+    first_two = _units("big.f32")[:2]
+    parent.tell("verify " + ",".join(first_two))
+    wait_for(lambda: _bytes_equal(pull.local, "big.f32", 0, 2 * CHUNK), timeout_s=20, what="the two verified chunks")
+    time.sleep(0.5)  # the child has had every chance to read more
+    assert not weights.as_bytes(pull.local["big.f32"]).view(-1)[2 * CHUNK:].any(), \
+        "the child read chunks its parent had not verified"
+    assert pull.untouched([n for n in TRUTH if n.startswith("big.") and n != "big.f32"])
+
+    parent.tell("finish")
+    report = pull.join(30)
+    assert pull.holds(TRUTH) and report.failures == ()
+    assert report.digests["big.f32"] == record.digest  # the whole tensor was checked once its last chunk was in
+    assert [report.digests[u] for u in _units("big.f32")] == list(record.chunks)  # and every chunk on the way
+
+
+def test_a_chunk_a_rogue_parent_marks_verified_fails_its_digest_and_comes_from_another_seed(
+        server, client, engine, parents, seeds, wait_for):
+    parent = PartialParent(server.address, "--chunk-bytes", str(CHUNK))
+    parents.append(parent)
+    pull = Pull(client, engine, poll_interval_s=0.2)
+    parent.tell("lie " + _units("big.f32")[0])  # marked verified, bytes never written (zeros)
+    seeds.append(SeedProcess(server.address, size_mb=SIZE_MB, chunk_bytes=CHUNK))  # the same chunks, true bytes
+    report = pull.join(60)
+    assert pull.holds(TRUTH)
+    [failure] = [f for f in report.failures if parent.worker_id in f.seed]
+    assert "do not match" in failure.reason and _units("big.f32")[0] in failure.reason
+    assert parent.worker_id not in report.served  # nothing it served was kept
+
+
+def test_chunks_that_match_under_a_whole_digest_that_does_not_fail_the_pull(server, client, engine, parents):
+    parent = PartialParent(server.address, "--chunk-bytes", str(CHUNK), "--wrong-whole", "big.f32")
+    parents.append(parent)
+    pull = Pull(client, engine, poll_interval_s=0.2)
+    parent.tell("verify " + ",".join(_units("big.f32")))
+    with pytest.raises(VerificationError, match="chunk and whole digests that disagree") as e:
+        pull.join(30)
+    assert e.value.tensors == ("big.f32",)
+
+
+def test_a_pipelined_target_republishes_its_seeds_chunks_and_manifest(server, client, engine, seeds, parents):
+    """root (chunks of 4 KiB: the tied embedding too) -> middle (pipelined, in this process) -> child."""
+    root = SeedProcess(server.address, size_mb=SIZE_MB, chunk_bytes=4096)
+    seeds.append(root)
+    from sglang_mx.transfer.engine import MooncakeEngine
+
+    with MooncakeEngine.create("127.0.0.1", protocol="tcp") as middle_engine:
+        local = weights.build(SIZE_MB, filled=False)
+        seed = PipelineSeed(local, middle_engine, IDENTITY, client, worker_rank=0,
+                            options=SeedOptions(max_readers=1, heartbeat_interval_s=1.0, chunk_bytes=0))
+        report = pull_weights(client, middle_engine, IDENTITY, worker_rank=0, tensors=describe(local),
+                              options=PullOptions(pipeline=True, keep_registered=True),
+                              verifier=digest_verifier(local), pipeline=seed)
+        assert report.verified == sum(1 for t in TRUTH.values() if t.numel())
+        [ref] = [r for r in client.list_sources(IDENTITY, status=SourceStatus.READY, worker_rank=0)
+                 if r.worker_id == seed.worker_id]
+        assert ref.topology[TOPOLOGY_MANIFEST] == root.info["manifest"]  # a pin holds across the cascade
+        tensors = {t.name: t for t in client.get_metadata(ref.mx_source_id, ref.worker_id).worker.tensors}
+        assert tensors["lm_head.bf16"].chunks == tensors["embed.bf16"].chunks and len(tensors["embed.bf16"].chunks) == 2
+        root.close()
+        child = Pull(client, engine, poll_interval_s=0.2)
+        child_report = child.join(120)
+        assert child.holds(TRUTH) and child_report.served == {seed.worker_id: report.bytes}
+        seed.publisher.close()
