@@ -55,7 +55,7 @@ class SeedOptions:
     max_readers: int | None = DEFAULTS.max_readers  # reader-lease cap (0: no cap; None: no lease endpoint)
     lease_ttl_s: float = DEFAULTS.reader_lease_s
     # Also digest every larger tensor in chunks of this many bytes (sglang_mx.chunks; 0: none), for pipelined
-    # targets; a cascading target keeps the chunks its pull checked instead.
+    # targets; a cascading target (known_digests) publishes its seed's chunks instead and cuts none of its own.
     chunk_bytes: int = DEFAULTS.chunk_bytes
 
     @classmethod
@@ -347,7 +347,10 @@ def seed_descriptors(
     rest = DIGEST_FROM_CHECKPOINT if known_digests is None else DIGEST_UNVERIFIED
     origins = {name: DIGEST_VERIFIED if name in known else rest for name in published}
     pieces = piece_digests_of(tensors, shards, options.digest) if digests and shards else {}
-    chunks = chunk_digests_of(tensors, options.chunk_bytes, options.digest, known_digests) if digests else {}
+    # A target that pulled publishes its seed's chunks as it checked them and cuts none of its own: its manifest
+    # stays its seed's, so a pin holds down the cascade.
+    cut_at = options.chunk_bytes if known_digests is None else 0
+    chunks = chunk_digests_of(tensors, cut_at, options.digest, known_digests) if digests else {}
     if published:
         log.info("seed rank %d: digests of %d tensors (%d of them verified in the pull, not hashed again), %d "
                  "split pieces and %d chunks in %.3f s", worker_rank, len(published), len(known),

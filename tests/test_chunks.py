@@ -94,3 +94,26 @@ def test_chunk_bytes_is_zero_or_a_positive_multiple_of_4096():
     for bad in (-4096, 1000, 4097):
         with pytest.raises(ConfigError, match="chunk_bytes"):
             MxConfig(url="localhost:1", chunk_bytes=bad)
+
+
+def test_a_seed_cuts_chunks_and_a_cascading_target_republishes_its_seeds_and_cuts_none_of_its_own():
+    from sglang_mx.records import SourceIdentity
+    from sglang_mx.seed import SeedOptions, seed_descriptors
+
+    identity = SourceIdentity(model_name="m", tensor_parallel_size=1, dtype="uint8")
+    tensors = {"big": _bytes(20000, 5), "small": _bytes(100, 6)}
+    root, root_topology = seed_descriptors(tensors, identity, worker_rank=0, options=SeedOptions(chunk_bytes=8192))
+    big = {t.name: t for t in root}["big"]
+    assert big.chunk_bytes == 8192 and len(big.chunks) == 3 and not {t.name: t for t in root}["small"].chunks
+    # A target that pulled with chunks of its seed's (every unit digest known) republishes them as they are...
+    known = {"big": big.digest, "small": {t.name: t for t in root}["small"].digest,
+             **{unit_name("big", o, n): d for (o, n), d in zip(spans(20000, 8192), big.chunks)}}
+    again, topology = seed_descriptors(tensors, identity, worker_rank=0, options=SeedOptions(chunk_bytes=4096),
+                                       known_digests=known)
+    assert [(t.chunk_bytes, t.chunks) for t in again] == [(t.chunk_bytes, t.chunks) for t in root]
+    assert topology["mx_manifest"] == root_topology["mx_manifest"]
+    # ...and one whose seed had none cuts none either, whatever its own chunk_bytes: the manifest stays its seed's.
+    plain, plain_topology = seed_descriptors(tensors, identity, worker_rank=0, options=SeedOptions(chunk_bytes=0))
+    cascaded, topology = seed_descriptors(tensors, identity, worker_rank=0, options=SeedOptions(chunk_bytes=4096),
+                                          known_digests={t.name: t.digest for t in plain})
+    assert not any(t.chunks for t in cascaded) and topology["mx_manifest"] == plain_topology["mx_manifest"]
