@@ -22,7 +22,8 @@ machine's CPUs are the bottleneck), one run per mode:
 - alone: 1 seed, 1 target: the reference time T1;
 - one-seed: 1 seed, N targets, no cascade, no reader cap;
 - store-and-forward: a target seeds (READY) once its whole pull is verified;
-- pipelined: a target serves each tensor on as soon as it is verified (target.pipeline);
+- pipelined: a target serves each tensor on as soon as it is verified (target.pipeline), and each
+  chunk of a larger one (the seed's chunk digests, --chunk-kb: sglang_mx.chunks);
 - all-links (not in the default --modes): every host pulls a copy from its neighbour
   at once, every link loaded both ways: the CPU cost of a full pipelined chain, for
   choosing --rate-mb-s.

@@ -32,3 +32,18 @@ def test_the_bound_is_the_flow_shop_makespan_over_one_link():
     assert fleet.granularity_bound(finer, 16) - 1 == pytest.approx((fleet.granularity_bound(sizes, 16) - 1) / 4,
                                                                    rel=0.02)
     assert fleet.granularity_bound([], 4) == 1.0
+
+
+def test_chunk_digests_default_to_the_models_size_over_128_reach_every_worker_and_cut_the_units():
+    args = fleet.parse_args(["--emulate"])
+    assert args.chunk_kb == 64 * 1024 // 128  # 512 KiB of the emulated 64 MiB
+    assert fleet.parse_args(["--size-mb", "256"]).chunk_kb == 2048
+    argv = fleet._worker_argv("t1", "target", args)
+    assert argv[argv.index("--chunk-kb") + 1] == "512"
+    assert fleet.parse_args(["worker", "--role", "seed", "--name", "s", "--url", "u", "--chunk-kb", "64"]).chunk_kb == 64
+    units = fleet._unit_sizes(args)
+    assert sum(units) == sum(fleet._weights_sizes(args)) and max(units) == 512 * 1024
+    whole = fleet.parse_args(["--emulate", "--chunk-kb", "0"])
+    assert fleet._unit_sizes(whole) == fleet._weights_sizes(whole)
+    with pytest.raises(SystemExit):
+        fleet.parse_args(["--emulate", "--chunk-kb", "6"])  # not whole 4 KiB pages

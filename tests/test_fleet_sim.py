@@ -243,3 +243,15 @@ def test_emulated_json_names_missing_keys(tmp_path):
     path.write_text(json.dumps({"rate_mb_s": 25}))
     with pytest.raises(SystemExit, match="lacks size_mb, tensors, targets, max_readers"):
         sim.main(["--emulated-json", str(path)])
+
+
+def test_chunk_digests_make_a_pipelined_chain_lag_by_a_chunk_not_by_its_largest_tensor():
+    kw = dict(rate_mb_s=4.0, size_mb=16, tensors=16, targets=6, max_readers=1)
+    whole = sim.emulated_fleet(Mode.PIPELINED, **kw)
+    chunked = sim.emulated_fleet(Mode.PIPELINED, chunk_kb=128, **kw)
+    assert max(chunked.sizes) == 128 * 1024 and sum(chunked.sizes) == sum(whole.sizes)
+    assert sim.emulated_fleet(Mode.ALONE, chunk_kb=128, **kw).sizes == whole.sizes  # only a pipelined pull cuts
+    alone = sim.simulate(sim.emulated_fleet(Mode.ALONE, **kw)).last_s
+    lag_whole = sim.simulate(whole).last_s - alone
+    lag_chunked = sim.simulate(chunked).last_s - alone
+    assert lag_chunked < lag_whole / 2  # the largest tensor is ~1.8 MB here, a chunk 0.13 MB
