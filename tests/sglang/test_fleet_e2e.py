@@ -127,9 +127,11 @@ def test_tp2_rank_pulls_from_rank(tiny_model, mx_server, mx_client, servers):
 def test_a_pipelined_target_serves_while_it_pulls_and_is_adopted_as_its_ranks_seed(
         tiny_model, mx_server, mx_client, servers):
     """config `pipeline`: the target publishes itself as a partial seed during its pull, ends READY on the
-    same worker, and SGLang's publication step adopts that publisher (one record, no second seed)."""
+    same worker, and SGLang's publication step adopts that publisher (one record, no second seed). The seed
+    publishes chunk digests (64 KiB: the embedding and MLP weights are cut), so the target verifies and serves
+    on the model's larger tensors chunk by chunk, and republishes its seed's chunks (same manifest)."""
     model = str(tiny_model)
-    seed = SglangServer(tiny_model, *seed_args(), mx_config=mx(mx_server, source=True), name="seed")
+    seed = SglangServer(tiny_model, *seed_args(), mx_config=mx(mx_server, source=True, chunk_bytes=65536), name="seed")
     servers.append(seed)
     seed.wait_ready()
     seed_worker = ready_worker_of(seed.log)
@@ -141,15 +143,22 @@ def test_a_pipelined_target_serves_while_it_pulls_and_is_adopted_as_its_ranks_se
     target.wait_ready()
     assert f"(worker {seed_worker})" in target.log
     assert "pipelined: serving verified tensors as partial seed" in target.log
+    assert "pipelined pull in chunks:" in target.log
     assert "has served its verified tensors since its pull began and is READY" in target.log
     assert target.generations() == expected
     ready = workers(mx_client, model, SourceStatus.READY)
     assert len(ready) == 2 and seed_worker in ready  # the target's one record, READY
     [target_worker] = set(ready) - {seed_worker}
+    records = {r.worker_id: r for r in mx_client.list_sources(model_name=model)}
+    assert records[target_worker].topology["mx_manifest"] == records[seed_worker].topology["mx_manifest"]
+    chunked = [t for t in mx_client.get_metadata(records[target_worker].mx_source_id, target_worker).worker.tensors
+               if t.chunks]
+    assert chunked and all(t.chunk_bytes == 65536 for t in chunked)
 
     seed.terminate()
     child = SglangServer(tiny_model, *TARGET, mx_config=mx(mx_server, pipeline=True), name="child")
     servers.append(child)
     child.wait_ready()
     assert f"(worker {target_worker})" in child.log
+    assert "pipelined pull in chunks:" in child.log
     assert child.generations() == expected
