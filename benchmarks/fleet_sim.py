@@ -67,7 +67,7 @@ import time
 import types
 from typing import Callable, Sequence
 
-from sglang_mx import chunks, leases
+from sglang_mx import chunks, leases, tree
 from sglang_mx.config import DEFAULTS
 from sglang_mx.records import (TOPOLOGY_DEPTH, TOPOLOGY_LEASES, TOPOLOGY_MAX_READERS, TOPOLOGY_PIPELINE, SourceEvent,
                                SourceRef, SourceStatus, TensorDescriptor)
@@ -383,13 +383,14 @@ class _Publisher:
 
 
 class _Server:
-    """The records the metadata server lists; a change is sent to every open watch."""
+    """The records the metadata server lists; a change is sent to every open watch it could help (a waiting
+    target's watch, server/watch.py: `tree.Waiting.useful`)."""
 
     def __init__(self, sim: "_Sim") -> None:
         self.sim = sim
         self.pubs: dict[str, _Publisher] = {}
         self.open: set[_Publisher] = set()  # publishers whose last lease call did not refuse
-        self.watchers: dict["_Target", None] = {}  # in the order they opened (events go out in it)
+        self.watchers: dict["_Target", tree.Waiting | None] = {}  # in the order they opened (events go out in it)
         self._listing: tuple[list[SourceRef], list[SourceRef]] | None = None
 
     def publish(self, pub: _Publisher) -> None:
@@ -401,8 +402,19 @@ class _Server:
         pub._ref = None
         self._listing = None
         if self.watchers:
-            self.sim.load.add("watch events", len(self.watchers), self.sim.loop.now)
-            self.sim.loop.after(self.sim.fleet.costs.event_s, self._deliver, list(self.watchers), pub.ref())
+            ref, useful = pub.ref(), {}
+            told = []
+            for t, w in self.watchers.items():
+                if w is not None:
+                    kind = (w.pipeline, w.depth)
+                    if kind not in useful:
+                        useful[kind] = tree.Waiting(*kind).useful(ref)
+                    if not useful[kind] or ref.worker_id == w.worker_id:
+                        continue
+                told.append(t)
+            if told:
+                self.sim.load.add("watch events", len(told), self.sim.loop.now)
+                self.sim.loop.after(self.sim.fleet.costs.event_s, self._deliver, told, ref)
 
     def _deliver(self, targets: list["_Target"], ref: SourceRef) -> None:
         for t in targets:
@@ -432,12 +444,12 @@ class _Probe:
         self.pending = False  # a change arrived since the last wait
         self.snapshot_due = False
 
-    def watch_sources(self, mx_source_id: str, worker_rank: int) -> "_Probe":
+    def watch_sources(self, mx_source_id: str, worker_rank: int, waiting: tree.Waiting | None = None) -> "_Probe":
         self.open = True
         sim = self.target.sim
         sim.load.add("WatchSources", 1, sim.loop.now)
         sim.load.add("watch events", len(sim.server.pubs) + 1, sim.loop.now)  # the snapshot
-        sim.server.watchers[self.target] = None
+        sim.server.watchers[self.target] = waiting
         self.snapshot_due = True  # SeedWaiter takes the snapshot at once (its first wait after opening)
         return self
 
@@ -481,7 +493,10 @@ class _Target:
         self.probe = _Probe(self)
         opts = sim.fleet.options
         self.waiter = waiting.SeedWaiter(self.probe, MX_ID, 0, poll_interval_s=opts.poll_interval_s,
-                                         clock=sim.loop.clock, sleep=self.probe.sleep, use_watch=opts.watch)
+                                         clock=sim.loop.clock, sleep=self.probe.sleep, use_watch=opts.watch,
+                                         waiting=lambda: tree.Waiting(
+                                             sim.fleet.pipelined, self.publisher.depth if self.publisher else None,
+                                             self.name))
         self.found = self.verified = self.returned = self.ready = math.nan
         self.rounds = self.walks = self.tries = self.timed_out = 0
         self.known: set[str] = set()  # seeds whose record this pull fetched (StripedPull.endpoints)
@@ -588,12 +603,12 @@ class _Target:
             self.sim.loop.after(asked[1], self._waited, self._wait_token)
 
     def event(self, ref: SourceRef) -> None:
-        """A watch event: SeedWaiter.wait ends only on a record `choice.could_serve` accepts (as pull_weights
+        """A watch event: SeedWaiter.wait ends only on a record `tree.could_serve` accepts (as pull_weights
         asks it); the others are passed over."""
         if not self.probe.open:
             return
         own = self.publisher
-        if not choice.could_serve(ref, pipeline=self.sim.fleet.pipelined, own_depth=own.depth if own else None,
+        if not tree.could_serve(ref, pipeline=self.sim.fleet.pipelined, own_depth=own.depth if own else None,
                                   own_worker=self.name):
             return
         if self.state == "waiting":

@@ -21,6 +21,7 @@ from sglang_mx.credentials import TlsMaterial, bearer_metadata, check_token_tran
 from sglang_mx.config import MxConfig
 from sglang_mx.errors import RequestRejectedError, ServerError, ServerUnavailableError, WatchUnsupportedError
 from sglang_mx.records import SourceEvent, SourceIdentity, SourceRef, SourceStatus, StoredWorker, WorkerRecord
+from sglang_mx.tree import Waiting
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -134,16 +135,18 @@ class MetadataClient:
             raise RequestRejectedError(f"{status.name} refused: {response.message}", url=self.url, rpc="UpdateStatus")
 
     def watch_sources(self, mx_source_id: str, *, worker_rank: int | None = None,
-                      progress: bool = False) -> "SourceWatch":
+                      progress: bool = False, waiting: Waiting | None = None) -> "SourceWatch":
         """Watch the records of a source (of one rank, when given): every match now, then each change.
 
         Returns once the server accepted the watch (its first event arrived). With `progress`,
-        changes of a pulling target's verified bytes alone are sent too. Raises
+        changes of a pulling target's verified bytes alone are sent too. With `waiting` (a target
+        waiting for a seed, sglang_mx.tree), our server sends after the snapshot only the changes
+        that could give it a seed. Raises
         WatchUnsupportedError when the server has no watch (a ModelExpress server: poll
         ListSources instead), ServerError when it refuses or cannot be reached (after the
         client's retries). Close the watch (or use `with`).
         """
-        request = wire.watch_request(mx_source_id, worker_rank=worker_rank, progress=progress)
+        request = wire.watch_request(mx_source_id, worker_rank=worker_rank, progress=progress, waiting=waiting)
         watch = SourceWatch(lambda: self._watch_stub.WatchSources(request, metadata=self._metadata),
                             url=self.url, backoff_s=self._backoff_s)
         try:

@@ -87,6 +87,9 @@ class MxConfig:
     # seed that serves each tensor once verified, and read from others that do; READY once complete.
     # Needs `source` (not false) and `verify` other than "off".
     pipeline: bool = False
+    # Targets: wait for a seed on the metadata server's watch (told of each change that could give a seed)
+    # rather than listing every second; a server without a watch (ModelExpress's) is polled either way.
+    watch: bool = True
     reader_lease_s: float = 60.0  # a lease neither released nor renewed within this expires (target died)
     heartbeat_interval_s: float = 30.0
     timeout_s: float = 10.0  # per-RPC deadline
@@ -174,6 +177,7 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "any_layout": ((bool,), "true or false"),
     "max_readers": ((int,), "an integer"),
     "pipeline": ((bool,), "true or false"),
+    "watch": ((bool,), "true or false"),
     "reader_lease_s": _NUMBER,
     "heartbeat_interval_s": _NUMBER,
     "timeout_s": _NUMBER,

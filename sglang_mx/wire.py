@@ -32,6 +32,7 @@ from sglang_mx.records import (
     WorkerBytes,
     WorkerRecord,
 )
+from sglang_mx.tree import Waiting
 
 SERVICE_NAME = "model_express.p2p.P2pService"
 WATCH_SERVICE_NAME = "model_express.p2p.MxWatchService"  # sglang-mx's own: a ModelExpress server has none
@@ -257,12 +258,22 @@ def update_status_request(mx_source_id: str, worker_id: str, worker_rank: int,
     return request
 
 
-def watch_request(mx_source_id: str, *, worker_rank: int | None = None,
-                  progress: bool = False) -> pb.MxWatchSourcesRequest:
+def watch_request(mx_source_id: str, *, worker_rank: int | None = None, progress: bool = False,
+                  waiting: Waiting | None = None) -> pb.MxWatchSourcesRequest:
     request = pb.MxWatchSourcesRequest(mx_source_id=mx_source_id, progress=progress)
     if worker_rank is not None:
         request.worker_rank = worker_rank
+    if waiting is not None:
+        request.useful_only, request.pipeline = True, waiting.pipeline
+        request.depth, request.worker_id = waiting.depth or 0, waiting.worker_id
     return request
+
+
+def waiting_from_request(request: pb.MxWatchSourcesRequest) -> Waiting | None:
+    """The waiting target a watch request describes (`useful_only`), or None for a plain watch."""
+    if not request.useful_only:
+        return None
+    return Waiting(pipeline=request.pipeline, depth=request.depth or None, worker_id=request.worker_id)
 
 
 def source_event_from_pb(msg: pb.MxSourceEvent) -> SourceEvent:

@@ -58,7 +58,7 @@ def test_one_seed_serves_n_targets_in_n_times_alone(n):
 def test_store_and_forward_with_one_reader_doubles_the_sources_every_generation(n):
     result = sim.simulate(fleet(Mode.STORE_AND_FORWARD, n, max_readers=1))
     generations = math.ceil(math.log2(n + 1))
-    # A seed listed at its cap is skipped unasked (choice.at_cap) until its heartbeat reports the slot free:
+    # A seed listed at its cap is skipped unasked (tree.at_cap) until its heartbeat reports the slot free:
     # a generation that needs that slot waits for the heartbeat (SeedPublisher's load_report_gap_s).
     gap = result.fleet.report_gap_s
     assert generations * ALONE_S - 1e-9 <= result.last_s <= generations * ALONE_S + (generations - 1) * gap + 1e-9

@@ -42,6 +42,7 @@ class Watcher:
                  send: Callable[[bytes], None], end_stream: Callable[[grpc.StatusCode, str], None],
                  senders: "Senders", on_release: Callable[["Watcher"], None]) -> None:
         self.mx_source_id, self.worker_rank, self.progress = mx_source_id, worker_rank, progress
+        self.waiting = None  # a waiting target's watch (tree.Waiting): only the changes useful to it (server/watch.py)
         self._send, self._end_stream, self._senders, self._on_release = send, end_stream, senders, on_release
         self._lock = threading.Lock()
         self._snapshot: collections.deque[bytes] = collections.deque()

@@ -61,6 +61,7 @@ from sglang_mx.errors import MxError, StoreUnavailableError
 from sglang_mx.records import TOPOLOGY_VERIFIED_BYTES
 from sglang_mx.server.delivery import DEFAULT_SENDERS, DEFAULT_STALL_S, Senders, Watcher
 from sglang_mx.server.store import RecordState, SourceStore
+from sglang_mx.tree import Waiting
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +196,11 @@ class WatchHub:
     # --- watches ----------------------------------------------------------------------------------
 
     def open(self, mx_source_id: str, worker_rank: int | None, progress: bool, *,
-             send: Callable[[bytes], None], end_stream: Callable[[grpc.StatusCode, str], None]) -> Watcher:
-        """A new watch; its snapshot follows. TooManyWatchers past the limit, HubClosed when stopping."""
+             send: Callable[[bytes], None], end_stream: Callable[[grpc.StatusCode, str], None],
+             waiting: Waiting | None = None) -> Watcher:
+        """A new watch; its snapshot follows. TooManyWatchers past the limit, HubClosed when stopping.
+        `waiting`: a waiting target's watch, sent after its snapshot only the changes that could give it a
+        seed (`tree.Waiting.useful`)."""
         with self._lock:
             if self._closed:
                 raise HubClosed("the metadata server is stopping")
@@ -204,6 +208,7 @@ class WatchHub:
                 raise TooManyWatchers(self._count, self._max)
             watcher = Watcher(mx_source_id, worker_rank, progress, send=send, end_stream=end_stream,
                               senders=self._senders, on_release=self._release)
+            watcher.waiting = waiting
             self._sources.setdefault(mx_source_id, _Source()).waiting.append(watcher)
             self._reload.add(mx_source_id)
             self._count += 1
@@ -326,12 +331,22 @@ class WatchHub:
         if change is None:
             return
         if new is None or (old is not None and old.ref.worker_rank != new.ref.worker_rank):
-            # Gone, or republished under another rank: gone for the watches of the old one.
+            # Gone, or republished under another rank: gone for the watches of the old one (a waiting
+            # target's watch is not told: a seed gone gives it none).
             gone = wire.source_event_bytes(old.ref, removed=True)
             for watcher in src.watching(old.ref.worker_rank, every_rank=new is None):
-                watcher.offer(worker_id, gone)
+                if watcher.waiting is None:
+                    watcher.offer(worker_id, gone)
         if new is not None:
             data = wire.source_event_bytes(new.ref)
+            useful: dict[tuple, bool] = {}  # per kind of waiting target (its depth, pipelined or not), once
             for watcher in src.watching(new.ref.worker_rank):
+                waiting = watcher.waiting
+                if waiting is not None:
+                    kind = (waiting.pipeline, waiting.depth)
+                    if kind not in useful:
+                        useful[kind] = Waiting(*kind).useful(new.ref)
+                    if not useful[kind] or new.ref.worker_id == waiting.worker_id:
+                        continue
                 if watcher.progress or change is Change.FULL:
                     watcher.offer(worker_id, data)

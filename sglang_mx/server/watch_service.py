@@ -14,6 +14,7 @@ import functools
 import grpc
 
 import sglang_mx.server.limits as limits
+from sglang_mx import wire
 from sglang_mx.server.watch import HubClosed, TooManyWatchers, WatchHub
 
 
@@ -25,6 +26,7 @@ class WatchServicer:
         """Open the watch `request` asks for; its events go out through `send` from the hub's threads."""
         try:
             limits.check_text("mx_source_id", request.mx_source_id, limits.MAX_ID_CHARS)
+            limits.check_text("worker_id", request.worker_id, limits.MAX_ID_CHARS)
             if request.HasField("worker_rank") and request.worker_rank > limits.MAX_WORKER_RANK:
                 raise limits.LimitExceeded(f"worker_rank is {request.worker_rank}; the limit is "
                                            f"{limits.MAX_WORKER_RANK}")
@@ -37,7 +39,8 @@ class WatchServicer:
         rank = request.worker_rank if request.HasField("worker_rank") else None
         try:
             watcher = self._hub.open(request.mx_source_id, rank, request.progress, send=send,
-                                     end_stream=functools.partial(_end_stream, context, send))
+                                     end_stream=functools.partial(_end_stream, context, send),
+                                     waiting=wire.waiting_from_request(request))
         except TooManyWatchers as e:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"WatchSources: {e}")
         except HubClosed as e:

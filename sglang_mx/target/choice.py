@@ -18,10 +18,10 @@ can form when a target whose parent died attaches again.
 from __future__ import annotations
 
 import random
-from typing import Callable, Collection, Iterable, TypeVar
+from typing import Callable, Iterable, TypeVar
 
-from sglang_mx.records import TOPOLOGY_MAX_READERS, SourceRef, SourceStatus
-from sglang_mx.target.pipeline import depth_of, is_partial
+from sglang_mx.records import SourceRef
+from sglang_mx.tree import at_cap, depth_of
 
 T = TypeVar("T")
 
@@ -33,16 +33,6 @@ def least_loaded(items: Iterable[T], *, load: Callable[[T], float], rng: random.
     if spread:
         (rng or random.Random()).shuffle(items)
     return sorted(items, key=load)  # stable: ties keep the shuffled order
-
-
-def at_cap(ref: SourceRef) -> bool:
-    """The seed listed as serving as many readers as the cap it publishes (`mx_max_readers`): asking it
-    would only be refused. Its load is as of its last heartbeat, sent within a moment of a change."""
-    try:
-        cap = int(ref.topology.get(TOPOLOGY_MAX_READERS, "0"))
-    except ValueError:
-        return False
-    return cap > 0 and ref.source_load is not None and ref.source_load >= cap
 
 
 def order_candidates(refs: Iterable[SourceRef], *, rng: random.Random | None = None,
@@ -63,17 +53,3 @@ def order_parents(full: Iterable[SourceRef], partial: Iterable[SourceRef], *, ow
                and (own_depth is None or depth_of(r) < own_depth)]
     shallow_first = least_loaded(allowed, load=lambda r: (depth_of(r), r.source_load or 0.0), rng=rng, spread=spread)
     return order_candidates([r for r in full if r.worker_id != own_worker], rng=rng, spread=spread) + shallow_first
-
-
-def could_serve(ref: SourceRef, *, pipeline: bool = False, own_depth: int | None = None, own_worker: str = "",
-                refused: Collection[str] = ()) -> bool:
-    """Whether a seed as listed (a watch event's record) is one a waiting target would ask: READY and not
-    at its cap, or (`pipeline`) a partial seed `order_parents` allows; never one already `refused` for
-    good, nor itself. A change that makes no such seed (a seed gone, busier, still loading) cannot end
-    the wait, so the target does not list again for it."""
-    if ref.worker_id in refused:
-        return False
-    if ref.status == SourceStatus.READY:
-        return bool(order_candidates([ref], spread=False)) and ref.worker_id != own_worker
-    return pipeline and is_partial(ref) and bool(order_parents((), [ref], own_depth=own_depth,
-                                                               own_worker=own_worker, spread=False))

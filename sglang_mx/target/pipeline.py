@@ -47,10 +47,11 @@ from sglang_mx.identity import mx_source_id
 from sglang_mx.leases import ReaderLeases
 from sglang_mx.manifest import manifest_id
 from sglang_mx.records import (DIGEST_VERIFIED, TOPOLOGY_DEPTH, TOPOLOGY_MANIFEST, TOPOLOGY_PIPELINE, ShardSpec,
-                               SourceIdentity, SourceRef, SourceStatus)
+                               SourceIdentity, SourceStatus)
 from sglang_mx.seed import SeedOptions, SeedPublisher, close_on_exit, seed_descriptors
 from sglang_mx.transfer.engine import MooncakeEngine
 from sglang_mx.transfer.tensors import describe
+from sglang_mx.tree import depth_of, is_partial  # (re-exported: where pipelined code looks)
 
 __all__ = ["PipelineSeed", "VerifiedSet", "VerifiedWatch", "depth_of", "is_partial"]
 
@@ -59,21 +60,6 @@ log = logging.getLogger(__name__)
 MAX_STREAMS = 64
 """Open WatchVerified streams a partial seed serves (each holds a thread); with max_readers set, that many."""
 _WAKE_S = 1.0  # a stream re-checks its client and the seed's state at least this often
-
-
-def is_partial(ref: SourceRef) -> bool:
-    """A partial seed: a pulling target that serves its verified tensors (INITIALIZING, `mx_pipeline`)."""
-    return ref.status == SourceStatus.INITIALIZING and ref.topology.get(TOPOLOGY_PIPELINE) == "1"
-
-
-def depth_of(ref: SourceRef) -> int:
-    """A source's depth in the cascade tree: 0 for a full (READY) seed, the published depth for a partial one."""
-    if not is_partial(ref):
-        return 0
-    try:
-        return max(int(ref.topology.get(TOPOLOGY_DEPTH, "")), 1)
-    except ValueError:
-        return 1 << 30  # says no depth: never shallower than anyone
 
 
 @dataclasses.dataclass(frozen=True)

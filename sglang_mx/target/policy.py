@@ -24,7 +24,7 @@ from sglang_mx.layout import RankInfo, identity_for, model_source_id
 from sglang_mx.metrics import metrics
 from sglang_mx.records import TOPOLOGY_INSTANCE, ShardSpec, SourceIdentity, SourceRef, SourceStatus, TensorDescriptor
 from sglang_mx.target.candidate import Pins
-from sglang_mx.target.choice import at_cap, could_serve, order_candidates, order_parents
+from sglang_mx.target.choice import order_candidates, order_parents
 from sglang_mx.target.pipeline import PipelineSeed, is_partial
 from sglang_mx.target.progress import PullProgress
 from sglang_mx.target.report import PullReport
@@ -37,6 +37,7 @@ from sglang_mx.transfer.engine import MooncakeEngine
 from sglang_mx.transfer.memory import populate
 from sglang_mx.transfer.plan import Read
 from sglang_mx.transfer.tensors import describe
+from sglang_mx.tree import Waiting, at_cap, could_serve
 
 __all__ = ["PullOptions", "pull_into", "pull_weights"]
 
@@ -79,7 +80,7 @@ class PullOptions:
     def from_config(cls, config: MxConfig) -> "PullOptions":
         return cls(wait_timeout_s=config.wait_timeout_s, max_candidates=config.max_candidates, verify=config.verify,
                    max_seeds=config.max_seeds, expect=config.expect, allow_weak_digests=config.allow_weak_digests,
-                   keep_registered=config.source is not False, pipeline=config.pipeline)
+                   keep_registered=config.source is not False, pipeline=config.pipeline, watch=config.watch)
 
     @property
     def pins(self) -> Pins:
@@ -152,7 +153,9 @@ def pull_weights(
                        progress=progress, on_final=on_final if pipeline is not None or on_verified else None,
                        window_bytes=options.window_bytes if options.pipeline else None)
     waiter = SeedWaiter(client, source_id, worker_rank, poll_interval_s=options.poll_interval_s, clock=clock,
-                        sleep=sleep, use_watch=options.watch)
+                        sleep=sleep, use_watch=options.watch, waiting=lambda: Waiting(
+                            options.pipeline, pipeline.depth if pipeline is not None else None,
+                            pipeline.worker_id if pipeline is not None else ""))
     start = clock()
     regions = engine.register((t.addr, t.size) for t in tensors)
     registered = clock()
@@ -223,7 +226,7 @@ def _candidates(client: MetadataClient, identity: SourceIdentity, worker_rank: i
                 pipeline: PipelineSeed | None) -> tuple[list[SourceRef], bool]:
     """The seeds to ask, in order: READY ones least loaded first; with `options.pipeline`, then the
     partial seeds the tree allows (choice.order_parents). Seeds listed at their cap are left out
-    (choice.at_cap); the flag says whether any was."""
+    (tree.at_cap); the flag says whether any was."""
     refs = client.list_sources(identity, status=SourceStatus.READY, worker_rank=worker_rank)
     if not options.pipeline:
         return order_candidates(refs, rng=options.rng, spread=options.spread), any(map(at_cap, refs))

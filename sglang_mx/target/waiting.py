@@ -10,10 +10,12 @@ No change is missed: the stream is opened at the first wait, and that first wait
 once so the caller lists again. Any change after the stream opened then wakes a later wait;
 any change before it is in that listing. The stream is closed when the pull ends.
 
-Only a change that could give the target a seed wakes it (`helps`, `choice.could_serve`: a READY
+Only a change that could give the target a seed wakes it (`helps`, `tree.could_serve`: a READY
 seed not at its cap, a partial seed the tree allows): with hundreds of targets waiting, every
 heartbeat of a busier seed or a target still loading would otherwise send all of them to list
-and fetch records again. A passed-over change is still in the next listing.
+and fetch records again. A passed-over change is still in the next listing. The server is told the
+same rule when the watch opens (`tree.Waiting`, with the target's depth then) and sends no other
+change at all: with thousands of waiting targets, most changes would otherwise go to every one.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Callable
 from sglang_mx.client import MetadataClient
 from sglang_mx.errors import ServerError, WatchUnsupportedError
 from sglang_mx.records import SourceRef
+from sglang_mx.tree import Waiting
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,9 @@ class SeedWaiter:
 
     def __init__(self, client: MetadataClient, mx_source_id: str, worker_rank: int, *, poll_interval_s: float,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
-                 use_watch: bool = True) -> None:
+                 use_watch: bool = True, waiting: Callable[[], Waiting] | None = None) -> None:
+        """`waiting()`: this target as it waits (tree.Waiting), told to the server when the watch opens, so
+        that it sends only the changes that could give this target a seed."""
         self._client = client
         self._source_id = mx_source_id
         self._rank = worker_rank
@@ -47,6 +52,7 @@ class SeedWaiter:
         self._sleep = sleep
         self._watch = None
         self._tried = not use_watch  # opening the watch was tried (or is not wanted)
+        self._waiting = waiting
         self.woken = 0  # waits that an event ended (for logs and tests)
         self.passed = 0  # events that could not help, passed over without listing again
 
@@ -56,13 +62,14 @@ class SeedWaiter:
 
     def wait(self, timeout_s: float, helps: Callable[[SourceRef], bool] | None = None) -> None:
         """Return after a change, or `timeout_s`. `helps(record)` (with the watch): only a change whose
-        record it accepts ends the wait (`choice.could_serve`: a seed the target would ask); the
+        record it accepts ends the wait (`tree.could_serve`: a seed the target would ask); the
         others are passed over. Polling, every interval ends it."""
         watch_sources = getattr(self._client, "watch_sources", None)  # a client of its own (a test's) may lack it
         if not self._tried and watch_sources is not None:
             self._tried = True
             try:
-                self._watch = watch_sources(self._source_id, worker_rank=self._rank)
+                told = {"waiting": self._waiting()} if self._waiting is not None else {}
+                self._watch = watch_sources(self._source_id, worker_rank=self._rank, **told)
                 log.info("waiting for a seed of %s rank %d: watching the metadata server for changes",
                          self._source_id, self._rank)
                 self._skip_snapshot()

@@ -351,7 +351,8 @@ def test_the_deadline_counts_from_the_last_piece_that_landed(monkeypatch):
 
 def test_a_seed_listed_at_its_published_cap_is_skipped_unasked():
     from sglang_mx.records import TOPOLOGY_MAX_READERS
-    from sglang_mx.target.choice import at_cap, order_candidates
+    from sglang_mx.target.choice import order_candidates
+    from sglang_mx.tree import at_cap
 
     def seed(worker_id, load, cap):
         return SourceRef(mx_source_id="id", worker_id=worker_id, model_name="m", worker_rank=0,

@@ -47,3 +47,11 @@ def test_pull_options_keep_registration_when_the_target_will_seed():
 
     assert PullOptions.from_config(parse_config({}, env={})).keep_registered  # a target seeds by default
     assert not PullOptions.from_config(parse_config({"source": False}, env={})).keep_registered
+
+
+def test_a_target_waits_on_the_watch_unless_configured_to_poll():
+    from sglang_mx.config import parse_config
+    from sglang_mx.target import PullOptions
+
+    assert PullOptions.from_config(parse_config({}, env={})).watch
+    assert not PullOptions.from_config(parse_config({"watch": False}, env={})).watch

@@ -8,8 +8,8 @@ import threading
 import time
 
 from sglang_mx.records import TOPOLOGY_DEPTH, TOPOLOGY_MAX_READERS, TOPOLOGY_PIPELINE, SourceRef, SourceStatus
-from sglang_mx.target.choice import could_serve
 from sglang_mx.target.waiting import SeedWaiter
+from sglang_mx.tree import Waiting, could_serve
 
 INIT, READY = SourceStatus.INITIALIZING, SourceStatus.READY
 
@@ -40,6 +40,37 @@ def test_a_wait_passes_over_changes_that_give_no_seed_and_ends_on_one_that_does(
         waiter.close()
     assert 0.8 <= waited < 9  # not at the first change, nor at the timeout
     assert waiter.woken == 1 and waiter.passed >= 2
+
+
+def test_a_waiting_targets_watch_is_sent_only_the_change_that_gives_it_a_seed(client, make_identity,
+                                                                            make_worker):
+    # The server applies the same rule (told when the watch opens): the loading seed, the seed at its cap and
+    # the one that goes away are never sent, so the waiter has nothing to pass over.
+    identity = make_identity()
+    source = client.publish(identity, make_worker(0, status=INIT), "other")
+    waiter = SeedWaiter(client, source, 0, poll_interval_s=60, waiting=lambda: Waiting())
+    plain = client.watch_sources(source, worker_rank=0)  # beside it, a watch of everything (sources --watch)
+    try:
+        waiter.wait(10, helps=could_serve)
+        changes = threading.Thread(target=_changes, args=(client, identity, make_worker, source))
+        started = time.monotonic()
+        changes.start()
+        waiter.wait(10, helps=could_serve)
+        waited = time.monotonic() - started
+        changes.join()
+        seen, snapshot_over = [], False
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline and len(seen) < 3:
+            for e in plain.wait(0.2):
+                if snapshot_over and e.ref is not None:
+                    seen.append(e)
+                snapshot_over |= e.snapshot_end
+    finally:
+        waiter.close()
+        plain.close()
+    assert 0.8 <= waited < 9 and waiter.woken == 1
+    assert waiter.passed == 0  # nothing useless arrived
+    assert len(seen) >= 2  # the plain watch was sent the changes (two close together may coalesce)
 
 
 def test_without_a_test_any_change_ends_the_wait(client, make_identity, make_worker):
