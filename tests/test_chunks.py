@@ -75,6 +75,9 @@ def test_a_pull_cuts_chunked_destinations_tied_names_and_all_and_leaves_the_rest
     assert out[1:-1] == [Destination(0x10000 + o, n, (unit_name("embed", o, n), unit_name("lm_head", o, n)))
                          for o, n in spans(10000, 4096)]
     assert sum(d.size for d in out) == sum(d.size for d in dests)
+    # A tensor published in a single chunk is that chunk's unit all the same (as a partial seed's bitmap names it).
+    assert chunked([Destination(0x1000, 4096, ("one",))], {"one": 4096}) == [
+        Destination(0x1000, 4096, (unit_name("one", 0, 4096),))]
 
 
 def test_a_seed_whose_chunk_digests_do_not_cut_its_tensor_is_refused():

@@ -59,9 +59,9 @@ def chunked(dests: Sequence[Destination], chunk_bytes: Mapping[str, int]) -> lis
     for d in dests:
         names = [n for n in d.names if chunk_bytes.get(n, 0) > 0]
         size = chunk_bytes[names[0]] if names else 0
-        if not size or d.size <= size:
+        if not size:
             out.append(d)
-            continue
+            continue  # (a tensor published as one chunk is cut too: its unit is what the bitmaps name)
         out.extend(Destination(d.addr + offset, length, tuple(unit_name(n, offset, length) for n in names))
                    for offset, length in spans(d.size, size))
     return out
