@@ -402,16 +402,9 @@ class _Server:
         pub._ref = None
         self._listing = None
         if self.watchers:
-            ref, useful = pub.ref(), {}
-            told = []
-            for t, w in self.watchers.items():
-                if w is not None:
-                    kind = (w.pipeline, w.depth)
-                    if kind not in useful:
-                        useful[kind] = tree.Waiting(*kind).useful(ref)
-                    if not useful[kind] or ref.worker_id == w.worker_id:
-                        continue
-                told.append(t)
+            ref = pub.ref()
+            useful = tree.Useful(ref)
+            told = [t for t, w in self.watchers.items() if useful(w)]
             if told:
                 self.sim.load.add("watch events", len(told), self.sim.loop.now)
                 self.sim.loop.after(self.sim.fleet.costs.event_s, self._deliver, told, ref)
@@ -494,9 +487,7 @@ class _Target:
         opts = sim.fleet.options
         self.waiter = waiting.SeedWaiter(self.probe, MX_ID, 0, poll_interval_s=opts.poll_interval_s,
                                          clock=sim.loop.clock, sleep=self.probe.sleep, use_watch=opts.watch,
-                                         waiting=lambda: tree.Waiting(
-                                             sim.fleet.pipelined, self.publisher.depth if self.publisher else None,
-                                             self.name))
+                                         waiting=self._waiting)
         self.found = self.verified = self.returned = self.ready = math.nan
         self.rounds = self.walks = self.tries = self.timed_out = 0
         self.known: set[str] = set()  # seeds whose record this pull fetched (StripedPull.endpoints)
@@ -602,14 +593,16 @@ class _Target:
             self._wait_token += 1
             self.sim.loop.after(asked[1], self._waited, self._wait_token)
 
+    def _waiting(self) -> tree.Waiting:
+        """What this target waits for, as pull_weights tells it (its depth once it is a partial seed)."""
+        return tree.Waiting(self.sim.fleet.pipelined, self.publisher.depth if self.publisher else None, self.name)
+
     def event(self, ref: SourceRef) -> None:
         """A watch event: SeedWaiter.wait ends only on a record `tree.could_serve` accepts (as pull_weights
         asks it); the others are passed over."""
         if not self.probe.open:
             return
-        own = self.publisher
-        if not tree.could_serve(ref, pipeline=self.sim.fleet.pipelined, own_depth=own.depth if own else None,
-                                  own_worker=self.name):
+        if not self._waiting().useful(ref):
             return
         if self.state == "waiting":
             self._wait_token += 1

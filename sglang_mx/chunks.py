@@ -24,12 +24,11 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 
-from sglang_mx.config import DEFAULT_CHUNK_BYTES
 from sglang_mx.digest import byte_view, digest_many
 from sglang_mx.records import TensorDescriptor
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "UnitTensors", "chunk_digests_of", "parse_unit", "spans", "unit_name", "unit_views",
-           "units"]
+__all__ = ["UnitTensors", "chunk_digests_of", "chunk_units", "chunks_of", "parse_unit", "spans", "unit_name",
+           "unit_views", "units"]
 
 _UNIT = re.compile(r"(.+)#(\d+)\+(\d+)")
 
@@ -51,12 +50,29 @@ def parse_unit(key: str) -> tuple[str, int, int] | None:
     return (match.group(1), int(match.group(2)), int(match.group(3))) if match else None
 
 
+def chunk_units(name: str, size: int, chunk_bytes: int, digests: Sequence[str]) -> Iterator[tuple[str, int, int, str]]:
+    """(unit name, offset, length, digest) of each chunk of tensor `name`, cut every `chunk_bytes`."""
+    for (offset, length), digest in zip(spans(size, chunk_bytes), digests):
+        yield unit_name(name, offset, length), offset, length, digest
+
+
+def chunks_of(digests: Mapping[str, str]) -> dict[str, tuple[int, tuple[str, ...]]]:
+    """Name -> (chunk_bytes, digests in offset order) of the chunks whose unit names are among `digests`
+    (plain names are left out); the first chunk's length is the chunk size."""
+    by_name: dict[str, list[tuple[int, int, str]]] = {}
+    for key, digest in digests.items():
+        unit = parse_unit(key)
+        if unit is not None:
+            by_name.setdefault(unit[0], []).append((unit[1], unit[2], digest))
+    return {name: (min(got)[1], tuple(d for _, _, d in sorted(got))) for name, got in by_name.items()}
+
+
 def units(tensors: Sequence[TensorDescriptor]) -> Iterator[tuple[str, int, str]]:
     """(unit name, bytes, digest) of each unit of a record, in order: a tensor, or each of its chunks."""
     for t in tensors:
         if t.chunks:
-            for (offset, length), digest in zip(spans(t.size, t.chunk_bytes), t.chunks):
-                yield unit_name(t.name, offset, length), length, digest
+            for unit, _, length, digest in chunk_units(t.name, t.size, t.chunk_bytes, t.chunks):
+                yield unit, length, digest
         else:
             yield t.name, t.size, t.digest
 
@@ -67,18 +83,15 @@ def chunk_digests_of(tensors: Mapping[str, torch.Tensor], chunk_bytes: int, algo
     a tensor whose every chunk is in `known` (unit name -> digest, as a chunked pull checked them)
     keeps those, at the chunk size they were cut at."""
     out: dict[str, tuple[int, tuple[str, ...]]] = {}
-    known_by_name: dict[str, dict[tuple[int, int], str]] = {}
-    for key, digest in (known or {}).items():
-        unit = parse_unit(key)
-        if unit is not None and unit[0] in tensors:
-            known_by_name.setdefault(unit[0], {})[unit[1:]] = digest
+    known = known or {}
+    had = chunks_of(known)
     views: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         size = t.numel() * t.element_size()
-        had = known_by_name.get(name, {})
-        cut = min(had)[1] if had else 0
-        if cut and size > cut and set(had) == set(spans(size, cut)):
-            out[name] = (cut, tuple(had[s] for s in spans(size, cut)))
+        cut = had.get(name, (0, ()))[0]
+        names = [unit_name(name, offset, length) for offset, length in spans(size, cut)] if cut else []
+        if cut and size > cut and len(names) == len(had[name][1]) and all(n in known for n in names):
+            out[name] = (cut, tuple(known[n] for n in names))
         elif chunk_bytes > 0 and size > chunk_bytes:
             views.update(unit_views(name, t, chunk_bytes))
     digests = digest_many(views, algorithm) if views else {}

@@ -30,9 +30,8 @@ from sglang_mx.transfer.tensors import describe
 from sglang_mx.identity import mx_source_id
 from sglang_mx.manifest import manifest_id
 from sglang_mx.records import (
-    DIGEST_FROM_CHECKPOINT, DIGEST_UNVERIFIED, DIGEST_VERIFIED, TOPOLOGY_LEASES, TOPOLOGY_MANIFEST, TOPOLOGY_MAX_READERS, PieceDigest,
-    ShardSpec,
-    SourceIdentity, SourceStatus, TensorDescriptor, WorkerRecord,
+    DIGEST_FROM_CHECKPOINT, DIGEST_UNVERIFIED, DIGEST_VERIFIED, TOPOLOGY_LEASES, TOPOLOGY_MANIFEST,
+    TOPOLOGY_MAX_READERS, PieceDigest, ShardSpec, SourceIdentity, SourceStatus, TensorDescriptor, WorkerRecord,
 )
 from sglang_mx.chunks import chunk_digests_of
 from sglang_mx.shards import pieces_of

@@ -15,7 +15,7 @@ from typing import Collection
 
 from sglang_mx.records import TOPOLOGY_DEPTH, TOPOLOGY_MAX_READERS, TOPOLOGY_PIPELINE, SourceRef, SourceStatus
 
-__all__ = ["Waiting", "at_cap", "could_serve", "depth_of", "is_partial"]
+__all__ = ["Useful", "Waiting", "at_cap", "could_serve", "depth_of", "is_partial"]
 
 
 def is_partial(ref: SourceRef) -> bool:
@@ -68,3 +68,21 @@ class Waiting:
 
     def useful(self, ref: SourceRef) -> bool:
         return could_serve(ref, pipeline=self.pipeline, own_depth=self.depth, own_worker=self.worker_id)
+
+
+class Useful:
+    """Whether one change (its record `ref`) is sent to each watch: always to a plain watch (None), to a
+    waiting target's only if it could give it a seed. `could_serve` runs once per kind of waiting target
+    (pipelined or not, its depth), however many wait: the metadata server's hub, and the simulation's."""
+
+    def __init__(self, ref: SourceRef) -> None:
+        self.ref = ref
+        self._by_kind: dict[tuple[bool, int | None], bool] = {}
+
+    def __call__(self, waiting: Waiting | None) -> bool:
+        if waiting is None:
+            return True
+        kind = (waiting.pipeline, waiting.depth)
+        if kind not in self._by_kind:
+            self._by_kind[kind] = Waiting(*kind).useful(self.ref)
+        return self._by_kind[kind] and self.ref.worker_id != waiting.worker_id

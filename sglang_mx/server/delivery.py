@@ -23,6 +23,8 @@ from typing import Callable
 
 import grpc
 
+from sglang_mx.tree import Waiting
+
 log = logging.getLogger(__name__)
 
 DEFAULT_SENDERS = 4  # more only add contention for the one GIL (README: the watch benchmark)
@@ -40,9 +42,9 @@ class Watcher:
 
     def __init__(self, mx_source_id: str, worker_rank: int | None, progress: bool, *,
                  send: Callable[[bytes], None], end_stream: Callable[[grpc.StatusCode, str], None],
-                 senders: "Senders", on_release: Callable[["Watcher"], None]) -> None:
+                 senders: "Senders", on_release: Callable[["Watcher"], None], waiting: Waiting | None = None) -> None:
         self.mx_source_id, self.worker_rank, self.progress = mx_source_id, worker_rank, progress
-        self.waiting = None  # a waiting target's watch (tree.Waiting): only the changes useful to it (server/watch.py)
+        self.waiting = waiting  # a waiting target's watch: only the changes useful to it (server/watch.py)
         self._send, self._end_stream, self._senders, self._on_release = send, end_stream, senders, on_release
         self._lock = threading.Lock()
         self._snapshot: collections.deque[bytes] = collections.deque()

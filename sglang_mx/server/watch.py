@@ -61,7 +61,7 @@ from sglang_mx.errors import MxError, StoreUnavailableError
 from sglang_mx.records import TOPOLOGY_VERIFIED_BYTES
 from sglang_mx.server.delivery import DEFAULT_SENDERS, DEFAULT_STALL_S, Senders, Watcher
 from sglang_mx.server.store import RecordState, SourceStore
-from sglang_mx.tree import Waiting
+from sglang_mx.tree import Useful, Waiting
 
 log = logging.getLogger(__name__)
 
@@ -207,8 +207,7 @@ class WatchHub:
             if self._count >= self._max:
                 raise TooManyWatchers(self._count, self._max)
             watcher = Watcher(mx_source_id, worker_rank, progress, send=send, end_stream=end_stream,
-                              senders=self._senders, on_release=self._release)
-            watcher.waiting = waiting
+                              senders=self._senders, on_release=self._release, waiting=waiting)
             self._sources.setdefault(mx_source_id, _Source()).waiting.append(watcher)
             self._reload.add(mx_source_id)
             self._count += 1
@@ -339,14 +338,7 @@ class WatchHub:
                     watcher.offer(worker_id, gone)
         if new is not None:
             data = wire.source_event_bytes(new.ref)
-            useful: dict[tuple, bool] = {}  # per kind of waiting target (its depth, pipelined or not), once
+            useful = Useful(new.ref)
             for watcher in src.watching(new.ref.worker_rank):
-                waiting = watcher.waiting
-                if waiting is not None:
-                    kind = (waiting.pipeline, waiting.depth)
-                    if kind not in useful:
-                        useful[kind] = Waiting(*kind).useful(new.ref)
-                    if not useful[kind] or new.ref.worker_id == waiting.worker_id:
-                        continue
-                if watcher.progress or change is Change.FULL:
+                if (watcher.progress or change is Change.FULL) and useful(watcher.waiting):
                     watcher.offer(worker_id, data)

@@ -40,7 +40,7 @@ import grpc
 import torch
 
 from sglang_mx import wire
-from sglang_mx.chunks import parse_unit, units
+from sglang_mx.chunks import chunks_of, parse_unit, units
 from sglang_mx.client import MetadataClient
 from sglang_mx.errors import MxError
 from sglang_mx.identity import mx_source_id
@@ -227,7 +227,7 @@ class PipelineSeed:
                            if d and (name in self.tensors or (parse_unit(name) or ("",))[0] in self.tensors)}
         whole = {name: d for name, d in self._published.items() if name in self.tensors}
         origins = {name: DIGEST_VERIFIED for name in whole}
-        descriptors = tuple(describe(self.tensors, whole, self.shards, None, origins, _chunks(self._published)))
+        descriptors = tuple(describe(self.tensors, whole, self.shards, None, origins, chunks_of(self._published)))
         topology = {**self.topology, TOPOLOGY_PIPELINE: "1", TOPOLOGY_DEPTH: str(depth),
                     TOPOLOGY_MANIFEST: manifest_id(mx_source_id(self.identity), self.worker_rank, descriptors)}
         names, sizes, _ = zip(*units(descriptors)) if descriptors else ((), (), ())
@@ -289,16 +289,6 @@ class PipelineSeed:
             self.verified.fail()
         if self.publisher is not None:
             self.publisher.close()
-
-
-def _chunks(digests: Mapping[str, str]) -> dict[str, tuple[int, tuple[str, ...]]]:
-    """Name -> (chunk_bytes, digests in order) from the chunks' unit names among `digests`."""
-    by_name: dict[str, list[tuple[int, int, str]]] = {}
-    for key, digest in digests.items():
-        unit = parse_unit(key)
-        if unit is not None:
-            by_name.setdefault(unit[0], []).append((unit[1], unit[2], digest))
-    return {name: (min(got)[1], tuple(d for _, _, d in sorted(got))) for name, got in by_name.items()}
 
 
 class VerifiedWatch:

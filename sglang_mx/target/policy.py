@@ -37,7 +37,7 @@ from sglang_mx.transfer.engine import MooncakeEngine
 from sglang_mx.transfer.memory import populate
 from sglang_mx.transfer.plan import Read
 from sglang_mx.transfer.tensors import describe
-from sglang_mx.tree import Waiting, at_cap, could_serve
+from sglang_mx.tree import Waiting, at_cap
 
 __all__ = ["PullOptions", "pull_into", "pull_weights"]
 
@@ -152,10 +152,14 @@ def pull_weights(
     pull = StripedPull(tensors, verify=verify, verifier=verifier, clock=clock, prepare=prepare, pins=options.pins,
                        progress=progress, on_final=on_final if pipeline is not None or on_verified else None,
                        window_bytes=options.window_bytes if options.pipeline else None)
+
+    def waiting() -> Waiting:  # what this target waits for, as it is now (its depth once attached)
+        if pipeline is None:
+            return Waiting(options.pipeline)
+        return Waiting(options.pipeline, pipeline.depth, pipeline.worker_id)
+
     waiter = SeedWaiter(client, source_id, worker_rank, poll_interval_s=options.poll_interval_s, clock=clock,
-                        sleep=sleep, use_watch=options.watch, waiting=lambda: Waiting(
-                            options.pipeline, pipeline.depth if pipeline is not None else None,
-                            pipeline.worker_id if pipeline is not None else ""))
+                        sleep=sleep, use_watch=options.watch, waiting=waiting)
     start = clock()
     regions = engine.register((t.addr, t.size) for t in tensors)
     registered = clock()
@@ -209,9 +213,8 @@ def pull_weights(
                     + (" (the READY seeds were all at max_readers)" if busy else ""),
                     attempts=pull.failures,
                 )
-            waiter.wait(max(deadline - clock(), 0.0), helps=lambda ref: could_serve(
-                ref, pipeline=options.pipeline, own_depth=pipeline.depth if pipeline is not None else None,
-                own_worker=pipeline.worker_id if pipeline is not None else "", refused=pull.bad))
+            waiter.wait(max(deadline - clock(), 0.0),
+                        helps=lambda ref: ref.worker_id not in pull.bad and waiting().useful(ref))
     finally:
         waiter.close()
         pull.drop_all()

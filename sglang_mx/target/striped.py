@@ -20,7 +20,7 @@ import threading
 from typing import Callable, Sequence
 
 from sglang_mx import leases
-from sglang_mx.chunks import parse_unit, spans, unit_name, units
+from sglang_mx.chunks import chunk_units, parse_unit, units
 from sglang_mx.client import MetadataClient
 from sglang_mx.errors import CandidateFailure, LayoutMismatchError, NoSourceError, TransferError, VerificationError
 from sglang_mx.leases import ReadLease
@@ -173,8 +173,7 @@ class StripedPull:
                     f"started from for {len(differ)} tensors (first {differ[0]!r}): a pull verifies each tensor "
                     "against one seed's chunks; seeds of one fleet must share their chunk_bytes")
         for name, (chunk_bytes, digests) in ours.items():
-            for (offset, length), digest in zip(spans(self._size[name], chunk_bytes), digests):
-                unit = unit_name(name, offset, length)
+            for unit, offset, _, digest in chunk_units(name, self._size[name], chunk_bytes, digests):
                 expected[unit] = digest
                 remote_addr[unit] = remote_addr[name] + offset
         return ours
@@ -315,9 +314,8 @@ class StripedPull:
             self.digests.update((name, src.expected[name]) for name in d.names if name in src.expected)
             for name in d.names:  # verified whole: its seed's chunk digests pass on with it (a cascade's manifest)
                 if name in src.chunks and name in src.expected and name not in self.units_left:
-                    chunk_bytes, digests = src.chunks[name]
-                    self.digests.update((unit_name(name, offset, length), digest) for (offset, length), digest
-                                        in zip(spans(self._size[name], chunk_bytes), digests))
+                    self.digests.update((unit, digest) for unit, _, _, digest
+                                        in chunk_units(name, self._size[name], *src.chunks[name]))
             if self.on_final is not None and d not in checked:
                 self.on_final(d, {name: expected[name] for name in d.names if name in expected})
         self._check_wholes(good)

@@ -22,20 +22,26 @@ def _changes(client, identity, make_worker, source: str) -> None:
     client.update_status(source, "full", 0, READY, source_load=0.0)  # its reader left: a slot
 
 
+def _wait_through_changes(waiter, client, identity, make_worker, source, helps=None) -> float:
+    """Open the watch, then wait while `_changes` runs: the seconds the wait took."""
+    waiter.wait(10, helps=helps)  # opens the watch and returns at once: the caller lists
+    assert waiter.watching
+    changes = threading.Thread(target=_changes, args=(client, identity, make_worker, source))
+    started = time.monotonic()
+    changes.start()
+    waiter.wait(10, helps=helps)
+    waited = time.monotonic() - started
+    changes.join()
+    return waited
+
+
 def test_a_wait_passes_over_changes_that_give_no_seed_and_ends_on_one_that_does(client, make_identity,
                                                                                 make_worker):
     identity = make_identity()
     source = client.publish(identity, make_worker(0, status=INIT), "other")
     waiter = SeedWaiter(client, source, 0, poll_interval_s=60)
     try:
-        waiter.wait(10, helps=could_serve)  # opens the watch and returns at once: the caller lists
-        assert waiter.watching
-        changes = threading.Thread(target=_changes, args=(client, identity, make_worker, source))
-        started = time.monotonic()
-        changes.start()
-        waiter.wait(10, helps=could_serve)
-        waited = time.monotonic() - started
-        changes.join()
+        waited = _wait_through_changes(waiter, client, identity, make_worker, source, could_serve)
     finally:
         waiter.close()
     assert 0.8 <= waited < 9  # not at the first change, nor at the timeout
@@ -44,20 +50,14 @@ def test_a_wait_passes_over_changes_that_give_no_seed_and_ends_on_one_that_does(
 
 def test_a_waiting_targets_watch_is_sent_only_the_change_that_gives_it_a_seed(client, make_identity,
                                                                             make_worker):
-    # The server applies the same rule (told when the watch opens): the loading seed, the seed at its cap and
-    # the one that goes away are never sent, so the waiter has nothing to pass over.
+    # The server applies the same rule (told when the watch opens): the loading seed and the seed at its cap
+    # are never sent, so the waiter has nothing to pass over.
     identity = make_identity()
     source = client.publish(identity, make_worker(0, status=INIT), "other")
     waiter = SeedWaiter(client, source, 0, poll_interval_s=60, waiting=lambda: Waiting())
     plain = client.watch_sources(source, worker_rank=0)  # beside it, a watch of everything (sources --watch)
     try:
-        waiter.wait(10, helps=could_serve)
-        changes = threading.Thread(target=_changes, args=(client, identity, make_worker, source))
-        started = time.monotonic()
-        changes.start()
-        waiter.wait(10, helps=could_serve)
-        waited = time.monotonic() - started
-        changes.join()
+        waited = _wait_through_changes(waiter, client, identity, make_worker, source, could_serve)
         seen, snapshot_over = [], False
         deadline = time.monotonic() + 2
         while time.monotonic() < deadline and len(seen) < 3:
@@ -78,13 +78,7 @@ def test_without_a_test_any_change_ends_the_wait(client, make_identity, make_wor
     source = client.publish(identity, make_worker(0, status=INIT), "other")
     waiter = SeedWaiter(client, source, 0, poll_interval_s=60)
     try:
-        waiter.wait(10)
-        changes = threading.Thread(target=_changes, args=(client, identity, make_worker, source))
-        started = time.monotonic()
-        changes.start()
-        waiter.wait(10)
-        waited = time.monotonic() - started
-        changes.join()
+        waited = _wait_through_changes(waiter, client, identity, make_worker, source)
     finally:
         waiter.close()
     assert waited < 0.8 and waiter.woken == 1 and waiter.passed == 0
